@@ -1,0 +1,40 @@
+"""specvlm_hf: lossless EAGLE-style tree speculative decoding for vision-language models in Hugging Face generate().
+
+Importing the package registers `SpecVLMDraftConfig`/`SpecVLMDraftModel` with the Auto classes and routes
+`target.generate(..., assistant_model=draft)` to the tree loop for specvlm_hf drafts (other assistants unchanged).
+"""
+
+from transformers import AutoConfig, AutoModel
+
+from . import integration
+from .adapters import SUPPORTED_MODEL_TYPES
+from .configuration import SpeculativeConfig, SpecVLMDraftConfig
+from .drafter import Drafter, DraftSource, DraftState, TreeDrafter
+from .generation import SpeculativeDecoderOutput, SpeculativeOutput, speculative_generate
+from .metrics import SpeculativeStats
+from .modeling_draft import SpecVLMDraftModel
+from .tree import DraftTree
+from .verify import Acceptance
+
+__version__ = "0.1.0"
+
+AutoConfig.register(SpecVLMDraftConfig.model_type, SpecVLMDraftConfig, exist_ok=True)
+AutoModel.register(SpecVLMDraftConfig, SpecVLMDraftModel, exist_ok=True)
+integration.install()
+
+__all__ = [
+    "SUPPORTED_MODEL_TYPES",
+    "Acceptance",
+    "DraftSource",
+    "DraftState",
+    "DraftTree",
+    "Drafter",
+    "SpecVLMDraftConfig",
+    "SpecVLMDraftModel",
+    "SpeculativeConfig",
+    "SpeculativeDecoderOutput",
+    "SpeculativeOutput",
+    "SpeculativeStats",
+    "TreeDrafter",
+    "speculative_generate",
+]

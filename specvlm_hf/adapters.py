@@ -1,0 +1,130 @@
+"""Per-architecture glue between the decoding loop and an unmodified Hugging Face target: how to embed tokens and
+images, how to run the text model with a tree mask, and where its features are. No modeling file is forked."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ._compat import CACHE_KWARG
+
+# Attention kernels that take a float additive 4-D mask (a tree mask). Flash-attention only takes padding masks, and
+# flex-attention's tensor-mask path crashed on CPU in testing, so both are refused rather than silently mis-masked.
+TREE_MASK_ATTENTION = ("sdpa", "eager")
+
+
+class LlavaAdapter:
+    """
+    Glue for `LlavaForConditionalGeneration` (LLaVA-1.5 style: CLIP tower, projector, Llama-family text model).
+
+    The target's *feature* at position t is the text model's final (post-norm) hidden state, the input of `lm_head`.
+    """
+
+    model_types = ("llava",)
+
+    def __init__(self, target: nn.Module):
+        self.target = target
+        self.language_model = target.model.language_model
+        self.embed_tokens = target.get_input_embeddings()
+        self.lm_head = target.get_output_embeddings()
+        self.text_config = target.config.get_text_config()
+        self.image_token_id = target.config.image_token_id
+
+    def check_attention(self) -> None:
+        implementation = self.language_model.config._attn_implementation
+        if implementation not in TREE_MASK_ATTENTION:
+            raise ValueError(
+                f"The target's text model uses attn_implementation={implementation!r}, which cannot apply a tree "
+                f"attention mask. Load the target with attn_implementation in {TREE_MASK_ATTENTION} "
+                f"(e.g. `from_pretrained(..., attn_implementation='sdpa')`)."
+            )
+
+    def image_features(self, model_kwargs: dict) -> torch.Tensor | None:
+        """Projected visual tokens, shape `(num_image_tokens, hidden_size)`, computed once by `generate()`."""
+        encoded = (model_kwargs.get("mm_encoder_outputs") or {}).get("image")
+        if encoded is None and model_kwargs.get("pixel_values") is not None:
+            encoded = self.target.model.get_image_features(
+                pixel_values=model_kwargs["pixel_values"],
+                vision_feature_layer=self.target.config.vision_feature_layer,
+                vision_feature_select_strategy=self.target.config.vision_feature_select_strategy,
+            )
+        if encoded is None:
+            return None
+        features = getattr(encoded, "pooler_output", None)
+        if features is None:
+            features = getattr(encoded, "image_hidden_states", encoded)
+        if isinstance(features, (list, tuple)):
+            features = torch.cat(list(features), dim=0)
+        return features.reshape(-1, features.shape[-1])
+
+    def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None = None) -> torch.Tensor:
+        """
+        The text model's input: token embeddings with the visual tokens scattered into the `<image>` slots.
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `(1, seq_len)`)
+            image_features (`torch.FloatTensor` of shape `(num_image_tokens, hidden_size)`, *optional*)
+
+        Returns:
+            `torch.FloatTensor` of shape `(1, seq_len, hidden_size)`.
+        """
+        embeds = self.embed_tokens(input_ids)
+        image_slots = input_ids == self.image_token_id
+        n_slots = int(image_slots.sum())
+        if image_features is None:
+            if n_slots:
+                raise ValueError(f"The prompt has {n_slots} image tokens but no image (pixel_values) was given.")
+            return embeds
+        if n_slots != image_features.shape[0]:
+            raise ValueError(
+                f"The prompt has {n_slots} image tokens but the image gives {image_features.shape[0]} features; "
+                "build the prompt with the target's processor."
+            )
+        image_features = image_features.to(embeds.device, embeds.dtype)
+        return embeds.masked_scatter(image_slots[..., None].expand_as(embeds), image_features)
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """
+        Runs the text model and returns its features, shape `(1, q_len, hidden_size)`.
+
+        Args:
+            inputs_embeds (`torch.FloatTensor` of shape `(1, q_len, hidden_size)`)
+            position_ids (`torch.LongTensor` of shape `(1, q_len)`)
+            cache (`transformers.Cache`): extended in place with the `q_len` new entries.
+            attention_mask (`torch.FloatTensor` of shape `(1, 1, q_len, past_len + q_len)`, *optional*): additive
+                mask (0 = attend, dtype min = blocked); `None` = causal.
+        """
+        out = self.language_model(
+            inputs_embeds=inputs_embeds,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            use_cache=True,
+            **{CACHE_KWARG: cache},
+        )
+        return out.last_hidden_state
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """`lm_head(features)` in float32, shape `(..., vocab_size)`."""
+        return self.lm_head(features).float()
+
+
+ADAPTERS = (LlavaAdapter,)
+SUPPORTED_MODEL_TYPES = tuple(t for adapter in ADAPTERS for t in adapter.model_types)
+
+
+def get_adapter(target: nn.Module) -> LlavaAdapter:
+    """The adapter for `target`, or a `ValueError` naming the supported model types."""
+    model_type = getattr(getattr(target, "config", None), "model_type", None)
+    for adapter in ADAPTERS:
+        if model_type in adapter.model_types:
+            return adapter(target)
+    raise ValueError(
+        f"Unsupported target model_type {model_type!r} ({type(target).__name__}); "
+        f"specvlm_hf supports: {', '.join(SUPPORTED_MODEL_TYPES)}."
+    )

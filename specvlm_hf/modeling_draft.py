@@ -1,0 +1,206 @@
+"""`SpecVLMDraftModel`: the EAGLE-style draft head of SpecVLM (EagleVLM, paper §3.3).
+
+At draft position t the input is `concat(e_{t+1}, f_t)`: `e_{t+1}` is what the target's text model consumed at
+position t+1 (the token embedding, or at an `<image>` slot the projected visual token), and `f_t` is the target's
+feature at t (its post-norm last hidden state, the input of `lm_head`). `fc: Linear(2h -> h)` fuses them, one Llama
+decoder layer (with input RMSNorm, SpecVLM's change to EAGLE) predicts `f_{t+1}`, and the target's own `lm_head` turns
+it into next-token logits. Pairing visual tokens with the target's features at the image positions lets the draft see
+the image directly, not only through the target's text features. The visual part of the draft's prefill passes
+through `self.compressor` (the identity here; the elastic visual compressor replaces it).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+from ._compat import CACHE_KWARG
+from .adapters import get_adapter
+from .configuration import SpeculativeConfig, SpecVLMDraftConfig
+from .drafter import DraftSource, TreeDrafter, TreeDraftSpec
+from .tree import causal_attention_mask
+
+
+class IdentityCompressor(nn.Module):
+    """The draft's visual input, uncompressed: every visual token of the target enters the draft's cache."""
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        features: torch.Tensor,
+        position_ids: torch.Tensor,
+        image_mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """
+        Args:
+            inputs_embeds, features (`torch.FloatTensor` of shape `(1, n, hidden_size)`): the draft's prefill inputs.
+            position_ids (`torch.LongTensor` of shape `(1, n)`)
+            image_mask (`torch.BoolTensor` of shape `(n,)`): draft positions whose `inputs_embeds` are visual tokens.
+
+        Returns:
+            The (possibly shortened) `(inputs_embeds, features, position_ids)`; unchanged here.
+        """
+        return inputs_embeds, features, position_ids
+
+
+class SpecVLMDraftModel(PreTrainedModel, DraftSource):
+    """
+    EAGLE-style draft for a vision-language target. Borrow the target's token embedding and `lm_head` with
+    `bind(target)` (done by `from_target` and `from_pretrained(..., target=target)`); they are never saved.
+    """
+
+    config_class = SpecVLMDraftConfig
+    base_model_prefix = "draft"
+    main_input_name = "inputs_embeds"
+    _no_split_modules = ["LlamaDecoderLayer"]
+    _supports_sdpa = True
+    _supports_flash_attn = False
+
+    def __init__(self, config: SpecVLMDraftConfig):
+        super().__init__(config)
+        self.fc = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=config.fc_bias)
+        self.layers = nn.ModuleList([LlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.rotary_emb = LlamaRotaryEmbedding(config)
+        self.compressor = IdentityCompressor()
+        # Drafting knobs are runtime state, not architecture: never saved with the weights.
+        self.speculative_config = SpeculativeConfig()
+        self._borrowed: tuple[nn.Module, ...] | None = None  # (target, embed_tokens, lm_head), not registered
+        self.post_init()
+
+    # ----------------------------------------------------------------------------------------------- binding
+    @property
+    def is_bound(self) -> bool:
+        return self._borrowed is not None
+
+    @property
+    def target(self) -> nn.Module:
+        return self._require_bound()[0]
+
+    @property
+    def embed_tokens(self) -> nn.Module:
+        return self._require_bound()[1]
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self._require_bound()[2]
+
+    def _require_bound(self) -> tuple[nn.Module, ...]:
+        if self._borrowed is None:
+            raise RuntimeError(
+                "This draft is not bound to a target: call `draft.bind(target)` or load it with "
+                "`SpecVLMDraftModel.from_pretrained(path, target=target)`."
+            )
+        return self._borrowed
+
+    def bind(self, target: nn.Module) -> SpecVLMDraftModel:
+        """
+        Borrows `target`'s token embedding and `lm_head` (frozen, not saved) after checking that this draft was made
+        for it, and moves the draft to the target's device and dtype. Returns `self`.
+        """
+        adapter = get_adapter(target)
+        text_config = adapter.text_config
+        problems = []
+        if target.config.model_type != self.config.target_model_type:
+            problems.append(f"model_type {target.config.model_type!r} != draft's {self.config.target_model_type!r}")
+        if text_config.hidden_size != self.config.hidden_size:
+            problems.append(f"hidden_size {text_config.hidden_size} != draft's {self.config.hidden_size}")
+        if adapter.lm_head.weight.shape[0] != self.config.vocab_size:
+            problems.append(f"vocabulary {adapter.lm_head.weight.shape[0]} != draft's {self.config.vocab_size}")
+        if self.config.image_token_id is not None and adapter.image_token_id != self.config.image_token_id:
+            problems.append(f"image_token_id {adapter.image_token_id} != draft's {self.config.image_token_id}")
+        if problems:
+            raise ValueError("This draft does not fit the target: " + "; ".join(problems) + ".")
+        self._borrowed = (target, adapter.embed_tokens, adapter.lm_head)
+        self.to(device=adapter.lm_head.weight.device, dtype=adapter.lm_head.weight.dtype)
+        return self
+
+    @classmethod
+    def from_target(cls, target: nn.Module, **overrides) -> SpecVLMDraftModel:
+        """A freshly initialised draft sized from `target`'s text model and bound to it. `overrides` set config fields."""
+        adapter = get_adapter(target)
+        text = adapter.text_config
+        fields = dict(
+            hidden_size=text.hidden_size,
+            intermediate_size=text.intermediate_size,
+            num_attention_heads=text.num_attention_heads,
+            num_key_value_heads=getattr(text, "num_key_value_heads", None),
+            head_dim=getattr(text, "head_dim", None),
+            vocab_size=adapter.lm_head.weight.shape[0],
+            rms_norm_eps=text.rms_norm_eps,
+            hidden_act=text.hidden_act,
+            attention_bias=getattr(text, "attention_bias", False),
+            mlp_bias=getattr(text, "mlp_bias", False),
+            max_position_embeddings=text.max_position_embeddings,
+            rope_parameters=dict(text.rope_parameters),
+            target_model_type=target.config.model_type,
+            image_token_id=adapter.image_token_id,
+        )
+        fields.update(overrides)
+        draft = cls(SpecVLMDraftConfig(**fields))
+        return draft.bind(target)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, target: nn.Module | None = None, **kwargs):
+        """`PreTrainedModel.from_pretrained`, then `bind(target)` when a target is given."""
+        draft = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        return draft.bind(target) if target is not None else draft
+
+    # ----------------------------------------------------------------------------------------------- drafting
+    def with_tree(self, **knobs) -> TreeDraftSpec:
+        """This draft with other tree knobs (`depth`, `top_k`, `total_tokens`), for `generate(assistant_model=...)`."""
+        return TreeDraftSpec(self, self.speculative_config.with_overrides(**knobs))
+
+    def new_drafter(self, target: nn.Module, speculative_config: SpeculativeConfig | None = None) -> TreeDrafter:
+        if self.target is not target:
+            raise ValueError(
+                "This draft is bound to another target model; bind it to this one with `draft.bind(target)`."
+            )
+        return TreeDrafter(self, speculative_config or self.speculative_config)
+
+    # ----------------------------------------------------------------------------------------------- compute
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        features: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache=None,
+    ) -> torch.Tensor:
+        """
+        Predicts the target's next features.
+
+        Args:
+            inputs_embeds (`torch.FloatTensor` of shape `(batch, q_len, hidden_size)`): target input embeddings of the
+                tokens at positions t+1.
+            features (`torch.FloatTensor` of shape `(batch, q_len, hidden_size)`): target features at positions t.
+            position_ids (`torch.LongTensor` of shape `(batch, q_len)`): positions t.
+            attention_mask (`torch.FloatTensor` of shape `(1, 1, q_len, past_len + q_len)`, *optional*): additive
+                mask; causal over the cache and the new positions when omitted.
+            cache (`transformers.DynamicCache`, *optional*): the draft's own cache, extended in place.
+
+        Returns:
+            `torch.FloatTensor` of shape `(batch, q_len, hidden_size)`: predicted features at positions t+1.
+        """
+        hidden = self.fc(torch.cat([inputs_embeds, features.to(inputs_embeds.dtype)], dim=-1))
+        if attention_mask is None:
+            past_len = cache.get_seq_length() if cache is not None else 0
+            attention_mask = causal_attention_mask(hidden.shape[1], past_len, hidden.dtype, hidden.device)
+        position_embeddings = self.rotary_emb(hidden, position_ids)
+        for layer in self.layers:
+            hidden = layer(
+                hidden,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                position_embeddings=position_embeddings,
+                use_cache=cache is not None,
+                **{CACHE_KWARG: cache},
+            )
+            if isinstance(hidden, tuple):  # decoder layers returned tuples before 5.2x
+                hidden = hidden[0]
+        return hidden
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The target's `lm_head` over predicted features: `(..., hidden_size) -> (..., vocab_size)`."""
+        return self.lm_head(hidden)

@@ -1,0 +1,27 @@
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny import make_target  # noqa: E402
+
+import specvlm_hf  # noqa: E402,F401  (installs the generate() integration)
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_threads():
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def target():
+    return make_target(seed=0)
+
+
+@pytest.fixture(scope="session")
+def eager_target():
+    return make_target(seed=1, attn_implementation="eager")
