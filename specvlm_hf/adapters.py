@@ -87,16 +87,16 @@ class LlavaAdapter:
         self,
         inputs_embeds: torch.Tensor,
         position_ids: torch.Tensor,
-        cache,
+        cache=None,
         attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """
-        Runs the text model and returns its features, shape `(1, q_len, hidden_size)`.
+        Runs the text model and returns its features, shape `(batch, q_len, hidden_size)`.
 
         Args:
-            inputs_embeds (`torch.FloatTensor` of shape `(1, q_len, hidden_size)`)
-            position_ids (`torch.LongTensor` of shape `(1, q_len)`)
-            cache (`transformers.Cache`): extended in place with the `q_len` new entries.
+            inputs_embeds (`torch.FloatTensor` of shape `(batch, q_len, hidden_size)`)
+            position_ids (`torch.LongTensor` of shape `(batch, q_len)`)
+            cache (`transformers.Cache`, *optional*): extended in place with the `q_len` new entries.
             attention_mask (`torch.FloatTensor` of shape `(1, 1, q_len, past_len + q_len)`, *optional*): additive
                 mask (0 = attend, dtype min = blocked); `None` = causal.
         """
@@ -104,7 +104,7 @@ class LlavaAdapter:
             inputs_embeds=inputs_embeds,
             position_ids=position_ids,
             attention_mask=attention_mask,
-            use_cache=True,
+            use_cache=cache is not None,
             **{CACHE_KWARG: cache},
         )
         return out.last_hidden_state

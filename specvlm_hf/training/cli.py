@@ -1,0 +1,178 @@
+"""`specvlm-hf train`: distil a draft against a frozen target (the testbed by default). Rerunning the same command
+after an interruption resumes from the last checkpoint in `--output`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+TESTBED = "testbed"
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train",
+        help="Train a draft by online-logit distillation against a frozen target.",
+        description=__doc__,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--target", default=TESTBED, help="Target model directory, or 'testbed' for the built-in testbed.")
+    p.add_argument(
+        "--data",
+        default=TESTBED,
+        help="LLaVA-format .jsonl (+ --image-folder), a datasets.save_to_disk directory, or 'testbed'.",
+    )
+    p.add_argument(
+        "--image-folder", default=None, help="Root of the JSONL's relative image paths (default: its folder)."
+    )
+    p.add_argument("--num-samples", type=int, default=4000, help="Rows drawn from the testbed when --data testbed.")
+    p.add_argument(
+        "--data-seed", type=int, default=1, help="Seed of the testbed rows (the testbed trained on seed 0)."
+    )
+    p.add_argument(
+        "--eval-data",
+        default=None,
+        help="JSONL of held-out prompts for the accepted-length curve (default: the testbed's held-out set).",
+    )
+    p.add_argument(
+        "--self-distill",
+        action="store_true",
+        help="Replace every answer with the target's own greedy answer before training (cached in --output).",
+    )
+    p.add_argument("--output", required=True, help="Directory for checkpoints, the trained draft and the curve.")
+    p.add_argument("--init", default=None, help="Start from this saved draft instead of a fresh one.")
+    p.add_argument("--epochs", type=float, default=4.0)
+    p.add_argument("--max-steps", type=int, default=-1, help="Stop after this many steps (overrides --epochs).")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup-ratio", type=float, default=0.03)
+    p.add_argument("--lambda-logit", type=float, default=0.1)
+    p.add_argument("--lambda-feat", type=float, default=1.0)
+    p.add_argument("--feature-noise", type=float, default=0.0)
+    p.add_argument("--save-steps", type=int, default=50, help="Checkpoint every N steps (resume point).")
+    p.add_argument("--eval-prompts", type=int, default=16)
+    p.add_argument("--eval-max-new-tokens", type=int, default=128)
+    p.add_argument("--no-eval-at-start", action="store_true", help="Skip the untrained (epoch 0) measurement.")
+    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="Training autocast precision.")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
+    p.add_argument("--fail-fast", action="store_true", help="Stop at the first bad data row instead of skipping it.")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run)
+
+
+def _load_target(name: str):
+    if name == TESTBED:
+        from ..testbed import load_testbed
+
+        return load_testbed()
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    return AutoModelForImageTextToText.from_pretrained(name, dtype=torch.float32), AutoProcessor.from_pretrained(name)
+
+
+def _testbed_rows(output: Path, n: int, seed: int):
+    """Single-turn testbed rows (each conversation's long description, caption and one short question), as
+    image files + JSONL under `output/data`, written once."""
+    from ..testbed import training_conversations
+    from .data import ConversationRow, read_llava_jsonl
+    from .selfdistill import write_llava_jsonl
+
+    path = output / "data" / "data.jsonl"
+    if not path.exists():
+        (output / "data" / "images").mkdir(parents=True, exist_ok=True)
+        rows = []
+        for index, conv in enumerate(training_conversations(n, seed, long_fraction=0.7)):
+            image = output / "data" / "images" / f"{index:06d}.png"
+            conv.image.save(image)
+            long = [t for t in conv.turns if t.category in ("long", "caption")]
+            short = [t for t in conv.turns if t.category not in ("long", "caption")]
+            for turn in long + short[:1]:
+                rows.append(ConversationRow(str(image), [(turn.question, turn.answer)], f"testbed {index}"))
+        write_llava_jsonl(rows, path)
+    return read_llava_jsonl(path)
+
+
+def run(args) -> int:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from .config import DistillationConfig
+    from .data import load_rows, read_llava_jsonl
+    from .pipeline import eval_inputs, train_draft
+    from .selfdistill import regenerate_answers, write_llava_jsonl
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    target, processor = _load_target(args.target)
+
+    rows, problems = (
+        _testbed_rows(output, args.num_samples, args.data_seed)
+        if args.data == TESTBED
+        else load_rows(args.data, args.image_folder)
+    )
+    if problems:
+        print(f"unparsable data rows: {dict(problems)}")
+    if args.self_distill:
+        cached = output / "self_distill" / "data.jsonl"
+        if not cached.exists():
+            rows = regenerate_answers(target, processor, rows, max_new_tokens=args.eval_max_new_tokens * 3)
+            write_llava_jsonl(rows, cached)
+        rows, _ = read_llava_jsonl(cached)
+
+    if args.eval_data:
+        eval_rows, _ = read_llava_jsonl(args.eval_data)
+        eval_prompts = eval_inputs(processor, eval_rows[: args.eval_prompts])
+    elif args.target == TESTBED:
+        from ..testbed import heldout_prompts
+
+        eval_prompts = [dict(p.inputs(processor)) for p in heldout_prompts(kind="long", n=args.eval_prompts)]
+    else:
+        eval_prompts = []
+
+    config = DistillationConfig(
+        output_dir=str(output),
+        num_train_epochs=args.epochs,
+        max_steps=args.max_steps,
+        per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum,
+        learning_rate=args.lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=args.warmup_ratio,
+        weight_decay=0.0,
+        adam_beta1=0.9,
+        adam_beta2=0.95,
+        max_grad_norm=0.5,
+        bf16=args.precision == "bf16",
+        use_cpu=not torch.cuda.is_available(),
+        save_steps=args.save_steps,
+        save_total_limit=2,
+        logging_steps=10,
+        report_to=[],
+        seed=args.seed,
+        dataloader_num_workers=0,
+        lambda_logit=args.lambda_logit,
+        lambda_feat=args.lambda_feat,
+        feature_noise=args.feature_noise,
+        fail_fast=args.fail_fast,
+        eval_prompts=args.eval_prompts,
+        eval_max_new_tokens=args.eval_max_new_tokens,
+        eval_at_start=not args.no_eval_at_start,
+    )
+    draft = None
+    if args.init and not get_last_checkpoint(str(output)):
+        from ..modeling_draft import SpecVLMDraftModel
+
+        draft = SpecVLMDraftModel.from_pretrained(args.init, target=target)
+    _, summary = train_draft(target, processor, rows, config, eval_prompts=eval_prompts, draft=draft)
+    print(json.dumps({k: v for k, v in summary.items() if k != "curve"}, indent=2))
+    for point in summary["curve"]:
+        print(f"epoch {point['epoch']:>5}: mean accepted length {point['mean_accepted_length']:.3f}")
+    print(f"draft saved to {output}; curve: {output / 'acceptance_curve.png'}")
+    return 0

@@ -1,0 +1,86 @@
+"""`train_draft`: from a target, rows and a `DistillationConfig` to a trained, saved draft and its scaling curve,
+resuming from the last checkpoint in the output directory when there is one."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from transformers.trainer_utils import get_last_checkpoint
+
+from ..modeling_draft import SpecVLMDraftModel
+from .config import DistillationConfig
+from .data import ConversationRow, DistillationCollator, DistillationDataset, RowEncoder
+from .evaluation import AcceptanceCallback
+from .trainer import DistillationTrainer
+
+logger = logging.getLogger(__name__)
+
+
+def eval_inputs(processor, rows: list[ConversationRow]) -> list[dict]:
+    """Generation prompts (first question of each row) as processor outputs."""
+    from .data import messages_for, open_image
+
+    prompts = []
+    for row in rows:
+        image = open_image(row.image, row.source)
+        text = processor.apply_chat_template(
+            messages_for([(row.turns[0][0], None)], image is not None), tokenize=False, add_generation_prompt=True
+        )
+        prompts.append(dict(processor(text=text, images=image, return_tensors="pt")))
+    return prompts
+
+
+def train_draft(
+    target,
+    processor,
+    rows: list[ConversationRow],
+    args: DistillationConfig,
+    *,
+    eval_prompts: list[dict] | None = None,
+    draft: SpecVLMDraftModel | None = None,
+) -> tuple[SpecVLMDraftModel, dict]:
+    """
+    Trains `draft` (a fresh `SpecVLMDraftModel.from_target(target)` by default) on `rows` against the frozen
+    `target`, saves it to `args.output_dir` with `save_pretrained`, and returns it with a summary.
+
+    A checkpoint already in `args.output_dir` (from an interrupted run) is resumed: model, optimizer, scheduler, RNG
+    and data position, so nothing is lost beyond the last save.
+    """
+    draft = draft if draft is not None else SpecVLMDraftModel.from_target(target)
+    if draft.target is not target:
+        draft.bind(target)
+    max_length = args.max_length or target.config.get_text_config().max_position_embeddings
+    dataset = DistillationDataset(rows, RowEncoder(processor, max_length), fail_fast=args.fail_fast)
+    callback = AcceptanceCallback(target, eval_prompts or [], args)
+    trainer = DistillationTrainer(
+        model=draft,
+        target=target,
+        args=args,
+        train_dataset=dataset,
+        data_collator=DistillationCollator(processor.tokenizer.pad_token_id),
+        callbacks=[callback],
+    )
+    last = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
+    if last:
+        logger.warning("resuming from %s", last)
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=last)
+    wall = time.perf_counter() - start
+    trainer.save_model(args.output_dir)
+    summary = {
+        "rows": len(rows),
+        "rows_used": len(dataset),
+        "rows_skipped": dict(dataset.skipped),
+        "steps": trainer.state.global_step,
+        "epochs": args.num_train_epochs,
+        "train_loss": result.training_loss,
+        "wall_seconds": round(wall, 1),
+        "curve": [p.__dict__ for p in callback.points],
+        "resumed_from": last,
+    }
+    if trainer.is_world_process_zero():
+        (Path(args.output_dir) / "training_summary.json").write_text(json.dumps(summary, indent=2))
+    return draft, summary

@@ -1,0 +1,75 @@
+"""Self-distillation data: the same prompts with every answer replaced by the target's own greedy answer, which is
+exactly what the draft must predict at T = 0 (ViSpec, MASSV). Regenerated text is cached as LLaVA JSONL."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .data import ConversationRow, messages_for, open_image
+
+
+@torch.no_grad()
+def regenerate_answers(
+    target,
+    processor,
+    rows: list[ConversationRow],
+    *,
+    max_new_tokens: int = 256,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> list[ConversationRow]:
+    """
+    Replaces each answer, turn by turn, with the target's greedy continuation of the conversation so far (earlier
+    answers already regenerated). Batched with left padding; rows without an image are batched separately.
+    """
+    tokenizer = processor.tokenizer
+    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    new_turns = [[] for _ in rows]
+    todo = [(i, t) for t in range(max(len(r.turns) for r in rows)) for i, r in enumerate(rows) if t < len(r.turns)]
+    bar = tqdm(total=len(todo), desc="self-distillation answers", disable=not progress)
+    try:
+        for turn in range(max(len(r.turns) for r in rows)):
+            for with_image in (True, False):
+                ids = [i for i, r in enumerate(rows) if turn < len(r.turns) and (r.image is not None) == with_image]
+                for start in range(0, len(ids), batch_size):
+                    chunk = ids[start : start + batch_size]
+                    texts, images = [], []
+                    for i in chunk:
+                        history = new_turns[i] + [(rows[i].turns[turn][0], None)]
+                        texts.append(processor.apply_chat_template(
+                            messages_for(history, with_image), tokenize=False, add_generation_prompt=True
+                        ))  # fmt: skip
+                        if with_image:
+                            images.append(open_image(rows[i].image, rows[i].source))
+                    inputs = processor(text=texts, images=images or None, return_tensors="pt", padding=True)
+                    inputs = inputs.to(target.device)
+                    out = target.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+                    answers = tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+                    for i, answer in zip(chunk, answers):
+                        new_turns[i].append((rows[i].turns[turn][0], answer.strip()))
+                    bar.update(len(chunk))
+    finally:
+        tokenizer.padding_side = padding_side
+        bar.close()
+    return [ConversationRow(r.image, turns, r.source) for r, turns in zip(rows, new_turns)]
+
+
+def write_llava_jsonl(rows: list[ConversationRow], path: str | Path) -> Path:
+    """Writes rows whose images are files as LLaVA JSONL (absolute image paths)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as handle:
+        for row in rows:
+            if row.image is not None and not isinstance(row.image, (str, Path)):
+                raise ValueError(f"{row.source}: only rows with image files can be written to JSONL")
+            conversations = []
+            for index, (question, answer) in enumerate(row.turns):
+                prefix = "<image>\n" if index == 0 and row.image is not None else ""
+                conversations += [{"from": "human", "value": prefix + question}, {"from": "gpt", "value": answer}]
+            record = {"image": str(Path(row.image).resolve()) if row.image else None, "conversations": conversations}
+            handle.write(json.dumps(record) + "\n")
+    return path
