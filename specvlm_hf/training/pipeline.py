@@ -10,6 +10,7 @@ from pathlib import Path
 
 from transformers.trainer_utils import get_last_checkpoint
 
+from ..hub import create_model_card
 from ..modeling_draft import SpecVLMDraftModel
 from .config import DistillationConfig
 from .data import ConversationRow, DistillationCollator, DistillationDataset, RowEncoder
@@ -77,10 +78,14 @@ def train_draft(
         "steps": trainer.state.global_step,
         "epochs": args.num_train_epochs,
         "train_loss": result.training_loss,
+        "lambda_logit": args.lambda_logit,
+        "lambda_feat": args.lambda_feat,
         "wall_seconds": round(wall, 1),
         "curve": [p.__dict__ for p in callback.points],
         "resumed_from": last,
     }
     if trainer.is_world_process_zero():
         (Path(args.output_dir) / "training_summary.json").write_text(json.dumps(summary, indent=2))
+        target_name = getattr(target.config, "_name_or_path", "") or target.config.model_type
+        create_model_card(args.output_dir, target_name=target_name).save(Path(args.output_dir) / "README.md")
     return draft, summary
