@@ -5,6 +5,7 @@ stopping criteria, image encoding, cache) and calls `tree_decoding` through the 
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 
@@ -288,7 +289,11 @@ def speculative_generate(
     knobs = {"depth": depth, "top_k": top_k, "total_tokens": total_tokens, "profile": profile}
     if any(v is not None for v in knobs.values()):
         draft = draft.with_tree(**knobs)
-    generate_kwargs["return_dict_in_generate"] = True
+    if generate_kwargs.get("generation_config") is not None:
+        generate_kwargs["generation_config"] = copy.deepcopy(generate_kwargs["generation_config"])
+        generate_kwargs["generation_config"].return_dict_in_generate = True
+    else:
+        generate_kwargs["return_dict_in_generate"] = True
     device = target.device
     if device.type == "cuda":
         torch.cuda.synchronize(device)

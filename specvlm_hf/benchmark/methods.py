@@ -1,0 +1,235 @@
+"""The decoding methods compared by the benchmark, behind one interface: `generate(target, inputs, temperature=...,
+max_new_tokens=...) -> MethodResult`. Every method decodes with the same `GenerationConfig` (`generation_config`), and
+target forwards are counted the same way for all of them: a hook on the target's text model records the cache length
+at the start of each forward (`stats.tokens_per_forward`)."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from torch import nn
+from transformers import GenerationConfig
+
+from .._compat import CACHE_KWARG
+from ..adapters import get_adapter
+from ..configuration import SpeculativeConfig
+from .stats import tokens_per_forward
+
+
+class UnknownMethodError(ValueError):
+    """A method name that is not in the registry; the message lists the valid names."""
+
+
+@dataclass(frozen=True)
+class MethodResult:
+    """
+    One generation.
+
+    Attributes:
+        tokens (`list[int]`): generated token ids (prompt excluded).
+        tokens_per_forward (`list[int]`): tokens emitted by each target forward, the first (prefill) included; sums
+            to `len(tokens)`.
+        step_time, verify_time, draft_time (`float`, *optional*): the tree loop's profile (`SpeculativeStats`).
+    """
+
+    tokens: list[int]
+    tokens_per_forward: list[int]
+    step_time: float | None = None
+    verify_time: float | None = None
+    draft_time: float | None = None
+
+    @property
+    def new_tokens(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def target_forwards(self) -> int:
+        return len(self.tokens_per_forward)
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """sigma: tokens per target forward, bonus token included (plain decoding: 1.00)."""
+        return self.new_tokens / self.target_forwards if self.target_forwards else 0.0
+
+
+def generation_config(target, temperature: float, max_new_tokens: int) -> GenerationConfig:
+    """
+    The target's generation config with exactly these settings, shared by every method: greedy at T = 0; at T > 0
+    plain sampling from the tempered distribution (no top-k / top-p filtering, as EAGLE and ViSpec at T = 1).
+
+    The image placeholder id is suppressed (`suppress_tokens`): a VLM never emits it, and it is the stock way to keep
+    transformers' prompt lookup from copying a run of placeholders out of the prompt into its candidates, which makes
+    LLaVA's forward fail ("Image features and image tokens do not match").
+    """
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    config = copy.deepcopy(target.generation_config)
+    config.max_new_tokens = max_new_tokens
+    config.num_beams = 1
+    if temperature == 0:
+        config.do_sample = False
+        config.temperature = config.top_k = config.top_p = None
+    else:
+        config.do_sample, config.temperature, config.top_k, config.top_p = True, float(temperature), 0, 1.0
+    config.suppress_tokens = sorted({*(config.suppress_tokens or []), get_adapter(target).image_token_id})
+    if config.pad_token_id is None:
+        config.pad_token_id = config.eos_token_id if isinstance(config.eos_token_id, int) else 0
+    return config
+
+
+class _ForwardLog:
+    """Records the cache length at the start of every forward of the target's text model."""
+
+    def __init__(self, target):
+        self.module = get_adapter(target).language_model
+        self.starts: list[int] = []
+
+    def _hook(self, module, args, kwargs):
+        cache = kwargs.get(CACHE_KWARG, kwargs.get("past_key_values"))
+        self.starts.append(cache.get_seq_length() if cache is not None else 0)
+
+    def __enter__(self) -> _ForwardLog:
+        self._handle = self.module.register_forward_pre_hook(self._hook, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handle.remove()
+
+
+class Method:
+    """A decoding method. Subclasses implement `_generate` and list the models they add to the target in `models`."""
+
+    name = ""
+
+    @property
+    def models(self) -> tuple[nn.Module, ...]:
+        """Models besides the target whose weights the method keeps in memory."""
+        return ()
+
+    def generate(self, target, inputs: dict, *, temperature: float, max_new_tokens: int) -> MethodResult:
+        """Decodes one sample. Randomness (T > 0) comes from torch's global generator: seed it before calling."""
+        config = generation_config(target, temperature, max_new_tokens)
+        prompt_len = inputs["input_ids"].shape[1]
+        with _ForwardLog(target) as log:
+            sequences, stats = self._generate(target, inputs, config, temperature)
+        profile = {}
+        if stats is not None and stats.step_time is not None:
+            profile = dict(step_time=stats.step_time, verify_time=stats.verify_time, draft_time=stats.draft_time)
+        return MethodResult(
+            tokens=sequences[0, prompt_len:].tolist(),
+            tokens_per_forward=tokens_per_forward(log.starts, prompt_len, sequences.shape[1]),
+            **profile,
+        )
+
+    def _generate(self, target, inputs: dict, config: GenerationConfig, temperature: float):
+        """Returns `(sequences [1, seq_len], SpeculativeStats or None)`."""
+        raise NotImplementedError
+
+
+class Vanilla(Method):
+    """Plain autoregressive `target.generate`: the reference every speedup is paired with."""
+
+    name = "vanilla"
+
+    def _generate(self, target, inputs, config, temperature):
+        return target.generate(**inputs, generation_config=config), None
+
+
+class HFAssisted(Method):
+    """transformers' own assisted generation (`assistant_model=`) with a small text-only language model sharing the
+    target's vocabulary (`assistant_lm.py`) and its stock candidate schedule ("heuristic": the candidate count adapts
+    and carries over from one call to the next, as it does for any user)."""
+
+    name = "hf-assisted"
+
+    def __init__(self, assistant: nn.Module):
+        self.assistant = assistant
+
+    @property
+    def models(self):
+        return (self.assistant,)
+
+    def _generate(self, target, inputs, config, temperature):
+        return target.generate(**inputs, generation_config=config, assistant_model=self.assistant), None
+
+
+class PromptLookup(Method):
+    """transformers' prompt lookup decoding: candidates are n-gram continuations copied from the prompt."""
+
+    name = "prompt-lookup"
+
+    def __init__(self, num_tokens: int = 10):
+        self.num_tokens = num_tokens
+
+    def _generate(self, target, inputs, config, temperature):
+        config.prompt_lookup_num_tokens = self.num_tokens
+        return target.generate(**inputs, generation_config=config), None
+
+
+class EagleVLM(Method):
+    """This project's lossless tree loop (`assistant_model=draft`), profiled, with a tree shape per temperature."""
+
+    name = "eaglevlm"
+
+    def __init__(self, draft, trees: Mapping[float, SpeculativeConfig]):
+        self.draft = draft
+        self.trees = dict(trees)
+
+    @property
+    def models(self):
+        return (self.draft,)
+
+    def tree(self, temperature: float) -> SpeculativeConfig:
+        return self.trees.get(float(temperature), self.draft.speculative_config)
+
+    def _generate(self, target, inputs, config, temperature):
+        tree = self.tree(temperature)
+        source = self.draft.with_tree(depth=tree.depth, top_k=tree.top_k, total_tokens=tree.total_tokens, profile=True)
+        config.return_dict_in_generate = True
+        output = target.generate(**inputs, generation_config=config, assistant_model=source)
+        return output.sequences, output.speculative_stats
+
+
+# The registry. A `specvlm` entry (the same tree loop with the elastic visual compressor inside the draft) slots in
+# here as an `EagleVLM` over a draft whose `compressor` is not the identity, once the compressor lands.
+METHOD_NAMES = (Vanilla.name, HFAssisted.name, PromptLookup.name, EagleVLM.name)
+
+
+def check_method_names(names: Sequence[str]) -> tuple[str, ...]:
+    """`names` deduplicated in order, with "vanilla" first (every speedup is paired with it).
+
+    Raises:
+        `UnknownMethodError` listing the valid names.
+    """
+    unknown = [n for n in names if n not in METHOD_NAMES]
+    if unknown:
+        raise UnknownMethodError(f"unknown method(s): {', '.join(unknown)}; valid methods: {', '.join(METHOD_NAMES)}")
+    return tuple(dict.fromkeys([Vanilla.name, *names]))
+
+
+def build_methods(
+    names: Sequence[str],
+    *,
+    draft=None,
+    assistant: nn.Module | None = None,
+    trees: Mapping[float, SpeculativeConfig] | None = None,
+    prompt_lookup_tokens: int = 10,
+) -> dict[str, Method]:
+    """The methods `names` (checked by `check_method_names`), given the models they need."""
+    methods: dict[str, Method] = {}
+    for name in check_method_names(names):
+        if name == Vanilla.name:
+            methods[name] = Vanilla()
+        elif name == HFAssisted.name:
+            if assistant is None:
+                raise ValueError("method 'hf-assisted' needs an assistant language model")
+            methods[name] = HFAssisted(assistant)
+        elif name == PromptLookup.name:
+            methods[name] = PromptLookup(prompt_lookup_tokens)
+        else:
+            if draft is None:
+                raise ValueError("method 'eaglevlm' needs a draft model")
+            methods[name] = EagleVLM(draft, trees or {})
+    return methods

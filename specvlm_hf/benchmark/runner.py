@@ -1,0 +1,276 @@
+"""`run_benchmark`: load the models and prompts a `BenchmarkConfig` names, choose the tree per temperature, run the
+interleaved sweep, and summarise it into a `BenchmarkResult` (written to `config.output` when set)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from ..configuration import SpeculativeConfig
+from ..modeling_draft import SpecVLMDraftModel
+from .calibration import TreeCalibration, calibrate_tree
+from .config import BenchmarkConfig
+from .methods import EagleVLM, HFAssisted, Vanilla, build_methods
+from .prompts import Prompt, Sample, load_prompts, prepare_samples, select_prompts
+from .report import BenchmarkResult, environment
+from .summary import MethodSummary, summarize
+from .sweep import RunRecord, run_sweep
+from .timing import module_bytes
+from .tree_budget import predict_end_to_end
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Resources:
+    """The models a run uses, and what each one is (for the JSON)."""
+
+    target: torch.nn.Module
+    processor: object | None = None
+    draft: SpecVLMDraftModel | None = None
+    assistant: torch.nn.Module | None = None
+    info: dict = field(default_factory=dict)
+
+
+def _describe(model: torch.nn.Module, source: str, **extra) -> dict:
+    return {
+        "source": source,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "bytes": module_bytes(model),
+        **extra,
+    }
+
+
+def load_resources(config: BenchmarkConfig) -> Resources:
+    """The target (+ processor), and the draft / assistant when the chosen methods need them."""
+    device, dtype = config.torch_device, config.torch_dtype
+    source = config.target
+    if config.target == "testbed":
+        from ..testbed import load_testbed, resolve
+
+        target, processor = load_testbed(dtype=dtype, device=device)
+        source = f"testbed at {resolve()[0]}"
+    else:
+        from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+        target = LlavaForConditionalGeneration.from_pretrained(config.target, dtype=dtype, attn_implementation="sdpa")
+        target = target.to(device).eval()
+        processor = AutoProcessor.from_pretrained(config.target)
+    resources = Resources(target, processor, info={"target": _describe(target, source)})
+    if EagleVLM.name in config.methods:
+        if config.draft is None:
+            logger.warning("no --draft given: a randomly initialised draft runs (expect sigma near 1)")
+            resources.draft = SpecVLMDraftModel.from_target(target)
+            source = "random init (untrained)"
+        else:
+            resources.draft = SpecVLMDraftModel.from_pretrained(config.draft, target=target)
+            source = config.draft
+        resources.info["draft"] = _describe(resources.draft, source)
+    if HFAssisted.name in config.methods:
+        resources.assistant, resources.info["assistant"] = _assistant(config, target, processor)
+    return resources
+
+
+def _assistant(config: BenchmarkConfig, target, processor):
+    from .assistant_lm import (
+        AssistantConfig,
+        build_assistant,
+        default_assistant_dir,
+        load_assistant,
+        read_record,
+        testbed_conversations,
+    )
+
+    path = config.assistant or default_assistant_dir(processor.tokenizer)
+    if config.assistant is None and (config.rebuild_assistant or read_record(path) is None):
+        if config.target != "testbed":
+            raise ValueError("the default hf-assisted model is trained on the testbed; pass --assistant DIR")
+        settings = AssistantConfig()
+        logger.warning("training the hf-assisted model (at most %.0f s) into %s", settings.time_budget_s, path)
+        build_assistant(
+            target, processor, testbed_conversations(settings.conversations, settings.seed), path, settings
+        )
+    assistant = load_assistant(path, target, dtype=config.torch_dtype)
+    return assistant, _describe(assistant, str(path), training=read_record(path))
+
+
+def select_prompt_sets(config: BenchmarkConfig) -> tuple[list[Prompt], list[Prompt], bool]:
+    """The benchmarked prompts and the tree calibration prompts (taken after them in the source when it has enough
+    prompts; otherwise the first benchmarked ones, flagged by the returned `bool`)."""
+    prompts = load_prompts(config.prompts, image_root=config.image_root)
+    ordered = select_prompts(prompts, None, config.kind)
+    chosen, rest = ordered[: config.num_samples], ordered[config.num_samples :]
+    overlap = len(rest) < config.calibration_samples
+    calibration = (chosen if overlap else select_prompts(rest, None))[: config.calibration_samples]
+    return chosen, calibration, overlap
+
+
+def choose_trees(config: BenchmarkConfig, resources: Resources, calibration: Sequence[Sample]):
+    """The tree per temperature: the fixed `--tree`, or one `calibrate_tree` per temperature (one cost curve)."""
+    fixed = config.fixed_tree
+    if fixed is not None:
+        return {t: fixed for t in config.temperatures}, {}
+    trees, calibrations, curve = {}, {}, None
+    for temperature in config.temperatures:
+        found = calibrate_tree(
+            resources.target,
+            resources.draft,
+            calibration,
+            temperature=temperature,
+            max_new_tokens=min(config.calibration_tokens, config.max_new_tokens),
+            budget=config.search_budget,
+            seed=config.seed,
+            curve=curve,
+        )
+        curve = found.curve
+        trees[temperature], calibrations[temperature] = found.choice.tree, found
+        logger.info(
+            "T=%s: chose tree depth=%d top_k=%d total_tokens=%d (predicted %.2fx decoding)",
+            temperature,
+            found.choice.tree.depth,
+            found.choice.tree.top_k,
+            found.choice.tree.total_tokens,
+            found.choice.predicted_speedup,
+        )
+    return trees, calibrations
+
+
+def tree_report(
+    temperature: float,
+    tree: SpeculativeConfig,
+    calibration: TreeCalibration | None,
+    records: Sequence[RunRecord],
+    summaries: Sequence[MethodSummary],
+) -> dict:
+    """The tree used at `temperature`, and with `--tree auto` its calibration and predicted vs measured speedup."""
+    measured = next((s.speedup for s in summaries if s.method == EagleVLM.name and s.temperature == temperature), None)
+    report = {
+        "temperature": temperature,
+        "mode": "auto" if calibration else "fixed",
+        **{k: getattr(tree, k) for k in ("depth", "top_k", "total_tokens")},
+        "measured_speedup": measured.median if measured else None,
+    }
+    if calibration is None:
+        return report
+    choice = calibration.choice
+    best = choice.scored[0][0]
+    vanilla = [r for r in records if r.method == Vanilla.name and r.temperature == temperature and r.ok]
+    e2e = [
+        predict_end_to_end(
+            best, calibration.loop_curve, calibration.plain_step, calibration.loop.overhead, r.wall_time, r.new_tokens
+        )
+        for r in vanilla
+    ]
+    report.update(
+        predicted_decode_speedup=choice.predicted_speedup,
+        predicted_speedup=float(np.median(e2e)) if e2e else None,
+        tokens_per_step=best.tokens_per_step,
+        draft_seconds_per_step=best.draft_seconds,
+        draft_prefill_seconds=best.draft_prefill_seconds,
+        plain_step_seconds=calibration.plain_step,
+        first_token_seconds=calibration.first_token_seconds,
+        overhead_seconds_per_step=calibration.loop.overhead,
+        profiled_tree={k: getattr(calibration.loop.tree, k) for k in ("depth", "top_k", "total_tokens")},
+        verify_scale=calibration.verify_scale,
+        draft_scale=calibration.draft_scale,
+        cost_curve_seconds=dict(zip(calibration.curve.sizes, calibration.curve.seconds)),
+        cost_curve_relative=calibration.curve.relative(),
+        cost_curve_prefix_len=calibration.curve.prefix_len,
+        calibration_samples=list(calibration.calibration_samples),
+        shapes_scored=len(choice.scored),
+        scored=[
+            {
+                "depth": e.tree.depth,
+                "top_k": e.tree.top_k,
+                "total_tokens": e.tree.total_tokens,
+                "tokens_per_step": e.tokens_per_step,
+                "draft_seconds": e.draft_seconds,
+                "predicted_speedup": p,
+            }
+            for e, p in choice.scored
+        ],
+    )
+    return report
+
+
+def _check_load(device: torch.device) -> list[float] | None:
+    """The 1/5/15-minute load average, with a warning when other jobs keep more than the CPU's cores busy: on shared
+    cores every CPU timing stretches, unevenly, by large factors (thread spin-waits), whatever the pairing."""
+    if not hasattr(os, "getloadavg"):
+        return None
+    load = list(os.getloadavg())
+    if device.type == "cpu" and load[0] > (os.cpu_count() or 1):
+        message = "load average %.1f on %d CPU cores: other jobs are running, timings will be distorted"
+        logger.warning(message, load[0], os.cpu_count())
+    return load
+
+
+def run_benchmark(
+    config: BenchmarkConfig,
+    *,
+    resources: Resources | None = None,
+    samples: Sequence[Sample] | None = None,
+    calibration: Sequence[Sample] | None = None,
+) -> BenchmarkResult:
+    """
+    Runs the benchmark `config` describes.
+
+    Args:
+        resources (`Resources`, *optional*): models to use instead of loading those `config` names.
+        samples, calibration (`Sequence[Sample]`, *optional*): prepared samples instead of `config.prompts`
+            (`calibration` defaults to the first `config.calibration_samples` of `samples`).
+    """
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    load_at_start = _check_load(config.torch_device)
+    overlap = False
+    if samples is None:  # prompt files are read (and bad rows reported) before any model loads
+        prompts, calibration_prompts, overlap = select_prompt_sets(config)
+    resources = resources or load_resources(config)
+    if samples is None:
+        device, dtype = config.torch_device, config.torch_dtype
+        samples = prepare_samples(prompts, resources.processor, device, dtype)
+        calibration = prepare_samples(calibration_prompts, resources.processor, device, dtype)
+    elif calibration is None:
+        calibration, overlap = samples[: config.calibration_samples], True
+    trees, calibrations = {}, {}
+    if EagleVLM.name in config.methods:
+        trees, calibrations = choose_trees(config, resources, calibration)
+    methods = build_methods(
+        config.methods,
+        draft=resources.draft,
+        assistant=resources.assistant,
+        trees=trees,
+        prompt_lookup_tokens=config.prompt_lookup_tokens,
+    )
+    records = []
+    for temperature in config.temperatures:
+        records += run_sweep(
+            resources.target,
+            samples,
+            methods,
+            temperature=temperature,
+            repeats=config.repeats,
+            max_new_tokens=config.max_new_tokens,
+            device=config.torch_device,
+            seed=config.seed,
+            warmup_tokens=config.warmup_tokens,
+        )
+    summaries = summarize(records)
+    run_config = {**asdict(config), "calibration_overlaps_benchmark": overlap, "samples": [s.id for s in samples]}
+    result = BenchmarkResult(
+        config=run_config,
+        environment={**environment(config.torch_device, config.torch_dtype), "load_average_at_start": load_at_start},
+        models=resources.info,
+        trees=[tree_report(t, trees[t], calibrations.get(t), records, summaries) for t in trees],
+        records=records,
+        summaries=summaries,
+    )
+    if config.output:
+        result.write(config.output)
+    return result
