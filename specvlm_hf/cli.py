@@ -9,6 +9,8 @@ import sys
 # name -> module exposing `register(subparsers)`; each registered parser sets `func(args) -> int`.
 COMMANDS = {
     "testbed": "specvlm_hf.testbed.cli",
+    "train": "specvlm_hf.training.cli",
+    "bench": "specvlm_hf.benchmark.cli",
 }
 
 

@@ -25,3 +25,14 @@ def target():
 @pytest.fixture(scope="session")
 def eager_target():
     return make_target(seed=1, attn_implementation="eager")
+
+
+@pytest.fixture(scope="session")
+def tiny_testbed(tmp_path_factory):
+    """A toy testbed built by the project's own build code (seconds): `(target, processor)`."""
+    from specvlm_hf.testbed.build import BuildConfig, build_testbed
+    from specvlm_hf.testbed.store import load_testbed
+
+    directory = tmp_path_factory.mktemp("testbed") / "tiny"
+    build_testbed(directory, BuildConfig.tiny(), progress=False)
+    return load_testbed(directory)

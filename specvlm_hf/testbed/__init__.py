@@ -1,0 +1,28 @@
+"""The project's offline testbed: a small LLaVA (stock `LlavaForConditionalGeneration` + `LlavaProcessor`) trained
+from scratch on synthetic scenes, shipped with the package and rebuilt by `specvlm-hf testbed build`.
+
+    from specvlm_hf.testbed import heldout_prompts, load_testbed
+
+    target, processor = load_testbed()
+    prompt = heldout_prompts("long", n=1)[0]
+    out = target.generate(**prompt.inputs(processor), max_new_tokens=256)
+"""
+
+from .build import BuildConfig, build_testbed
+from .dataset import Conversation, TestbedPrompt, export_llava_jsonl, heldout_prompts, training_conversations
+from .store import TestbedError, default_cache_dir, load_testbed, resolve, verify
+
+__all__ = [
+    "BuildConfig",
+    "Conversation",
+    "TestbedError",
+    "TestbedPrompt",
+    "build_testbed",
+    "default_cache_dir",
+    "export_llava_jsonl",
+    "heldout_prompts",
+    "load_testbed",
+    "resolve",
+    "training_conversations",
+    "verify",
+]

@@ -1,0 +1,401 @@
+"""A stochastic grammar that writes questions, short answers, captions and long descriptions about a `Scene`.
+
+Every fact has several phrasings, chosen by the caller's `random.Random`, so the text has real entropy; every
+answer is true of the scene, so it can only be predicted from the image. Short answers carry a `key` (the
+canonical answer among `options`) that `quality.py` scores.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass
+
+from .scenes import COLOURS, GRID, SHAPES, SIZES, Scene, SceneObject
+
+NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+ORDINALS = ("first", "second", "third", "fourth")
+POSITIONS = (
+    ("top left", "top middle", "top right"),
+    ("middle left", "center", "middle right"),
+    ("bottom left", "bottom middle", "bottom right"),
+)
+SHORT_CATEGORIES = ("count", "colour", "shape", "position", "size", "exists", "relation")
+OPTIONS = {
+    "count": NUMBERS[1:5],
+    "colour": tuple(COLOURS),
+    "shape": SHAPES,
+    "position": tuple(p for row in POSITIONS for p in row),
+    "size": SIZES,
+    "exists": ("yes", "no"),
+    "relation": ("yes", "no"),
+}
+SINGLE_WORD = "Answer with a single word or phrase."
+LONG_QUESTIONS = (
+    "Describe the image in detail.",
+    "Give a detailed description of this picture.",
+    "What do you see in this image? Please describe everything.",
+    "Describe this scene thoroughly.",
+)
+CAPTION_QUESTIONS = (
+    "Write a short caption for this image.",
+    "Give a brief caption for the picture.",
+    "Summarize the image in one sentence.",
+)
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One question and its answer; `key` is the scored answer of a short question (None for free text)."""
+
+    question: str
+    answer: str
+    category: str
+    key: str | None = None
+
+
+def _cap(text: str) -> str:
+    return text[0].upper() + text[1:]
+
+
+def _join(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def position(obj: SceneObject) -> str:
+    """The canonical name of the object's cell, e.g. "top left" or "center"."""
+    return POSITIONS[obj.row][obj.col]
+
+
+def describe(obj: SceneObject, scene: Scene, with_size: bool = False) -> str:
+    """The shortest "colour shape" phrase that singles the object out ("small red circle" when needed)."""
+    same = [o for o in scene.objects if (o.colour, o.shape) == (obj.colour, obj.shape)]
+    if with_size or len(same) > 1:
+        return f"{obj.size} {obj.colour} {obj.shape}"
+    return f"{obj.colour} {obj.shape}"
+
+
+def _unique(scene: Scene, obj: SceneObject, attrs: tuple[str, ...]) -> bool:
+    values = tuple(getattr(obj, a) for a in attrs)
+    return sum(tuple(getattr(o, a) for a in attrs) == values for o in scene.objects) == 1
+
+
+def _short(rng: random.Random, category: str, question: str, key: str, phrasings: list[str]) -> Turn:
+    if rng.random() < 0.3:  # the LLaVA-1.5 VQA format: an instruction and a bare answer
+        return Turn(f"{question}\n{SINGLE_WORD}", _cap(key), category, key)
+    return Turn(question, rng.choice(phrasings), category, key)
+
+
+def _relation_turn(scene: Scene, rng: random.Random) -> Turn | None:
+    a, b = rng.sample(scene.objects, 2)
+    axes = [ax for ax, da in (("col", a.col - b.col), ("row", a.row - b.row)) if da != 0]
+    if not axes:
+        return None
+    axis = rng.choice(axes)
+    if axis == "col":
+        word, holds = rng.choice((("to the left of", a.col < b.col), ("to the right of", a.col > b.col)))
+    else:
+        word, holds = rng.choice((("above", a.row < b.row), ("below", a.row > b.row)))
+    da, db = describe(a, scene), describe(b, scene)
+    question = rng.choice((f"Is the {da} {word} the {db}?", f"Is the {da} located {word} the {db}?"))
+    key = "yes" if holds else "no"
+    phrasings = ["Yes.", f"Yes, it is {word} the {db}."] if holds else ["No.", f"No, it is not {word} the {db}."]
+    return _short(rng, "relation", question, key, phrasings)
+
+
+def short_turn(scene: Scene, category: str, rng: random.Random) -> Turn | None:
+    """One short question of `category` about the scene, or None when the category does not apply to it."""
+    objects = scene.objects
+    if category == "count":
+        n = NUMBERS[len(objects)]
+        noun = rng.choice(("object", "shape"))
+        question = rng.choice(
+            (
+                f"How many {noun}s are there?",
+                f"How many {noun}s are in the image?",
+                f"Count the {noun}s in the picture.",
+            )
+        )
+        plural = "There are" if len(objects) > 1 else "There is"
+        phrasings = [f"{_cap(n)}.", f"{plural} {n} {noun}{'s' if len(objects) > 1 else ''}.", f"I can see {n}."]
+        return _short(rng, category, question, n, phrasings)
+    if category == "relation":
+        return _relation_turn(scene, rng) if len(objects) > 1 else None
+    if category == "exists":
+        obj = rng.choice(objects)
+        if rng.random() < 0.5:  # a near miss: the same shape in another colour, or the same colour in another shape
+            colour, shape = obj.colour, obj.shape
+            if rng.random() < 0.5:
+                colour = rng.choice([c for c in COLOURS if c != obj.colour])
+            else:
+                shape = rng.choice([s for s in SHAPES if s != obj.shape])
+            present = any((o.colour, o.shape) == (colour, shape) for o in objects)
+        else:
+            colour, shape, present = obj.colour, obj.shape, True
+        question = rng.choice(
+            (
+                f"Is there a {colour} {shape} in the image?",
+                f"Can you see a {colour} {shape}?",
+                f"Does the picture contain a {colour} {shape}?",
+            )
+        )
+        key = "yes" if present else "no"
+        phrasings = ["Yes.", "Yes, there is."] if present else ["No.", "No, there is not."]
+        return _short(rng, category, question, key, phrasings)
+    if category == "colour":
+        candidates = [o for o in objects if _unique(scene, o, ("shape",))]
+        if not candidates:
+            return None
+        obj = rng.choice(candidates)
+        question = rng.choice((f"What colour is the {obj.shape}?", f"What is the colour of the {obj.shape}?"))
+        phrasings = [f"{_cap(obj.colour)}.", f"It is {obj.colour}.", f"The {obj.shape} is {obj.colour}."]
+        return _short(rng, category, question, obj.colour, phrasings)
+    if category == "shape":
+        candidates = [o for o in objects if _unique(scene, o, ("colour",))]
+        if not candidates:
+            return None
+        obj = rng.choice(candidates)
+        question = rng.choice((f"What shape is the {obj.colour} object?", f"Which shape is {obj.colour}?"))
+        phrasings = [f"A {obj.shape}.", f"It is a {obj.shape}.", f"The {obj.colour} object is a {obj.shape}."]
+        return _short(rng, category, question, obj.shape, phrasings)
+    if category == "position":
+        candidates = [o for o in objects if _unique(scene, o, ("colour", "shape", "size"))]
+        if not candidates:
+            return None
+        obj = rng.choice(candidates)
+        d, p = describe(obj, scene), position(obj)
+        question = rng.choice((f"Where is the {d}?", f"In which part of the image is the {d}?"))
+        phrasings = [f"{_cap(p)}.", f"In the {p}.", f"It is in the {p}."]
+        return _short(rng, category, question, p, phrasings)
+    if category == "size":
+        candidates = [o for o in objects if _unique(scene, o, ("colour", "shape"))]
+        if not candidates:
+            return None
+        obj = rng.choice(candidates)
+        d = f"{obj.colour} {obj.shape}"
+        question = rng.choice((f"Is the {d} small or large?", f"What size is the {d}?"))
+        phrasings = [f"{_cap(obj.size)}.", f"It is {obj.size}.", f"The {d} is {obj.size}."]
+        return _short(rng, category, question, obj.size, phrasings)
+    raise ValueError(f"unknown short category {category!r}")
+
+
+def caption_turn(scene: Scene, rng: random.Random) -> Turn:
+    """A one-sentence caption naming every object (size, colour, shape) in reading order."""
+    items = [f"a {o.size} {o.colour} {o.shape}" for o in scene.objects]
+    n = len(items)
+    head = rng.choice(
+        (
+            f"{_cap(NUMBERS[n])} shape{'s' if n > 1 else ''} on a white background: ",
+            "A white canvas with ",
+            "A simple drawing of ",
+        )
+    )
+    return Turn(rng.choice(CAPTION_QUESTIONS), head + _join(items) + ".", "caption")
+
+
+_SHAPE_DETAILS = {
+    "circle": (
+        "It is perfectly round, with a smooth outline.",
+        "Its outline is a smooth curve without any corners.",
+        "Being a circle, it has no corners at all.",
+    ),
+    "square": (
+        "It has four equal sides and four sharp corners.",
+        "Its sides are straight and meet at right angles.",
+        "Being a square, it has four corners of the same size.",
+    ),
+    "triangle": (
+        "It has three straight sides and points upwards.",
+        "Its tip points towards the top of the image.",
+        "Being a triangle, it has exactly three corners.",
+    ),
+    "diamond": (
+        "It looks like a square turned onto one of its corners.",
+        "Its four corners point up, down, left and right.",
+        "Being a diamond, it stands on one of its points.",
+    ),
+}
+_SIZE_DETAILS = {
+    "small": (
+        "It is fairly small and takes up only a little of its cell.",
+        "Compared with the whole picture, it is quite small.",
+    ),
+    "large": ("It is large and fills most of its cell.", "Compared with the whole picture, it is quite large."),
+}
+
+
+def _colour_detail(obj: SceneObject, rng: random.Random) -> str:
+    return rng.choice(
+        (
+            f"Its {obj.colour} colour is bright and solid.",
+            f"The {obj.colour} fill is even, with no pattern or outline.",
+            f"The shape is filled with a flat {obj.colour} colour.",
+        )
+    )
+
+
+def _position_detail(obj: SceneObject, rng: random.Random) -> str:
+    vertical = ("top", None, "bottom")[obj.row]
+    horizontal = ("left", None, "right")[obj.col]
+    edges = [e for e in (vertical, horizontal) if e]
+    if not edges:
+        return rng.choice(("It is right in the middle of the picture.", "It sits at the very center of the canvas."))
+    where = _join([f"{e}" for e in edges]) + (" edges" if len(edges) > 1 else " edge")
+    return rng.choice((f"It sits close to the {where} of the image.", f"It is placed near the {where} of the canvas."))
+
+
+def _object_sentences(scene: Scene, index: int, n_details: int, rng: random.Random) -> list[str]:
+    obj = scene.objects[index]
+    what, where = f"{obj.size} {obj.colour} {obj.shape}", position(obj)
+    if len(scene.objects) == 1:
+        intro = rng.choice(
+            (f"The only object is a {what} in the {where}.", f"In the {where} there is a single {what}.")
+        )
+    elif index == 0:
+        intro = rng.choice(
+            (
+                f"Starting in the {where}, there is a {what}.",
+                f"In the {where} there is a {what}.",
+                f"The first object, in the {where}, is a {what}.",
+            )
+        )
+    else:
+        intro = rng.choice(
+            (
+                f"Next, in the {where}, we find a {what}.",
+                f"In the {where} there is a {what}.",
+                f"The {ORDINALS[index]} object is a {what} located in the {where}.",
+                f"Moving on, a {what} sits in the {where}.",
+            )
+        )
+    details = [
+        rng.choice(_SHAPE_DETAILS[obj.shape]),
+        _colour_detail(obj, rng),
+        rng.choice(_SIZE_DETAILS[obj.size]),
+        _position_detail(obj, rng),
+    ]
+    rng.shuffle(details)
+    return [intro, *details[:n_details]]
+
+
+def _relation_sentence(scene: Scene, a: SceneObject, b: SceneObject, rng: random.Random) -> str:
+    vertical = "above" if a.row < b.row else "below" if a.row > b.row else ""
+    horizontal = "to the left of" if a.col < b.col else "to the right of" if a.col > b.col else ""
+    rel = f"{vertical} and {horizontal}" if vertical and horizontal else vertical or horizontal
+    da, db = describe(a, scene), describe(b, scene)
+    return rng.choice((f"The {da} is {rel} the {db}.", f"The {da} sits {rel} the {db}."))
+
+
+def _grid_sentence(scene: Scene, rng: random.Random) -> str:
+    empty_rows = [("top", "middle", "bottom")[r] for r in range(GRID) if all(o.row != r for o in scene.objects)]
+    grid = rng.choice(
+        (
+            "If the picture is split into a three by three grid, each object fills one cell of it.",
+            "Seen as a three by three grid, the picture has most of its cells empty.",
+        )
+    )
+    if not empty_rows:
+        return grid
+    rows = _join(empty_rows) + (" rows are" if len(empty_rows) > 1 else " row is")
+    return grid + " " + rng.choice((f"The {rows} completely empty.", f"Nothing at all is drawn in the {rows[:-4]}."))
+
+
+def _shape_counts(scene: Scene) -> str:
+    counts = Counter(o.shape for o in scene.objects)
+    return _join([f"{NUMBERS[c]} {s}{'s' if c > 1 else ''}" for s, c in sorted(counts.items())])
+
+
+def long_turn(scene: Scene, rng: random.Random) -> Turn:
+    """A detailed description (~150-250 tokens): overview, every object in reading order, relations, summary."""
+    objects = scene.objects
+    n = len(objects)
+    noun = rng.choice(("object", "shape"))
+    many = f"{NUMBERS[n]} {noun}s"
+    if n == 1:
+        opening = rng.choice(
+            (
+                f"The image shows a single {noun} on a plain white background.",
+                f"This picture contains just one {noun}.",
+            )
+        )
+        layout = rng.choice(("It stands alone, with nothing else around it.", "The rest of the canvas is empty."))
+    else:
+        opening = rng.choice(
+            (
+                f"The image shows {many} on a plain white background.",
+                f"This is a simple picture with {many} drawn on a white canvas.",
+                f"In this image, {many} are arranged on a clean white background.",
+            )
+        )
+        rows = sorted({o.row for o in objects})
+        where = _join([("top", "middle", "bottom")[r] for r in rows]) + (" rows" if len(rows) > 1 else " row")
+        layout = rng.choice(
+            (f"They are spread over the {where} of the canvas.", f"The {noun}s occupy the {where} of the picture.")
+        )
+    sentences = [opening, layout]
+    n_details = {1: 4, 2: 3, 3: 2, 4: 1}[n]
+    for i in range(n):
+        sentences += _object_sentences(scene, i, n_details, rng)
+    if n <= 2:
+        sentences.append(_grid_sentence(scene, rng))
+    if n == 1:
+        sentences.append("Because there is only one shape, there is nothing to compare it with.")
+        sentences.append(
+            rng.choice(
+                (
+                    f"Apart from this {objects[0].shape}, the canvas is plain white.",
+                    f"The {objects[0].colour} {objects[0].shape} is the only thing that stands out.",
+                )
+            )
+        )
+    for a, b in zip(objects, objects[1:]):
+        sentences.append(_relation_sentence(scene, a, b, rng))
+    colours = list(dict.fromkeys(o.colour for o in objects))
+    if len(colours) == 1:
+        sentences.append(f"The only colour besides white is {colours[0]}.")
+    else:
+        sentences.append(
+            rng.choice(
+                (
+                    f"Altogether, the colours in the picture are {_join(colours)}.",
+                    f"The picture uses {NUMBERS[len(colours)]} colours: {_join(colours)}.",
+                )
+            )
+        )
+    sentences.append(
+        rng.choice(
+            (
+                f"Counting by shape, the picture has {_shape_counts(scene)}.",
+                f"In terms of shapes, the image contains {_shape_counts(scene)}.",
+            )
+        )
+    )
+    empty = GRID * GRID - n
+    sentences.append(
+        rng.choice(
+            (
+                f"The remaining {NUMBERS[empty]} cells of the grid are empty.",
+                "The other parts of the canvas are left empty.",
+                "There is no text or other detail in the picture.",
+            )
+        )
+    )
+    return Turn(rng.choice(LONG_QUESTIONS), " ".join(sentences), "long")
+
+
+def conversation(scene: Scene, rng: random.Random, *, with_long: bool, n_short: int) -> list[Turn]:
+    """A multi-turn conversation: up to `n_short` distinct short questions (each category at most twice),
+    sometimes a caption, and optionally a long description, in random order."""
+    categories = list(SHORT_CATEGORIES) * 2
+    rng.shuffle(categories)
+    turns = []
+    for c in categories:
+        turn = short_turn(scene, c, rng)
+        if turn is not None and len(turns) < n_short and all(turn.question != t.question for t in turns):
+            turns.append(turn)
+    if rng.random() < 0.2:
+        turns.append(caption_turn(scene, rng))
+    if with_long:
+        turns.append(long_turn(scene, rng))
+    rng.shuffle(turns)
+    return turns

@@ -1,0 +1,163 @@
+"""Where testbeds live and when one may be loaded: the completion manifest, atomic builds and `load_testbed`.
+
+A testbed directory is valid only if its manifest (`testbed.json`, written last) lists every file with its
+size and sha256 and all of them match; anything else is never loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "testbed.json"
+FORMAT = 1
+ENV_VAR = "SPECVLM_TESTBED_DIR"
+SHIPPED_DIR = Path(__file__).parent / "assets" / "testbed"
+MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "quality.json")
+
+
+class TestbedError(RuntimeError):
+    """No valid testbed where one was expected (missing, partial or corrupted)."""
+
+    __test__ = False  # not a pytest test class despite its name
+
+
+def default_cache_dir() -> Path:
+    """`$XDG_CACHE_HOME/specvlm_hf/testbed`, or `~/.cache/specvlm_hf/testbed`."""
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "specvlm_hf" / "testbed"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify(directory: str | Path) -> dict:
+    """Returns the manifest of a complete testbed at `directory`; raises `TestbedError` saying what is wrong."""
+    directory = Path(directory)
+    manifest_path = directory / MANIFEST
+    if not manifest_path.is_file():
+        raise TestbedError(f"{directory}: no {MANIFEST} (missing or unfinished build)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise TestbedError(f"{manifest_path}: unreadable manifest ({err})") from err
+    if manifest.get("format") != FORMAT:
+        raise TestbedError(f"{manifest_path}: format {manifest.get('format')!r}, expected {FORMAT}")
+    for name in manifest.get("required", []):
+        if name not in files:
+            raise TestbedError(f"{manifest_path}: required file {name} not listed")
+    for name, entry in files.items():
+        path = directory / name
+        if not path.is_file() or path.stat().st_size != entry["bytes"] or _sha256(path) != entry["sha256"]:
+            raise TestbedError(f"{path}: missing or does not match its checksum")
+    return manifest
+
+
+def is_valid(directory: str | Path) -> bool:
+    try:
+        verify(directory)
+    except TestbedError:
+        return False
+    return True
+
+
+def write_atomically(final: Path, write: Callable[[Path], dict], *, required: tuple[str, ...]) -> dict:
+    """Runs `write(tmp)` in a fresh hidden sibling of `final`, adds the manifest last and renames it into place.
+
+    `write` returns the build record stored in the manifest. If anything fails, the temporary directory is
+    removed and an existing `final` is left as it was.
+    """
+    final = Path(final).absolute()
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.building-", dir=final.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the renamed directory should read like any other
+    try:
+        record = write(tmp)
+        files = {
+            p.relative_to(tmp).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+            for p in sorted(tmp.rglob("*"))
+            if p.is_file()
+        }
+        missing = [name for name in required if name not in files]
+        if missing:
+            raise TestbedError(f"build wrote no {', '.join(missing)}")
+        total = sum(f["bytes"] for f in files.values())
+        manifest = {
+            "format": FORMAT,
+            "required": list(required),
+            "total_bytes": total,
+            "files": files,
+            "build": record,
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        if final.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+            final.rename(old / final.name)
+            shutil.rmtree(old, ignore_errors=True)
+        tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def resolve(path: str | Path | None = None) -> tuple[Path, str]:
+    """Where `load_testbed` loads from, and why: the explicit `path`, then `$SPECVLM_TESTBED_DIR`, then the
+    copy shipped in the package (if valid), then the user cache."""
+    if path is not None:
+        return Path(path), "argument"
+    if os.environ.get(ENV_VAR):
+        return Path(os.environ[ENV_VAR]), f"${ENV_VAR}"
+    if is_valid(SHIPPED_DIR):
+        return SHIPPED_DIR, "shipped with the package"
+    return default_cache_dir(), "user cache"
+
+
+def load_testbed(path: str | Path | None = None, *, build_if_missing: bool = True, dtype: torch.dtype = torch.float32,
+                 device: str | torch.device | None = None):  # fmt: skip
+    """Loads the testbed target and processor, building it first (about 20 minutes on 2 CPU cores) where the
+    resolved directory holds no valid testbed and `build_if_missing` allows it.
+
+    Args:
+        path (`str` or `Path`, *optional*): a testbed directory; see `resolve` for the order without it.
+        build_if_missing (`bool`): build into the resolved directory instead of raising `TestbedError`.
+        dtype (`torch.dtype`): weights are stored in bfloat16 and cast to this dtype.
+        device (`str` or `torch.device`, *optional*): where to move the model.
+
+    Returns:
+        `(LlavaForConditionalGeneration, LlavaProcessor)`, the model in eval mode.
+    """
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    directory, source = resolve(path)
+    try:
+        verify(directory)
+    except TestbedError as err:
+        if not build_if_missing:
+            raise TestbedError(f"{err}; build one with `specvlm-hf testbed build --output {directory}`") from err
+        from .build import build_testbed
+
+        logger.warning("no valid testbed at %s (%s, %s): building it", directory, source, err)
+        build_testbed(directory)
+        verify(directory)
+    model = LlavaForConditionalGeneration.from_pretrained(directory, dtype=dtype)
+    processor = AutoProcessor.from_pretrained(directory)
+    if device is not None:
+        model.to(device)
+    return model.eval(), processor

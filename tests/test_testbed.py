@@ -1,0 +1,237 @@
+"""The offline testbed: tiny build round trip, deterministic data, quality-report functions, manifest checks."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+from specvlm_hf.testbed import (
+    BuildConfig,
+    TestbedError,
+    build_testbed,
+    export_llava_jsonl,
+    heldout_prompts,
+    load_testbed,
+    quality,
+    resolve,
+    store,
+    training_conversations,
+    verify,
+)
+from specvlm_hf.testbed import build as build_module
+from specvlm_hf.testbed.dataset import sample_conversation
+from specvlm_hf.testbed.grammar import OPTIONS
+from specvlm_hf.testbed.scenes import COLOURS, SHAPES
+from specvlm_hf.testbed.train import encode_conversation, make_batch, patch_labels, pixel_values
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("testbed") / "tiny"
+    build_testbed(directory, BuildConfig.tiny(), progress=False)
+    return directory
+
+
+def test_tiny_build_round_trips_through_from_pretrained(tiny_dir):
+    manifest = verify(tiny_dir)
+    assert manifest["build"]["train_steps"] == BuildConfig.tiny().steps
+    model = LlavaForConditionalGeneration.from_pretrained(tiny_dir, dtype=torch.float32)
+    processor = AutoProcessor.from_pretrained(tiny_dir)
+    prompt = heldout_prompts("short", n=1, image_size=48)[0]
+    inputs = prompt.inputs(processor)
+    assert (inputs["input_ids"] == model.config.image_token_id).sum() == model.config.image_seq_length
+    out = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+    assert out.shape[1] > inputs["input_ids"].shape[1]
+    report = json.loads((tiny_dir / "quality.json").read_text())
+    assert set(report) >= {"vqa", "image_swap", "long", "gates", "build"}
+
+
+def test_load_testbed_explicit_path_and_env(tiny_dir, monkeypatch):
+    model, processor = load_testbed(tiny_dir, build_if_missing=False)
+    assert not model.training and model.dtype == torch.float32
+    assert processor.tokenizer.eos_token == "</s>"
+    monkeypatch.setenv(store.ENV_VAR, str(tiny_dir))
+    assert resolve() == (tiny_dir, f"${store.ENV_VAR}")
+
+
+def test_resolve_falls_back_to_user_cache(tmp_path, monkeypatch):
+    monkeypatch.delenv(store.ENV_VAR, raising=False)
+    monkeypatch.setattr(store, "SHIPPED_DIR", tmp_path / "absent")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert resolve() == (tmp_path / "cache" / "specvlm_hf" / "testbed", "user cache")
+    with pytest.raises(TestbedError, match="testbed build"):
+        load_testbed(build_if_missing=False)
+
+
+def test_corrupted_or_unfinished_testbed_is_rejected(tiny_dir, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_dir, copy)
+    weights = copy / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(TestbedError, match="checksum"):
+        verify(copy)
+    shutil.copytree(tiny_dir, copy, dirs_exist_ok=True)
+    verify(copy)
+    (copy / store.MANIFEST).unlink()
+    with pytest.raises(TestbedError, match="no testbed.json"):
+        load_testbed(copy, build_if_missing=False)
+
+
+def test_interrupted_build_leaves_nothing_loadable(tmp_path, monkeypatch):
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(build_module, "train", crash)
+    with pytest.raises(KeyboardInterrupt):
+        build_testbed(tmp_path / "tb", BuildConfig.tiny(), progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_rebuild_keeps_the_previous_testbed(tiny_dir, tmp_path, monkeypatch):
+    copy = tmp_path / "tb"
+    shutil.copytree(tiny_dir, copy)
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(build_module, "train", crash)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        build_testbed(copy, BuildConfig.tiny(), progress=False)
+    verify(copy)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tb"]
+
+
+@pytest.mark.skipif(not store.is_valid(store.SHIPPED_DIR), reason="no testbed shipped in this checkout")
+def test_shipped_testbed_is_the_default(monkeypatch):
+    monkeypatch.delenv(store.ENV_VAR, raising=False)
+    assert resolve() == (store.SHIPPED_DIR, "shipped with the package")
+    files = store.verify(store.SHIPPED_DIR)["files"]
+    assert sum(f["bytes"] for f in files.values()) <= 36 * 2**20
+
+
+def test_training_data_is_deterministic_and_disjoint_from_heldout():
+    def snapshot(seed):
+        return [(c.image.tobytes(), c.turns) for c in training_conversations(6, seed, image_size=48)]
+
+    assert snapshot(0) == snapshot(0)
+    assert snapshot(0) != snapshot(1)
+    heldout = {p.scene.key for p in heldout_prompts()}
+    assert all(c.scene.key not in heldout for c in training_conversations(300, seed=3, image_size=48))
+    assert [p.question for p in heldout_prompts(n=20)] == [p.question for p in heldout_prompts(n=20)]
+
+
+def test_heldout_prompts_cover_kinds_and_long_answers_are_long():
+    short, long = heldout_prompts("short"), heldout_prompts("long")
+    assert {p.category for p in short} >= set(OPTIONS) | {"caption"}
+    assert all(p.key in OPTIONS[p.category] for p in short if p.key is not None)
+    assert min(len(p.reference.split()) for p in long) > 100
+    with pytest.raises(ValueError, match="kind"):
+        heldout_prompts("medium")
+
+
+def test_packed_training_blocks_match_single_prompts(tiny_dir):
+    processor = AutoProcessor.from_pretrained(tiny_dir)
+    model = LlavaForConditionalGeneration.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    cfg = BuildConfig.tiny(batch_size=1)
+    batch = make_batch(cfg, step=0, processor=processor, image_seq_length=model.config.image_seq_length)
+    ids = batch.input_ids[0][batch.input_ids[0] != processor.tokenizer.pad_token_id].tolist()
+    conv = next(
+        c
+        for c in (sample_conversation(cfg.seed, 0, with_long=w, image_size=48) for w in (False, True))
+        if encode_conversation(c, processor.tokenizer, 9)[0] == ids
+    )
+    ids, labels, blocks = encode_conversation(conv, processor.tokenizer, 9)
+    assert torch.allclose(pixel_values([conv.image], processor.image_processor), batch.pixel_values, atol=1e-6)
+    with torch.no_grad():
+        packed = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                       position_ids=batch.position_ids, pixel_values=batch.pixel_values).logits[0]  # fmt: skip
+    for k, turn in enumerate(conv.turns, start=1):
+        messages = [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": turn.question}]},
+            {"role": "assistant", "content": [{"type": "text", "text": turn.answer}]},
+        ]
+        single = processor(images=conv.image, text=processor.apply_chat_template(messages), return_tensors="pt")
+        rows = [i for i, b in enumerate(blocks) if b in (0, k)]
+        assert single["input_ids"][0].tolist() == [ids[i] for i in rows]
+        with torch.no_grad():
+            logits = model(**single).logits[0]
+        torch.testing.assert_close(packed[rows], logits, atol=1e-4, rtol=1e-4)
+    answer = [t for t, lab in zip(ids, labels) if lab != -100]
+    assert processor.tokenizer.decode(answer).count("</s>") == len(conv.turns)
+
+
+def test_patch_labels_mark_object_tokens():
+    conv = sample_conversation(0, 1, with_long=False)
+    labels = patch_labels(conv.scene, 9)  # [81, 4]
+    covered = (labels[:, 0] > 0).view(9, 9)
+    for o in conv.scene.objects:
+        assert covered[3 * o.row + 1, 3 * o.col + 1]
+    assert int(covered.sum()) <= 9 * len(conv.scene.objects)
+    assert labels[:, 3].tolist()[:9] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+
+
+def test_answer_scoring_and_chance():
+    options = OPTIONS["position"]
+    assert quality.is_correct("It is in the top left.", "top left", options)
+    assert not quality.is_correct("Top left or bottom right.", "top left", options)
+    assert not quality.is_correct("Nothing.", "top left", options)
+    assert quality.is_correct("No, there is not.", "no", OPTIONS["exists"])
+    assert quality.chance_level(["yes", "yes", "no", "yes"]) == 0.75
+
+
+def test_vqa_scores_on_fixture():
+    prompts = [p for p in heldout_prompts("short") if p.category == "count"][:4]
+    answers = [quality.Generation(f"There are {p.key} objects.", (), True) for p in prompts[:3]]
+    answers.append(quality.Generation("Seven.", (), True))
+    scores = quality.vqa_scores(prompts, answers)
+    assert scores["count"]["accuracy"] == 0.75 and scores["overall"]["n"] == 4
+    assert scores["count"]["chance"] == quality.chance_level([p.key for p in prompts])
+
+
+def test_loop_detector_is_relative_to_references():
+    references = [list(range(40)) + list(range(10)), list(range(100, 160))]  # one repeat of a 10-gram
+    looping = list(range(5)) + [7, 8, 9, 10] * 20
+    varied = list(range(200, 260)) + list(range(200, 208))  # repeats an 8-gram twice, like the first reference
+    assert quality.loop_flags([looping, varied], references) == [True, False]
+    assert quality.max_ngram_repeat([1, 2, 3], n=8) == 0
+
+
+def test_length_stats_and_object_recall():
+    gens = [quality.Generation("a", (1,) * n, ended) for n, ended in ((3, True), (5, True), (10, False))]
+    stats = quality.length_stats(gens)
+    assert (stats["min"], stats["median"], stats["max"]) == (3, 5, 10)
+    assert stats["ended_with_eos"] == pytest.approx(2 / 3)
+    scene = heldout_prompts("long", n=1)[0].scene
+    first = scene.objects[0]
+    absent = next(
+        f"{c} {s}" for c in COLOURS for s in SHAPES if all((o.colour, o.shape) != (c, s) for o in scene.objects)
+    )
+    recall, precision = quality.object_recall(f"A {first.colour} {first.shape} and a {absent}.", scene)
+    assert (recall, precision) == (pytest.approx(1 / len(scene.objects)), 0.5)
+
+
+def test_export_llava_jsonl(tmp_path):
+    path = export_llava_jsonl(tmp_path, n=3, seed=5, image_size=48)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    convs = list(training_conversations(3, seed=5, image_size=48))
+    assert len(rows) == sum(len(c.turns) for c in convs)
+    assert len({r["image"] for r in rows}) == 3 and all((tmp_path / r["image"]).is_file() for r in rows)
+    human, gpt = rows[0]["conversations"]
+    assert (human["from"], gpt["from"]) == ("human", "gpt")
+    assert human["value"] == "<image>\n" + convs[0].turns[0].question and gpt["value"] == convs[0].turns[0].answer
+
+
+def test_cli_path_and_tiny_build(tmp_path, monkeypatch, capsys):
+    from specvlm_hf.cli import main
+
+    monkeypatch.setenv(store.ENV_VAR, str(tmp_path / "tb"))
+    assert main(["testbed", "path"]) == 0
+    assert "not built yet" in capsys.readouterr().out
+    assert main(["testbed", "build", "--tiny", "--quiet", "--output", str(tmp_path / "tb"), "--steps", "2"]) == 0
+    assert verify(tmp_path / "tb")["build"]["train_steps"] == 2

@@ -1,0 +1,199 @@
+"""Online distillation: loss properties, only the draft learns, resume equals an uninterrupted run, collator masks,
+bad rows skipped with counts (or named with --fail-fast), mismatches refused before training."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+from tiny import make_target
+from transformers import TrainerCallback
+
+from specvlm_hf import SpecVLMDraftModel
+from specvlm_hf.cli import build_parser
+from specvlm_hf.testbed.dataset import heldout_prompts, training_conversations
+from specvlm_hf.training import (
+    ConversationRow,
+    DistillationCollator,
+    DistillationConfig,
+    DistillationDataset,
+    DistillationTrainer,
+    RowEncoder,
+    distillation_loss,
+    feature_loss,
+    read_llava_jsonl,
+    soft_cross_entropy,
+    train_draft,
+)
+from specvlm_hf.training.data import BadRow as BadRowError
+
+
+def test_feature_loss_is_zero_only_for_identical_features():
+    f = torch.randn(7, 16)
+    assert feature_loss(f, f) == 0
+    assert feature_loss(f + 0.1, f) > 0
+
+
+def test_cross_entropy_is_minimal_when_distributions_match():
+    g = torch.Generator().manual_seed(0)
+    teacher = torch.randn(5, 11, generator=g)
+    entropy = -(torch.softmax(teacher, -1) * torch.log_softmax(teacher, -1)).sum(-1).mean()
+    torch.testing.assert_close(soft_cross_entropy(teacher, teacher), entropy)
+    for _ in range(20):
+        assert soft_cross_entropy(torch.randn(5, 11, generator=g), teacher) > soft_cross_entropy(teacher, teacher)
+
+
+def test_distillation_loss_weights_its_parts():
+    f, z = torch.randn(4, 8), torch.randn(4, 10)
+    loss = distillation_loss(f + 1, z, f, z, lambda_logit=0.1, lambda_feat=1.0)
+    torch.testing.assert_close(loss.total, 0.1 * soft_cross_entropy(z, z) + feature_loss(f + 1, f))
+    assert loss.top1 == 1
+
+
+def rows(n, image_size=48, seed=1):
+    out = []
+    for i, conv in enumerate(training_conversations(n, seed, image_size=image_size)):
+        out.append(ConversationRow(conv.image, [(t.question, t.answer) for t in conv.turns[:2]], f"row {i}"))
+    return out
+
+
+def config(tmp_path, **overrides):
+    base = dict(
+        output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=2, learning_rate=1e-3, use_cpu=True,
+        report_to=[], save_steps=2, logging_steps=1, eval_prompts=0, seed=0, eval_at_start=False,
+        disable_tqdm=True,
+    )  # fmt: skip
+    return DistillationConfig(**{**base, **overrides})
+
+
+def test_two_steps_change_the_draft_only(tiny_testbed, tmp_path):
+    target, processor = tiny_testbed
+    before_target = {k: v.clone() for k, v in target.state_dict().items()}
+    draft = SpecVLMDraftModel.from_target(target)
+    before_draft = {k: v.clone() for k, v in draft.state_dict().items()}
+    train_draft(target, processor, rows(6), config(tmp_path, max_steps=2, save_steps=100), draft=draft)
+    assert all(torch.equal(v, target.state_dict()[k]) for k, v in before_target.items())
+    changed = [k for k, v in before_draft.items() if not torch.equal(v, draft.state_dict()[k])]
+    assert "fc.weight" in changed and any(k.startswith("layers.0.self_attn") for k in changed)
+    assert (tmp_path / "model.safetensors").exists()
+    assert SpecVLMDraftModel.from_pretrained(tmp_path, target=target).is_bound
+
+
+class StopAfterSave(TrainerCallback):
+    """Simulates a killed process: stop right after the checkpoint of `step`."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+def test_resume_equals_an_uninterrupted_run(tiny_testbed, tmp_path):
+    target, processor = tiny_testbed
+    data = rows(8)
+    torch.manual_seed(0)
+    straight = SpecVLMDraftModel.from_target(target)
+    initial = {k: v.clone() for k, v in straight.state_dict().items()}
+    train_draft(target, processor, data, config(tmp_path / "a", feature_noise=0.1), draft=straight)
+
+    interrupted = SpecVLMDraftModel.from_target(target)
+    interrupted.load_state_dict(initial)
+    args = config(tmp_path / "b", feature_noise=0.1)
+    dataset = DistillationDataset(data, RowEncoder(processor, 4096))
+    trainer = DistillationTrainer(
+        model=interrupted,
+        target=target,
+        args=args,
+        train_dataset=dataset,
+        data_collator=DistillationCollator(0),
+        callbacks=[StopAfterSave(2)],
+    )
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert (tmp_path / "b" / "checkpoint-2").is_dir()
+
+    resumed = SpecVLMDraftModel.from_target(target)  # a fresh process: weights come from the checkpoint
+    _, summary = train_draft(target, processor, data, args, draft=resumed)
+    assert summary["resumed_from"].endswith("checkpoint-2")
+    for key, value in straight.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[key], value, atol=1e-6, rtol=1e-5)
+
+
+def test_collator_pads_right_and_masks(tiny_testbed):
+    _, processor = tiny_testbed
+    encoder = RowEncoder(processor, 4096)
+    a, b = encoder.encode(rows(2)[0]), encoder.encode(ConversationRow(None, [("Say hi.", "Hi.")], "text only"))
+    assert b["pixel_values"] is None
+    batch = DistillationCollator(pad_token_id=0)([a, b])
+    n_a, n_b = len(a["input_ids"]), len(b["input_ids"])
+    assert batch["input_ids"].shape == (2, max(n_a, n_b))
+    assert batch["attention_mask"].sum(1).tolist() == [n_a, n_b]
+    assert (batch["input_ids"][1, n_b:] == 0).all() and not batch["loss_mask"][1, n_b:].any()
+    assert batch["pixel_values"].shape[0] == 1
+    answer = processor.tokenizer.decode(b["input_ids"][b["loss_mask"]])
+    assert answer.strip() == "Hi.</s>"  # the answer and its end-of-turn token, nothing of the prompt
+
+
+def test_bad_rows_are_skipped_with_counts_or_named(tiny_testbed, tmp_path):
+    _, processor = tiny_testbed
+    image = tmp_path / "ok.png"
+    Image.new("RGB", (48, 48), "white").save(image)
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    lines = [
+        {"image": "ok.png", "conversations": [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "A."}]},
+        {"image": "missing.png", "conversations": [{"from": "human", "value": "<image>\nQ"}, {"from": "gpt", "value": "A"}]},
+        {"image": "broken.png", "conversations": [{"from": "human", "value": "<image>\nQ"}, {"from": "gpt", "value": "A"}]},
+        {"image": "ok.png", "conversations": [{"from": "human", "value": "<image>\nQ"}, {"from": "gpt", "value": "  "}]},
+        {"image": "ok.png", "conversations": [{"from": "human", "value": "<image>\n" + "long " * 300},
+                                              {"from": "gpt", "value": "A"}]},
+        {"image": "ok.png"},
+    ]  # fmt: skip
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n{not json\n")
+    parsed, problems = read_llava_jsonl(path)
+    assert len(parsed) == 5 and problems == {"malformed JSON": 1, "malformed row": 1}
+    dataset = DistillationDataset(parsed, RowEncoder(processor, max_length=200))
+    assert len(dataset) == 1
+    assert dataset.skipped == {
+        "missing or unreadable image": 2,
+        "empty answer": 1,
+        "longer than the target's context": 1,
+    }
+    with pytest.raises(BadRowError, match=r"data.jsonl:2"):
+        DistillationDataset(parsed, RowEncoder(processor, max_length=200), fail_fast=True)
+
+
+def test_mismatched_draft_fails_before_training(tiny_testbed, tmp_path):
+    target, processor = tiny_testbed
+    other = make_target()
+    draft = SpecVLMDraftModel.from_target(other)
+    with pytest.raises(ValueError, match="bound to the target"):
+        DistillationTrainer(model=draft, target=target, args=config(tmp_path), train_dataset=[])
+    with pytest.raises(ValueError, match="does not fit the target"):
+        train_draft(target, processor, rows(2), config(tmp_path), draft=draft)
+
+
+def test_per_epoch_curve_is_measured_and_drawn(tiny_testbed, tmp_path):
+    target, processor = tiny_testbed
+    prompts = [dict(p.inputs(processor)) for p in heldout_prompts(kind="long", n=2, image_size=48)]
+    args = config(
+        tmp_path,
+        max_steps=-1,
+        num_train_epochs=2,
+        eval_prompts=2,
+        eval_max_new_tokens=6,
+        eval_at_start=True,
+        save_steps=100,
+    )
+    _, summary = train_draft(target, processor, rows(4), args, eval_prompts=prompts)
+    assert [p["epoch"] for p in summary["curve"]] == [0.0, 1.0, 2.0]
+    assert all(p["mean_accepted_length"] >= 1.0 and p["new_tokens"] == 12 for p in summary["curve"])
+    assert (tmp_path / "acceptance_curve.png").stat().st_size > 1000
+
+
+def test_train_cli_help(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    assert "--self-distill" in capsys.readouterr().out
