@@ -39,19 +39,26 @@ class BuildConfig:
     """
 
     seed: int = field(default=0, metadata={"help": "Seed of the data, the initial weights and the tokenizer."})
-    steps: int = field(default=1400, metadata={"help": "Optimizer steps (fixed, so a build is reproducible)."})
+    steps: int = field(default=2200, metadata={"help": "Optimizer steps (fixed, so a build is reproducible)."})
     batch_size: int = field(default=8, metadata={"help": "Conversations per step."})
     lr: float = field(default=1e-3, metadata={"help": "Peak AdamW learning rate."})
     warmup_steps: int = field(default=40, metadata={"help": "Linear warm-up steps before the cosine decay."})
-    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay of the weight matrices."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay of the weight matrices."})
     long_fraction: float = field(
-        default=0.5, metadata={"help": "Share of batches whose conversations hold a long description."}
+        default=0.3, metadata={"help": "Share of batches whose conversations hold a long description."}
     )
     max_short: int = field(default=8, metadata={"help": "Most short questions per training conversation."})
     key_weight: float = field(default=5.0, metadata={"help": "Loss weight of answer words that name visual facts."})
     align_weight: float = field(default=1.0, metadata={"help": "Weight of the image-token alignment loss."})
+    word_features_until: float = field(
+        default=0.3,
+        metadata={"help": "Share of the steps in which the language model sees word-embedding image features only."},
+    )
+    word_features_ramp: float = field(
+        default=0.3, metadata={"help": "Share of the steps over which it then switches to the real image features."}
+    )
     hidden_size: int = field(default=384, metadata={"help": "Language model width."})
-    text_layers: int = field(default=8, metadata={"help": "Language model depth."})
+    text_layers: int = field(default=6, metadata={"help": "Language model depth."})
     attention_heads: int = field(default=6, metadata={"help": "Query heads of the language model."})
     kv_heads: int = field(default=2, metadata={"help": "Key/value heads (grouped-query attention)."})
     intermediate_size: int = field(default=1024, metadata={"help": "MLP width of the language model."})

@@ -1,7 +1,9 @@
 """A stochastic grammar that writes questions, short answers, captions and long descriptions about a `Scene`.
 
 Every fact has several phrasings, chosen by the caller's `random.Random`, so the text has real entropy; every
-answer is true of the scene, so it can only be predicted from the image. Short answers carry a `key` (the
+answer is true of the scene, so it can only be predicted from the image. Short questions name an object by its
+colour or its grid cell (what every image token of the object carries), never by its shape alone (which a
+single image token does not show). Short answers carry a `key` (the
 canonical answer among `options`) that `quality.py` scores.
 """
 
@@ -87,16 +89,17 @@ def _short(rng: random.Random, category: str, question: str, key: str, phrasings
 
 
 def _relation_turn(scene: Scene, rng: random.Random) -> Turn | None:
-    a, b = rng.sample(scene.objects, 2)
-    axes = [ax for ax, da in (("col", a.col - b.col), ("row", a.row - b.row)) if da != 0]
-    if not axes:
+    named = [o for o in scene.objects if _unique(scene, o, ("colour",))]
+    if len(named) < 2:
         return None
+    a, b = rng.sample(named, 2)
+    axes = [ax for ax, da in (("col", a.col - b.col), ("row", a.row - b.row)) if da != 0]
     axis = rng.choice(axes)
     if axis == "col":
         word, holds = rng.choice((("to the left of", a.col < b.col), ("to the right of", a.col > b.col)))
     else:
         word, holds = rng.choice((("above", a.row < b.row), ("below", a.row > b.row)))
-    da, db = describe(a, scene), describe(b, scene)
+    da, db = f"{a.colour} {rng.choice(('object', a.shape))}", f"{b.colour} {rng.choice(('object', b.shape))}"
     question = rng.choice((f"Is the {da} {word} the {db}?", f"Is the {da} located {word} the {db}?"))
     key = "yes" if holds else "no"
     phrasings = ["Yes.", f"Yes, it is {word} the {db}."] if holds else ["No.", f"No, it is not {word} the {db}."]
@@ -122,33 +125,30 @@ def short_turn(scene: Scene, category: str, rng: random.Random) -> Turn | None:
     if category == "relation":
         return _relation_turn(scene, rng) if len(objects) > 1 else None
     if category == "exists":
-        obj = rng.choice(objects)
-        if rng.random() < 0.5:  # a near miss: the same shape in another colour, or the same colour in another shape
-            colour, shape = obj.colour, obj.shape
-            if rng.random() < 0.5:
-                colour = rng.choice([c for c in COLOURS if c != obj.colour])
-            else:
-                shape = rng.choice([s for s in SHAPES if s != obj.shape])
-            present = any((o.colour, o.shape) == (colour, shape) for o in objects)
+        present_colours = {o.colour for o in objects}
+        if rng.random() < 0.5:
+            colour, present = rng.choice(sorted(present_colours)), True
         else:
-            colour, shape, present = obj.colour, obj.shape, True
+            absent = [c for c in COLOURS if c not in present_colours]
+            colour, present = rng.choice(absent), False
+        noun = rng.choice(("object", "shape"))
         question = rng.choice(
             (
-                f"Is there a {colour} {shape} in the image?",
-                f"Can you see a {colour} {shape}?",
-                f"Does the picture contain a {colour} {shape}?",
+                f"Is there a {colour} {noun} in the image?",
+                f"Can you see a {colour} {noun}?",
+                f"Does the picture contain anything {colour}?",
             )
         )
         key = "yes" if present else "no"
         phrasings = ["Yes.", "Yes, there is."] if present else ["No.", "No, there is not."]
         return _short(rng, category, question, key, phrasings)
     if category == "colour":
-        candidates = [o for o in objects if _unique(scene, o, ("shape",))]
-        if not candidates:
-            return None
-        obj = rng.choice(candidates)
-        question = rng.choice((f"What colour is the {obj.shape}?", f"What is the colour of the {obj.shape}?"))
-        phrasings = [f"{_cap(obj.colour)}.", f"It is {obj.colour}.", f"The {obj.shape} is {obj.colour}."]
+        obj = rng.choice(objects)
+        p = position(obj)
+        question = rng.choice(
+            (f"What colour is the object in the {p}?", f"What is the colour of the shape in the {p}?")
+        )
+        phrasings = [f"{_cap(obj.colour)}.", f"It is {obj.colour}.", f"The {obj.shape} in the {p} is {obj.colour}."]
         return _short(rng, category, question, obj.colour, phrasings)
     if category == "shape":
         candidates = [o for o in objects if _unique(scene, o, ("colour",))]
@@ -159,11 +159,11 @@ def short_turn(scene: Scene, category: str, rng: random.Random) -> Turn | None:
         phrasings = [f"A {obj.shape}.", f"It is a {obj.shape}.", f"The {obj.colour} object is a {obj.shape}."]
         return _short(rng, category, question, obj.shape, phrasings)
     if category == "position":
-        candidates = [o for o in objects if _unique(scene, o, ("colour", "shape", "size"))]
+        candidates = [o for o in objects if _unique(scene, o, ("colour",))]
         if not candidates:
             return None
         obj = rng.choice(candidates)
-        d, p = describe(obj, scene), position(obj)
+        d, p = f"{obj.colour} {rng.choice(('object', obj.shape))}", position(obj)
         question = rng.choice((f"Where is the {d}?", f"In which part of the image is the {d}?"))
         phrasings = [f"{_cap(p)}.", f"In the {p}.", f"It is in the {p}."]
         return _short(rng, category, question, p, phrasings)

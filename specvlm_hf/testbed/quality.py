@@ -20,6 +20,7 @@ from .scenes import COLOURS, SHAPES, Scene
 MIN_ACCURACY = 0.85
 MAX_DEGENERATE = 0.10
 LOOP_NGRAM = 8  # tokens; the grammar repeats shorter phrases legitimately
+LOOP_REPEATS = 3  # an n-gram said this often is a loop (twice is a repeated sentence, which the report counts apart)
 
 
 @dataclass(frozen=True)
@@ -62,10 +63,11 @@ def max_ngram_repeat(tokens, n: int = LOOP_NGRAM) -> int:
     return max(grams.values(), default=0)
 
 
-def loop_flags(outputs: list, references: list, n: int = LOOP_NGRAM) -> list[bool]:
-    """Flags outputs caught in a loop: their most repeated token n-gram occurs more often than in any reference
-    (token sequences of the same tokenizer), since the grammar itself repeats phrases."""
-    threshold = max((max_ngram_repeat(r, n) for r in references), default=1)
+def loop_flags(outputs: list, references: list, n: int = LOOP_NGRAM, repeats: int = LOOP_REPEATS) -> list[bool]:
+    """Flags outputs caught in a loop: their most repeated token n-gram occurs at least `repeats` times and more
+    often than in any reference (token sequences of the same tokenizer), since the grammar itself repeats phrases.
+    With `repeats=2`, any n-gram said twice more often than the references allow is flagged (a stricter count)."""
+    threshold = max(repeats - 1, max((max_ngram_repeat(r, n) for r in references), default=1))
     return [max_ngram_repeat(o, n) > threshold for o in outputs]
 
 
@@ -147,7 +149,9 @@ def quality_report(model, processor, *, max_long_tokens: int = 300, progress: bo
                             desc="long answers")  # fmt: skip
     scores, swap = vqa_scores(vqa, answers), vqa_scores(vqa, swap_answers)
     references = [processor.tokenizer(" " + p.reference, add_special_tokens=False).input_ids for p in long]
-    flags = loop_flags([d.tokens for d in descriptions], references)
+    tokens = [d.tokens for d in descriptions]
+    flags = [loop or not d.ended for loop, d in zip(loop_flags(tokens, references), descriptions)]
+    repeated = loop_flags(tokens, references, repeats=2)
     recall = [object_recall(d.text, p.scene) for d, p in zip(descriptions, long)]
     ref_lengths = [len(r) + 1 for r in references]  # + </s>
     overall, swap_overall = scores["overall"], swap["overall"]
@@ -163,7 +167,9 @@ def quality_report(model, processor, *, max_long_tokens: int = 300, progress: bo
                 "max": max(ref_lengths),
             },
             "degenerate_share": degenerate,
-            "loop_detector": f"most repeated {LOOP_NGRAM}-token n-gram occurs more often than in any reference",
+            "loop_detector": f"no </s> within the budget, or a {LOOP_NGRAM}-token n-gram said {LOOP_REPEATS}+ times "
+            "(more often than in any reference)",
+            "repeated_sentence_share": sum(repeated) / len(repeated),
             "object_recall": statistics.fmean(r for r, _ in recall),
             "object_precision": statistics.fmean(p for _, p in recall),
             "examples": [
@@ -191,7 +197,8 @@ def format_report(report: dict) -> str:
     g = long["generated_tokens"]
     lines.append(
         f"long answers: tokens min {g['min']} median {g['median']} mean {g['mean']} max {g['max']}, "
-        f"ended with </s> {g['ended_with_eos']:.0%}; degenerate {long['degenerate_share']:.1%}; "
+        f"ended with </s> {g['ended_with_eos']:.0%}; in a loop {long['degenerate_share']:.1%} "
+        f"(a sentence repeated {long.get('repeated_sentence_share', 0):.1%}); "
         f"objects named {long['object_recall']:.1%} (precision {long['object_precision']:.1%})"
     )
     if "build" in report:

@@ -3,12 +3,18 @@
 Batch `b` holds conversations `b * batch_size ...` of the build seed, so a build is a pure function of its seed;
 a batch either has a long description in every conversation or in none, which keeps padding small.
 
-Two choices make a randomly initialised LLaVA ground within the budget:
+Three choices make a randomly initialised LLaVA ground within the budget:
 - each conversation is packed as independent single-turn prompts sharing the image prefix (a block attention mask),
   so no answer can be copied from an earlier turn, and the loss up-weights the words that name visual facts;
 - an alignment loss pulls each image token's projected feature towards the sum of the input embeddings of the words
   that describe it ("large red circle top left"): a stand-in for the pretrained CLIP of a real LLaVA, after which
-  question words and image tokens share directions that attention can match.
+  question words and image tokens share directions that attention can match;
+- a feature curriculum: for the first `word_features_until` of the steps the language model sees those word
+  embedding sums *instead of* the projector's output at the image positions (a symbolic scene it learns to look
+  up, like text), then over `word_features_ramp` of the steps the input moves linearly to the real features,
+  which the alignment loss has meanwhile trained towards the same targets. The saved model is the stock
+  architecture: the curriculum exists only in training. Without it, 5-minute probes stayed near chance on
+  every question that needs a lookup (which object, where); with it, shape and size questions reached 80-90%.
 """
 
 from __future__ import annotations
@@ -194,21 +200,45 @@ def patch_words(scene: Scene, tokens_per_side: int, tokenizer) -> torch.Tensor:
 def align_loss(embed: torch.Tensor, features: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
     """Squared distance of image-token features `(B, N, D)` to the sum of the (detached) input embeddings of their
     words `(B, N, 5)` (id -1 adds nothing), relative to the targets' mean squared norm."""
-    table = torch.cat([embed.detach().float(), embed.new_zeros(1, embed.shape[1]).float()])  # row -1: zeros
-    target = table[words].sum(-2)  # [B, N, D]
+    target = word_targets(embed.detach().float(), words)  # [B, N, D]
     return ((features.float() - target) ** 2).sum(-1).mean() / (target**2).sum(-1).mean()
+
+
+def real_feature_share(step: int, steps: int, until: float, ramp: float) -> float:
+    """Weight of the projector's output in the image features the language model sees at `step` (0 before
+    `until * steps`, then linear up to 1 at `(until + ramp) * steps`)."""
+    progress = step / steps
+    if ramp <= 0:
+        return float(progress >= until)
+    return min(1.0, max(0.0, (progress - until) / ramp))
+
+
+def word_targets(embed: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
+    """`(B, N, D)`: per image token the sum of the input embeddings `(V, D)` of its words `(B, N, 5)` (-1: none)."""
+    table = torch.cat([embed, embed.new_zeros(1, embed.shape[1])])  # row -1: zeros
+    return table[words].sum(-2)
 
 
 def train(model, processor, cfg, *, progress: bool = True) -> TrainStats:
     """Trains `model` in place for `cfg.steps` AdamW steps on batches of `cfg.seed`: the weighted language-model
-    loss on answer tokens plus `cfg.align_weight` times the image-token alignment loss.
+    loss on answer tokens plus `cfg.align_weight` times the image-token alignment loss, with the feature
+    curriculum of the module docstring.
 
     `cfg` is a `BuildConfig`; the forward runs under bf16 autocast (fp32 master weights).
     """
     device = torch.device(cfg.device)
     model.to(device).train()
     features = []
-    hook = model.model.multi_modal_projector.register_forward_hook(lambda _m, _i, out: features.append(out))
+    mix = {"share": 1.0, "words": None}
+
+    def image_features(_module, _inputs, out):
+        features.append(out)
+        if mix["share"] >= 1.0:
+            return out
+        words = word_targets(model.get_input_embeddings().weight, mix["words"]).to(out.dtype)
+        return mix["share"] * out + (1.0 - mix["share"]) * words
+
+    hook = model.model.multi_modal_projector.register_forward_hook(image_features)
     named = list(model.named_parameters())
     decay = [p for n, p in named if p.ndim >= 2 and "embed" not in n]
     no_decay = [p for n, p in named if p.ndim < 2 or "embed" in n]
@@ -226,6 +256,8 @@ def train(model, processor, cfg, *, progress: bool = True) -> TrainStats:
     try:
         for step in bar:
             batch = make_batch(cfg, step, processor, image_seq_length).to(device)
+            mix["share"] = real_feature_share(step, cfg.steps, cfg.word_features_until, cfg.word_features_ramp)
+            mix["words"] = batch.patch_words
             features.clear()
             with torch.autocast(device.type, dtype=torch.bfloat16):
                 logits = model(
@@ -252,7 +284,7 @@ def train(model, processor, cfg, *, progress: bool = True) -> TrainStats:
             tokens += int((batch.input_ids != processor.tokenizer.pad_token_id).sum())
             answer_tokens += int((batch.labels != IGNORE).sum())
             ema = lm_loss.item() if ema is None else 0.95 * ema + 0.05 * lm_loss.item()
-            bar.set_postfix(loss=f"{ema:.3f}")
+            bar.set_postfix(loss=f"{ema:.3f}", real_features=f"{mix['share']:.2f}")
     finally:
         hook.remove()
     model.eval()
