@@ -115,6 +115,28 @@ def test_shipped_testbed_is_the_default(monkeypatch):
     assert sum(f["bytes"] for f in files.values()) <= 36 * 2**20
 
 
+def test_shipped_companions_belong_to_the_shipped_testbed_only(tmp_path):
+    assert store.shipped_companion("draft", tmp_path) is None
+    if (store.SHIPPED_DRAFT_DIR / "config.json").is_file():
+        assert store.shipped_companion("draft", store.SHIPPED_DIR) == store.SHIPPED_DRAFT_DIR
+
+
+@pytest.mark.skipif(
+    not (store.is_valid(store.SHIPPED_DIR) and (store.SHIPPED_DRAFT_DIR / "config.json").is_file()),
+    reason="no testbed and draft shipped in this checkout",
+)
+def test_shipped_draft_is_lossless_and_accepts_on_the_shipped_testbed():
+    from specvlm_hf import SpecVLMDraftModel, speculative_generate
+
+    target, processor = store.load_testbed(store.SHIPPED_DIR, build_if_missing=False)
+    draft = SpecVLMDraftModel.from_pretrained(store.SHIPPED_DRAFT_DIR, target=target)
+    inputs = heldout_prompts("long", n=1)[0].inputs(processor)
+    plain = target.generate(**inputs, max_new_tokens=48, do_sample=False)
+    result = speculative_generate(target, draft, **inputs, max_new_tokens=48)
+    assert torch.equal(result.sequences, plain)
+    assert result.stats.mean_accepted_length > 2.0  # a trained draft; an untrained one stays near 1
+
+
 def test_training_data_is_deterministic_and_disjoint_from_heldout():
     def snapshot(seed):
         return [(c.image.tobytes(), c.turns) for c in training_conversations(6, seed, image_size=48)]
@@ -199,6 +221,9 @@ def test_loop_detector_is_relative_to_references():
     looping = list(range(5)) + [7, 8, 9, 10] * 20
     varied = list(range(200, 260)) + list(range(200, 208))  # repeats an 8-gram twice, like the first reference
     assert quality.loop_flags([looping, varied], references) == [True, False]
+    twice = list(range(300, 340)) + list(range(300, 308)) + list(range(400, 440)) + list(range(400, 408))
+    assert quality.loop_flags([twice], references) == [False]  # two 8-grams said twice each: not a loop
+    assert quality.loop_flags([twice], [list(range(60))], repeats=2) == [True]  # but more than any reference
     assert quality.max_ngram_repeat([1, 2, 3], n=8) == 0
 
 

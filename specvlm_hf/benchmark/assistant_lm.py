@@ -56,6 +56,7 @@ class AssistantConfig:
         max_length (`int`): tokens per training sequence (longer conversations are cut).
         seed (`int`): seed of the data (not the testbed's own) and of the initialisation.
         bf16 (`bool`): bfloat16 autocast during training.
+        save_bf16 (`bool`): store the weights in bfloat16; `load_assistant` casts them to the dtype asked for.
     """
 
     num_hidden_layers: int = field(default=2, metadata={"help": "Decoder layers."})
@@ -68,6 +69,7 @@ class AssistantConfig:
     max_length: int = field(default=768, metadata={"help": "Tokens per training sequence."})
     seed: int = field(default=1, metadata={"help": "Data and initialisation seed."})
     bf16: bool = field(default=False, metadata={"help": "bfloat16 autocast while training."})
+    save_bf16: bool = field(default=False, metadata={"help": "Store the weights in bfloat16 (half the bytes)."})
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -232,6 +234,8 @@ def build_assistant(
         "device": str(device),
     }
     model = model.eval()
+    if config.save_bf16:
+        model = model.to(torch.bfloat16)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.building-", dir=output_dir.parent))
     try:

@@ -59,10 +59,17 @@ class BenchmarkConfig:
     methods: tuple[str, ...] = field(default=METHOD_NAMES, metadata={"help": "Comma-separated methods to compare."})
     target: str = field(default="testbed", metadata={"help": "'testbed' or a LLaVA checkpoint directory."})
     draft: str | None = field(
-        default=None, metadata={"help": "Trained draft directory; without it a random draft runs."}
+        default=None,
+        metadata={
+            "help": "Trained draft directory; default: the shipped one on the shipped testbed, else a random one."
+        },
     )
     assistant: str | None = field(
-        default=None, metadata={"help": "hf-assisted model directory; without it a cached one, trained on first use."}
+        default=None,
+        metadata={
+            "help": "hf-assisted model directory; default: the shipped one on the shipped testbed, else a cached "
+            "one, trained on first use."
+        },
     )
     prompts: str | None = field(
         default=None,

@@ -320,17 +320,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="Directory for gpu_check.json, gpu_check.md and benchmark/.")
     parser.add_argument("--device", default="cuda", help="Device (default: cuda).")
     parser.add_argument("--tiny", action="store_true", help="Miniature: tiny models everywhere (seconds, any device).")
-    parser.add_argument("--draft", help="Trained draft directory for the testbed parts.")
-    parser.add_argument("--assistant", help="hf-assisted model directory (the benchmark part skips it without one).")
+    parser.add_argument("--draft", help="Trained draft directory for the testbed parts (default: the shipped one).")
+    parser.add_argument(
+        "--assistant", help="hf-assisted model directory (default: the shipped one; skipped when there is none)."
+    )
     parser.add_argument("--budget-s", type=float, default=480.0, help="Total time box in seconds (default: 480).")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    from ..testbed.store import resolve, shipped_companion
+
+    testbed_dir = resolve()[0]
+    draft, assistant = (shipped_companion(kind, testbed_dir) for kind in ("draft", "assistant"))
     report = run_check(
         args.out,
         device=args.device,
         tiny=args.tiny,
-        draft_dir=args.draft,
-        assistant_dir=args.assistant,
+        draft_dir=args.draft or (None if args.tiny or draft is None else str(draft)),
+        assistant_dir=args.assistant or (None if args.tiny or assistant is None else str(assistant)),
         budget_s=args.budget_s,
     )
     failed = [name for name in ("lossless", "benchmark", "costs") if "error" in report[name]]

@@ -3,6 +3,7 @@ interleaved sweep, and summarise it into a `BenchmarkResult` (written to `config
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Sequence
@@ -46,15 +47,27 @@ def _describe(model: torch.nn.Module, source: str, **extra) -> dict:
     }
 
 
+def _str(path) -> str | None:
+    return None if path is None else str(path)
+
+
 def load_resources(config: BenchmarkConfig) -> Resources:
-    """The target (+ processor), and the draft / assistant when the chosen methods need them."""
+    """The target (+ processor), and the draft / assistant when the chosen methods need them. On the shipped
+    testbed, the draft and assistant shipped beside it are the defaults."""
     device, dtype = config.torch_device, config.torch_dtype
     source = config.target
     if config.target == "testbed":
         from ..testbed import load_testbed, resolve
+        from ..testbed.store import shipped_companion
 
         target, processor = load_testbed(dtype=dtype, device=device)
-        source = f"testbed at {resolve()[0]}"
+        testbed_dir = resolve()[0]
+        source = f"testbed at {testbed_dir}"
+        config = dataclasses.replace(
+            config,
+            draft=config.draft or _str(shipped_companion("draft", testbed_dir)),
+            assistant=config.assistant or _str(shipped_companion("assistant", testbed_dir)),
+        )
     else:
         from transformers import AutoProcessor, LlavaForConditionalGeneration
 

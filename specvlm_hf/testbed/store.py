@@ -23,6 +23,8 @@ MANIFEST = "testbed.json"
 FORMAT = 1
 ENV_VAR = "SPECVLM_TESTBED_DIR"
 SHIPPED_DIR = Path(__file__).parent / "assets" / "testbed"
+SHIPPED_DRAFT_DIR = Path(__file__).parent / "assets" / "draft"  # trained by `specvlm-hf train` on SHIPPED_DIR
+SHIPPED_ASSISTANT_DIR = Path(__file__).parent / "assets" / "assistant"  # the hf-assisted baseline's assistant
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "quality.json")
 
 
@@ -127,6 +129,14 @@ def resolve(path: str | Path | None = None) -> tuple[Path, str]:
     if is_valid(SHIPPED_DIR):
         return SHIPPED_DIR, "shipped with the package"
     return default_cache_dir(), "user cache"
+
+
+def shipped_companion(kind: str, testbed_dir: str | Path) -> Path | None:
+    """The shipped trained draft (`kind="draft"`) or hf-assisted assistant (`"assistant"`) for the testbed at
+    `testbed_dir`: only the shipped testbed has them (a rebuilt testbed needs its own), so None otherwise."""
+    directory = {"draft": SHIPPED_DRAFT_DIR, "assistant": SHIPPED_ASSISTANT_DIR}[kind]
+    same = Path(testbed_dir).absolute() == SHIPPED_DIR.absolute()
+    return directory if same and (directory / "config.json").is_file() else None
 
 
 def load_testbed(path: str | Path | None = None, *, build_if_missing: bool = True, dtype: torch.dtype = torch.float32,
