@@ -170,7 +170,8 @@ def run(args) -> int:
         from ..modeling_draft import SpecVLMDraftModel
 
         draft = SpecVLMDraftModel.from_pretrained(args.init, target=target)
-    _, summary = train_draft(target, processor, rows, config, eval_prompts=eval_prompts, draft=draft)
+    name = "specvlm_hf/testbed" if args.target == TESTBED else args.target  # what the model card names
+    _, summary = train_draft(target, processor, rows, config, eval_prompts=eval_prompts, draft=draft, target_name=name)
     print(json.dumps({k: v for k, v in summary.items() if k != "curve"}, indent=2))
     for point in summary["curve"]:
         print(f"epoch {point['epoch']:>5}: mean accepted length {point['mean_accepted_length']:.3f}")

@@ -42,13 +42,15 @@ def train_draft(
     *,
     eval_prompts: list[dict] | None = None,
     draft: SpecVLMDraftModel | None = None,
+    target_name: str | None = None,
 ) -> tuple[SpecVLMDraftModel, dict]:
     """
     Trains `draft` (a fresh `SpecVLMDraftModel.from_target(target)` by default) on `rows` against the frozen
     `target`, saves it to `args.output_dir` with `save_pretrained`, and returns it with a summary.
 
     A checkpoint already in `args.output_dir` (from an interrupted run) is resumed: model, optimizer, scheduler, RNG
-    and data position, so nothing is lost beyond the last save.
+    and data position, so nothing is lost beyond the last save. `target_name` is what the model card calls the
+    target (a hub id ideally; the target's `_name_or_path` by default).
     """
     draft = draft if draft is not None else SpecVLMDraftModel.from_target(target)
     if draft.target is not target:
@@ -86,6 +88,6 @@ def train_draft(
     }
     if trainer.is_world_process_zero():
         (Path(args.output_dir) / "training_summary.json").write_text(json.dumps(summary, indent=2))
-        target_name = getattr(target.config, "_name_or_path", "") or target.config.model_type
+        target_name = target_name or getattr(target.config, "_name_or_path", "") or target.config.model_type
         create_model_card(args.output_dir, target_name=target_name).save(Path(args.output_dir) / "README.md")
     return draft, summary
