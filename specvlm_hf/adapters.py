@@ -30,6 +30,22 @@ class LlavaAdapter:
         self.text_config = target.config.get_text_config()
         self.image_token_id = target.config.image_token_id
 
+    def decoder_shape(self) -> dict:
+        """Llama config fields that give a decoder layer the shape of the target's text model's layers, and the
+        vocabulary of its `lm_head` (for drafts and assistants that share the target's embedding and head)."""
+        text = self.text_config
+        return dict(
+            hidden_size=text.hidden_size,
+            intermediate_size=text.intermediate_size,
+            num_attention_heads=text.num_attention_heads,
+            num_key_value_heads=getattr(text, "num_key_value_heads", None),
+            head_dim=getattr(text, "head_dim", None),
+            vocab_size=self.lm_head.weight.shape[0],
+            rms_norm_eps=text.rms_norm_eps,
+            max_position_embeddings=text.max_position_embeddings,
+            rope_parameters=dict(text.rope_parameters),
+        )
+
     def check_attention(self) -> None:
         implementation = self.language_model.config._attn_implementation
         if implementation not in TREE_MASK_ATTENTION:

@@ -122,18 +122,10 @@ class SpecVLMDraftModel(PreTrainedModel, DraftSource):
         adapter = get_adapter(target)
         text = adapter.text_config
         fields = dict(
-            hidden_size=text.hidden_size,
-            intermediate_size=text.intermediate_size,
-            num_attention_heads=text.num_attention_heads,
-            num_key_value_heads=getattr(text, "num_key_value_heads", None),
-            head_dim=getattr(text, "head_dim", None),
-            vocab_size=adapter.lm_head.weight.shape[0],
-            rms_norm_eps=text.rms_norm_eps,
+            **adapter.decoder_shape(),
             hidden_act=text.hidden_act,
             attention_bias=getattr(text, "attention_bias", False),
             mlp_bias=getattr(text, "mlp_bias", False),
-            max_position_embeddings=text.max_position_embeddings,
-            rope_parameters=dict(text.rope_parameters),
             target_model_type=target.config.model_type,
             image_token_id=adapter.image_token_id,
         )

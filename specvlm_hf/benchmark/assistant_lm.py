@@ -160,18 +160,9 @@ def init_assistant(target, tokenizer, config: AssistantConfig) -> LlamaForCausal
     """A `LlamaForCausalLM` shaped like the target's text model but `num_hidden_layers` deep, with copies of the
     target's token embedding and `lm_head`."""
     adapter = get_adapter(target)
-    text = adapter.text_config
     llama = LlamaConfig(
-        vocab_size=adapter.lm_head.weight.shape[0],
-        hidden_size=text.hidden_size,
-        intermediate_size=text.intermediate_size,
+        **adapter.decoder_shape(),
         num_hidden_layers=config.num_hidden_layers,
-        num_attention_heads=text.num_attention_heads,
-        num_key_value_heads=getattr(text, "num_key_value_heads", None),
-        head_dim=getattr(text, "head_dim", None),
-        max_position_embeddings=text.max_position_embeddings,
-        rope_parameters=dict(text.rope_parameters),
-        rms_norm_eps=text.rms_norm_eps,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
