@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import random
 import shutil
+from collections import Counter
 
 import pytest
 import torch
@@ -24,8 +26,15 @@ from specvlm_hf.testbed import (
 )
 from specvlm_hf.testbed import build as build_module
 from specvlm_hf.testbed.dataset import sample_conversation
-from specvlm_hf.testbed.grammar import OPTIONS
-from specvlm_hf.testbed.scenes import COLOURS, SHAPES
+from specvlm_hf.testbed.grammar import (
+    _SHAPE_DETAILS,
+    _SIZE_DETAILS,
+    OPTIONS,
+    SHORT_CATEGORIES,
+    TRAIN_WEIGHTS,
+    _object_sentences,
+)
+from specvlm_hf.testbed.scenes import COLOURS, SHAPES, sample_scene
 from specvlm_hf.testbed.train import encode_conversation, make_batch, patch_labels, pixel_values
 
 
@@ -41,6 +50,7 @@ def test_tiny_build_round_trips_through_from_pretrained(tiny_dir):
     assert manifest["build"]["train_steps"] == BuildConfig.tiny().steps
     model = LlavaForConditionalGeneration.from_pretrained(tiny_dir, dtype=torch.float32)
     processor = AutoProcessor.from_pretrained(tiny_dir)
+    assert processor.tokenizer.padding_side == "left"  # batched generate() on the loaded testbed is right
     prompt = heldout_prompts("short", n=1, image_size=48)[0]
     inputs = prompt.inputs(processor)
     assert (inputs["input_ids"] == model.config.image_token_id).sum() == model.config.image_seq_length
@@ -157,6 +167,34 @@ def test_heldout_prompts_cover_kinds_and_long_answers_are_long():
         heldout_prompts("medium")
 
 
+def test_object_details_keep_their_order():
+    """Each object's detail sentences are a subset of (shape, colour, size, position) in that order, so a
+    description never comes back to a detail it has passed (the loops the first testbeds fell into)."""
+    for seed in range(200):
+        rng = random.Random(seed)
+        scene = sample_scene(rng)
+        for index, obj in enumerate(scene.objects):
+            details = _object_sentences(scene, index, [3, 1], rng)[1:]
+
+            def kind(sentence):
+                if sentence in _SHAPE_DETAILS[obj.shape]:
+                    return 0
+                if sentence in _SIZE_DETAILS[obj.size]:
+                    return 2
+                return 1 if obj.colour in sentence else 3
+
+            kinds = [kind(d) for d in details]
+            assert kinds == [1, 3], details
+
+
+def test_training_conversations_favour_the_harder_questions():
+    counts = Counter(
+        t.category for c in training_conversations(300, seed=5, image_size=48) for t in c.turns if t.key is not None
+    )
+    assert counts["colour"] > 2 * counts["count"] and counts["relation"] > counts["shape"]
+    assert set(counts) == set(SHORT_CATEGORIES) == set(TRAIN_WEIGHTS)
+
+
 def test_packed_training_blocks_match_single_prompts(tiny_dir):
     processor = AutoProcessor.from_pretrained(tiny_dir)
     model = LlavaForConditionalGeneration.from_pretrained(tiny_dir, dtype=torch.float32).eval()
@@ -165,7 +203,9 @@ def test_packed_training_blocks_match_single_prompts(tiny_dir):
     ids = batch.input_ids[0][batch.input_ids[0] != processor.tokenizer.pad_token_id].tolist()
     conv = next(
         c
-        for c in (sample_conversation(cfg.seed, 0, with_long=w, image_size=48) for w in (False, True))
+        for c in (
+            sample_conversation(cfg.seed, 0, with_long=w, image_size=48, max_short=cfg.max_short) for w in (False, True)
+        )
         if encode_conversation(c, processor.tokenizer, 9)[0] == ids
     )
     ids, labels, blocks = encode_conversation(conv, processor.tokenizer, 9)

@@ -23,6 +23,9 @@ POSITIONS = (
     ("bottom left", "bottom middle", "bottom right"),
 )
 SHORT_CATEGORIES = ("count", "colour", "shape", "position", "size", "exists", "relation")
+# how often each category is drawn into a training conversation: the lookups by grid cell and the relations
+# need more examples than counting or naming a colour's shape
+TRAIN_WEIGHTS = {"count": 1, "colour": 3, "shape": 1, "position": 2, "size": 2, "exists": 1, "relation": 3}
 OPTIONS = {
     "count": NUMBERS[1:5],
     "colour": tuple(COLOURS),
@@ -244,7 +247,10 @@ def _position_detail(obj: SceneObject, rng: random.Random) -> str:
     return rng.choice((f"It sits close to the {where} of the image.", f"It is placed near the {where} of the canvas."))
 
 
-def _object_sentences(scene: Scene, index: int, n_details: int, rng: random.Random) -> list[str]:
+def _object_sentences(scene: Scene, index: int, kinds: list[int], rng: random.Random) -> list[str]:
+    """The intro of object `index` and its detail sentences of `kinds` (0 shape, 1 colour, 2 size, 3 position),
+    said in that fixed order: which details are said varies, but a description never comes back to a detail it
+    has passed."""
     obj = scene.objects[index]
     what, where = f"{obj.size} {obj.colour} {obj.shape}", position(obj)
     if len(scene.objects) == 1:
@@ -274,8 +280,7 @@ def _object_sentences(scene: Scene, index: int, n_details: int, rng: random.Rand
         rng.choice(_SIZE_DETAILS[obj.size]),
         _position_detail(obj, rng),
     ]
-    rng.shuffle(details)
-    return [intro, *details[:n_details]]
+    return [intro, *(details[k] for k in sorted(kinds))]
 
 
 def _relation_sentence(scene: Scene, a: SceneObject, b: SceneObject, rng: random.Random) -> str:
@@ -333,9 +338,13 @@ def long_turn(scene: Scene, rng: random.Random) -> Turn:
             (f"They are spread over the {where} of the canvas.", f"The {noun}s occupy the {where} of the picture.")
         )
     sentences = [opening, layout]
-    n_details = {1: 4, 2: 3, 3: 2, 4: 1}[n]
+    # detail kinds rotate over the objects from a random start, so no kind is said more than twice: greedy
+    # decoding picks the likeliest phrasing of a kind every time, and a kind repeated for every object would
+    # read as one sentence said over and over
+    n_details, start = {1: 4, 2: 3, 3: 2, 4: 1}[n], rng.randrange(4)
     for i in range(n):
-        sentences += _object_sentences(scene, i, n_details, rng)
+        kinds = [(start + i * n_details + j) % 4 for j in range(n_details)]
+        sentences += _object_sentences(scene, i, kinds, rng)
     if n <= 2:
         sentences.append(_grid_sentence(scene, rng))
     if n == 1:
@@ -384,9 +393,9 @@ def long_turn(scene: Scene, rng: random.Random) -> Turn:
 
 
 def conversation(scene: Scene, rng: random.Random, *, with_long: bool, n_short: int) -> list[Turn]:
-    """A multi-turn conversation: up to `n_short` distinct short questions (each category at most twice),
-    sometimes a caption, and optionally a long description, in random order."""
-    categories = list(SHORT_CATEGORIES) * 2
+    """A multi-turn conversation: up to `n_short` distinct short questions (each category at most its
+    `TRAIN_WEIGHTS` times), sometimes a caption, and optionally a long description, in random order."""
+    categories = [c for c in SHORT_CATEGORIES for _ in range(TRAIN_WEIGHTS[c])]
     rng.shuffle(categories)
     turns = []
     for c in categories:

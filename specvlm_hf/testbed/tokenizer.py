@@ -57,5 +57,6 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
         extra_special_tokens={"image_token": IMAGE},
         chat_template=CHAT_TEMPLATE,
         model_max_length=2048,
+        padding_side="left",  # batched generation; saved, so a loaded testbed pads on the left too
         clean_up_tokenization_spaces=False,
     )
