@@ -362,6 +362,15 @@ def test_select_prompts_mixes_kinds():
     assert [p.id for p in select_prompts(prompts, None, "long")] == ["l0"]
 
 
+def test_tree_calibration_prefers_long_answers():
+    from specvlm_hf.benchmark.runner import select_prompt_sets
+
+    config = BenchmarkConfig.quick_preset()  # the testbed's held-out set, 4 mixed prompts, one calibration prompt
+    chosen, calibration, overlap = select_prompt_sets(config)
+    assert {p.kind for p in chosen} == {"short", "long"} and not overlap
+    assert [p.kind for p in calibration] == ["long"] and calibration[0] not in chosen
+
+
 def test_unknown_method_lists_the_valid_ones(capsys):
     with pytest.raises(UnknownMethodError) as err:
         check_method_names(["vanilla", "medusa"])

@@ -114,13 +114,17 @@ def _assistant(config: BenchmarkConfig, target, processor):
 
 def select_prompt_sets(config: BenchmarkConfig) -> tuple[list[Prompt], list[Prompt], bool]:
     """The benchmarked prompts and the tree calibration prompts (taken after them in the source when it has enough
-    prompts; otherwise the first benchmarked ones, flagged by the returned `bool`)."""
+    prompts; otherwise from the benchmarked ones, flagged by the returned `bool`).
+
+    Calibration prefers "long" prompts, then those with the longest reference answers: a 2-5 token answer says
+    almost nothing about how many drafted tokens the target accepts, and the tree matters on long answers."""
     prompts = load_prompts(config.prompts, image_root=config.image_root)
     ordered = select_prompts(prompts, None, config.kind)
     chosen, rest = ordered[: config.num_samples], ordered[config.num_samples :]
     overlap = len(rest) < config.calibration_samples
-    calibration = (chosen if overlap else select_prompts(rest, None))[: config.calibration_samples]
-    return chosen, calibration, overlap
+    pool = chosen if overlap else select_prompts(rest, None)
+    calibration = sorted(pool, key=lambda p: (p.kind != "long", -len(p.reference or "")))
+    return chosen, calibration[: config.calibration_samples], overlap
 
 
 def choose_trees(config: BenchmarkConfig, resources: Resources, calibration: Sequence[Sample]):
