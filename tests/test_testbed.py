@@ -27,12 +27,16 @@ from specvlm_hf.testbed import (
 from specvlm_hf.testbed import build as build_module
 from specvlm_hf.testbed.dataset import sample_conversation
 from specvlm_hf.testbed.grammar import (
+    _CENTER_DETAILS,
+    _COLOUR_DETAILS,
+    _EDGE_DETAILS,
     _SHAPE_DETAILS,
     _SIZE_DETAILS,
     OPTIONS,
     SHORT_CATEGORIES,
     TRAIN_WEIGHTS,
     _object_sentences,
+    long_turn,
 )
 from specvlm_hf.testbed.scenes import COLOURS, SHAPES, sample_scene
 from specvlm_hf.testbed.train import encode_conversation, make_batch, patch_labels, pixel_values
@@ -58,6 +62,15 @@ def test_tiny_build_round_trips_through_from_pretrained(tiny_dir):
     assert out.shape[1] > inputs["input_ids"].shape[1]
     report = json.loads((tiny_dir / "quality.json").read_text())
     assert set(report) >= {"vqa", "image_swap", "long", "gates", "build"}
+
+
+def test_build_is_reproducible_from_its_seed(tiny_dir, tmp_path):
+    """Same config, same weights and tokenizer, byte for byte; another seed gives other weights."""
+    files = ("model.safetensors", "tokenizer.json")
+    build_testbed(tmp_path / "again", BuildConfig.tiny(), progress=False)
+    assert [verify(tmp_path / "again")["files"][f] for f in files] == [verify(tiny_dir)["files"][f] for f in files]
+    build_testbed(tmp_path / "other", BuildConfig.tiny(seed=1), progress=False)
+    assert verify(tmp_path / "other")["files"]["model.safetensors"] != verify(tiny_dir)["files"]["model.safetensors"]
 
 
 def test_load_testbed_explicit_path_and_env(tiny_dir, monkeypatch):
@@ -174,7 +187,7 @@ def test_object_details_keep_their_order():
         rng = random.Random(seed)
         scene = sample_scene(rng)
         for index, obj in enumerate(scene.objects):
-            details = _object_sentences(scene, index, [3, 1], rng)[1:]
+            details = _object_sentences(scene, index, [3, 1], rng, set())[1:]
 
             def kind(sentence):
                 if sentence in _SHAPE_DETAILS[obj.shape]:
@@ -185,6 +198,32 @@ def test_object_details_keep_their_order():
 
             kinds = [kind(d) for d in details]
             assert kinds == [1, 3], details
+
+
+def _detail_phrasing(sentence: str) -> tuple[int, str] | None:
+    """(kind, phrasing) of a detail sentence of a long description, or None for any other sentence."""
+    wheres = ["top edge", "bottom edge", "left edge", "right edge"] + [
+        f"{v} and {h} edges" for v in ("top", "bottom") for h in ("left", "right")
+    ]
+    phrasings = [(0, t) for shape in SHAPES for t in _SHAPE_DETAILS[shape]]
+    phrasings += [(1, t) for t in _COLOUR_DETAILS if any(t.format(colour=c) == sentence for c in COLOURS)]
+    phrasings += [(2, t) for size in _SIZE_DETAILS for t in _SIZE_DETAILS[size]]
+    phrasings += [(3, t) for t in _CENTER_DETAILS]
+    phrasings += [(3, t) for t in _EDGE_DETAILS if any(t.format(where=w) == sentence for w in wheres)]
+    # the formatted phrasings were kept only where they match the sentence
+    return next(((k, t) for k, t in phrasings if "{" in t or t == sentence), None)
+
+
+def test_long_descriptions_say_each_detail_kind_at_most_twice_and_never_reuse_a_phrasing():
+    """Greedy decoding copies the likeliest phrasing each time, so the references must not repeat one: detail
+    kinds rotate over the objects (each kind at most twice) and each phrasing is said at most once."""
+    for seed in range(300):
+        rng = random.Random(seed)
+        sentences = [s.strip() + "." for s in long_turn(sample_scene(rng), rng).answer.split(". ")]
+        details = [d for d in map(_detail_phrasing, sentences) if d is not None]
+        assert details, sentences
+        assert max(Counter(k for k, _ in details).values()) <= 2, sentences
+        assert max(Counter(details).values()) == 1, sentences
 
 
 def test_training_conversations_favour_the_harder_questions():

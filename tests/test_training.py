@@ -71,7 +71,9 @@ def test_two_steps_change_the_draft_only(tiny_testbed, tmp_path):
     before_target = {k: v.clone() for k, v in target.state_dict().items()}
     draft = SpecVLMDraftModel.from_target(target)
     before_draft = {k: v.clone() for k, v in draft.state_dict().items()}
-    train_draft(target, processor, rows(6), config(tmp_path, max_steps=2, save_steps=100), draft=draft)
+    args = config(tmp_path, max_steps=2, save_steps=100, hub_model_id="me/tiny-draft")
+    train_draft(target, processor, rows(6), args, draft=draft)
+    assert "# me/tiny-draft" in (tmp_path / "README.md").read_text()  # the model card names the draft
     assert all(torch.equal(v, target.state_dict()[k]) for k, v in before_target.items())
     changed = [k for k, v in before_draft.items() if not torch.equal(v, draft.state_dict()[k])]
     assert "fc.weight" in changed and any(k.startswith("layers.0.self_attn") for k in changed)
@@ -189,7 +191,9 @@ def test_per_epoch_curve_is_measured_and_drawn(tiny_testbed, tmp_path):
     )
     _, summary = train_draft(target, processor, rows(4), args, eval_prompts=prompts)
     assert [p["epoch"] for p in summary["curve"]] == [0.0, 1.0, 2.0]
-    assert all(p["mean_accepted_length"] >= 1.0 and p["new_tokens"] == 12 for p in summary["curve"])
+    assert all(p["mean_accepted_length"] >= 1.0 for p in summary["curve"])
+    # the target's output does not depend on the draft, so every epoch decodes the same tokens
+    assert len({p["new_tokens"] for p in summary["curve"]}) == 1 and 0 < summary["curve"][0]["new_tokens"] <= 12
     assert (tmp_path / "acceptance_curve.png").stat().st_size > 1000
 
 

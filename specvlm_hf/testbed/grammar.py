@@ -196,6 +196,9 @@ def caption_turn(scene: Scene, rng: random.Random) -> Turn:
     return Turn(rng.choice(CAPTION_QUESTIONS), head + _join(items) + ".", "caption")
 
 
+# Detail phrasings, indexed by kind (0 shape, 1 colour, 2 size, 3 position). A description never uses one
+# phrasing twice (`_fresh`), as a writer varies their wording: greedy decoding picks the likeliest phrasing every
+# time, and without this rule a detail said of several objects reads as one sentence said over and over.
 _SHAPE_DETAILS = {
     "circle": (
         "It is perfectly round, with a smooth outline.",
@@ -222,35 +225,50 @@ _SIZE_DETAILS = {
     "small": (
         "It is fairly small and takes up only a little of its cell.",
         "Compared with the whole picture, it is quite small.",
+        "Drawn at a reduced size, it leaves plenty of white space around it.",
     ),
-    "large": ("It is large and fills most of its cell.", "Compared with the whole picture, it is quite large."),
+    "large": (
+        "It is large and fills most of its cell.",
+        "Compared with the whole picture, it is quite large.",
+        "Drawn at full size, it reaches almost to the borders of its cell.",
+    ),
 }
+_COLOUR_DETAILS = (
+    "Its {colour} colour is bright and solid.",
+    "The {colour} fill is even, with no pattern or outline.",
+    "The shape is filled with a flat {colour} colour.",
+)
+_EDGE_DETAILS = ("It sits close to the {where} of the image.", "It is placed near the {where} of the canvas.")
+_CENTER_DETAILS = ("It is right in the middle of the picture.", "It sits at the very center of the canvas.")
 
 
-def _colour_detail(obj: SceneObject, rng: random.Random) -> str:
-    return rng.choice(
-        (
-            f"Its {obj.colour} colour is bright and solid.",
-            f"The {obj.colour} fill is even, with no pattern or outline.",
-            f"The shape is filled with a flat {obj.colour} colour.",
-        )
-    )
+def _fresh(rng: random.Random, kind: str, phrasings: tuple[str, ...], used: set) -> str:
+    """A phrasing of `kind` that the description has not used yet (any, once all are used); marks it used."""
+    fresh = [i for i in range(len(phrasings)) if (kind, i) not in used] or list(range(len(phrasings)))
+    i = rng.choice(fresh)
+    used.add((kind, i))
+    return phrasings[i]
 
 
-def _position_detail(obj: SceneObject, rng: random.Random) -> str:
-    vertical = ("top", None, "bottom")[obj.row]
-    horizontal = ("left", None, "right")[obj.col]
-    edges = [e for e in (vertical, horizontal) if e]
+def _detail(obj: SceneObject, kind: int, rng: random.Random, used: set) -> str:
+    """The detail sentence of `kind` (0 shape, 1 colour, 2 size, 3 position) about `obj`."""
+    if kind == 0:
+        return _fresh(rng, "shape", _SHAPE_DETAILS[obj.shape], used)
+    if kind == 1:
+        return _fresh(rng, "colour", _COLOUR_DETAILS, used).format(colour=obj.colour)
+    if kind == 2:
+        return _fresh(rng, "size", _SIZE_DETAILS[obj.size], used)
+    edges = [e for e in (("top", None, "bottom")[obj.row], ("left", None, "right")[obj.col]) if e]
     if not edges:
-        return rng.choice(("It is right in the middle of the picture.", "It sits at the very center of the canvas."))
-    where = _join([f"{e}" for e in edges]) + (" edges" if len(edges) > 1 else " edge")
-    return rng.choice((f"It sits close to the {where} of the image.", f"It is placed near the {where} of the canvas."))
+        return _fresh(rng, "center", _CENTER_DETAILS, used)
+    where = _join(edges) + (" edges" if len(edges) > 1 else " edge")
+    return _fresh(rng, "edge", _EDGE_DETAILS, used).format(where=where)
 
 
-def _object_sentences(scene: Scene, index: int, kinds: list[int], rng: random.Random) -> list[str]:
+def _object_sentences(scene: Scene, index: int, kinds: list[int], rng: random.Random, used: set) -> list[str]:
     """The intro of object `index` and its detail sentences of `kinds` (0 shape, 1 colour, 2 size, 3 position),
     said in that fixed order: which details are said varies, but a description never comes back to a detail it
-    has passed."""
+    has passed. `used` holds the phrasings the description has used so far."""
     obj = scene.objects[index]
     what, where = f"{obj.size} {obj.colour} {obj.shape}", position(obj)
     if len(scene.objects) == 1:
@@ -274,13 +292,7 @@ def _object_sentences(scene: Scene, index: int, kinds: list[int], rng: random.Ra
                 f"Moving on, a {what} sits in the {where}.",
             )
         )
-    details = [
-        rng.choice(_SHAPE_DETAILS[obj.shape]),
-        _colour_detail(obj, rng),
-        rng.choice(_SIZE_DETAILS[obj.size]),
-        _position_detail(obj, rng),
-    ]
-    return [intro, *(details[k] for k in sorted(kinds))]
+    return [intro, *(_detail(obj, k, rng, used) for k in sorted(kinds))]
 
 
 def _relation_sentence(scene: Scene, a: SceneObject, b: SceneObject, rng: random.Random) -> str:
@@ -338,13 +350,13 @@ def long_turn(scene: Scene, rng: random.Random) -> Turn:
             (f"They are spread over the {where} of the canvas.", f"The {noun}s occupy the {where} of the picture.")
         )
     sentences = [opening, layout]
-    # detail kinds rotate over the objects from a random start, so no kind is said more than twice: greedy
-    # decoding picks the likeliest phrasing of a kind every time, and a kind repeated for every object would
-    # read as one sentence said over and over
-    n_details, start = {1: 4, 2: 3, 3: 2, 4: 1}[n], rng.randrange(4)
+    # detail kinds rotate over the objects in a fixed cycle (shape, colour, size, position), so the kinds said of
+    # an object follow from its ordinal alone, no kind is said more than twice, and each kind has more phrasings
+    # than that (no phrasing is said twice)
+    n_details, used = {1: 4, 2: 3, 3: 2, 4: 1}[n], set()
     for i in range(n):
-        kinds = [(start + i * n_details + j) % 4 for j in range(n_details)]
-        sentences += _object_sentences(scene, i, kinds, rng)
+        kinds = [(i * n_details + j) % 4 for j in range(n_details)]
+        sentences += _object_sentences(scene, i, kinds, rng, used)
     if n <= 2:
         sentences.append(_grid_sentence(scene, rng))
     if n == 1:

@@ -62,6 +62,9 @@ def register(subparsers) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
     p.add_argument("--fail-fast", action="store_true", help="Stop at the first bad data row instead of skipping it.")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--hub-model-id", default=None, help="Where the draft is or will be published; names it in its model card."
+    )
     p.set_defaults(func=run)
 
 
@@ -164,6 +167,7 @@ def run(args) -> int:
         eval_prompts=args.eval_prompts,
         eval_max_new_tokens=args.eval_max_new_tokens,
         eval_at_start=not args.no_eval_at_start,
+        hub_model_id=args.hub_model_id,
     )
     draft = None
     if args.init and not get_last_checkpoint(str(output)):

@@ -89,5 +89,6 @@ def train_draft(
     if trainer.is_world_process_zero():
         (Path(args.output_dir) / "training_summary.json").write_text(json.dumps(summary, indent=2))
         target_name = target_name or getattr(target.config, "_name_or_path", "") or target.config.model_type
-        create_model_card(args.output_dir, target_name=target_name).save(Path(args.output_dir) / "README.md")
+        card = create_model_card(args.output_dir, target_name=target_name, repo_id=args.hub_model_id)
+        card.save(Path(args.output_dir) / "README.md")
     return draft, summary
