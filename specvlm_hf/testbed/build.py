@@ -35,7 +35,7 @@ from .train import train
 class BuildConfig:
     """Everything a build depends on; the same config on the same software gives the same testbed.
 
-    The defaults are the shipped build and take about 20 minutes on 2 CPU cores. Builds this short vary a lot with
+    The defaults are the shipped build and take 20-21 minutes on 2 CPU cores. Builds this short vary a lot with
     the seed: seeds 0 and 1 of the same recipe missed the VQA gate (83.6% and 73.7%). Raise `steps`, `batch_size`
     and the sizes on a GPU.
     """
