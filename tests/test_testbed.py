@@ -187,17 +187,9 @@ def test_object_details_keep_their_order():
     for seed in range(200):
         rng = random.Random(seed)
         scene = sample_scene(rng)
-        for index, obj in enumerate(scene.objects):
+        for index in range(len(scene.objects)):
             details = _object_sentences(scene, index, [3, 1], rng, set())[1:]
-
-            def kind(sentence):
-                if sentence in _SHAPE_DETAILS[obj.shape]:
-                    return 0
-                if sentence in _SIZE_DETAILS[obj.size]:
-                    return 2
-                return 1 if obj.colour in sentence else 3
-
-            kinds = [kind(d) for d in details]
+            kinds = [_detail_phrasing(d)[0] for d in details]
             assert kinds == [1, 3], details
 
 
@@ -244,7 +236,8 @@ def test_packed_training_blocks_match_single_prompts(tiny_dir):
     conv = next(
         c
         for c in (
-            sample_conversation(cfg.seed, 0, with_long=w, image_size=48, max_short=cfg.max_short) for w in (False, True)
+            sample_conversation(cfg.seed, 0, with_long=w, image_size=48, max_short=cfg.max_short)
+            for w in (False, True)
         )
         if encode_conversation(c, processor.tokenizer, 9)[0] == ids
     )

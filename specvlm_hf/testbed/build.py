@@ -33,7 +33,8 @@ from .train import train
 
 @dataclass
 class BuildConfig:
-    """Everything a build depends on; the same config on the same software gives the same testbed.
+    """Everything a build depends on: the same config gives the same data, tokenizer and training order (tiny builds
+    are byte-identical; full CPU builds drift in the last bits of the weights, see the README).
 
     The defaults are the shipped build and take 20-21 minutes on 2 CPU cores. Builds this short vary a lot with
     the seed: seeds 0 and 1 of the same recipe missed the VQA gate (83.6% and 73.7%). Raise `steps`, `batch_size`

@@ -267,8 +267,8 @@ def _detail(obj: SceneObject, kind: int, rng: random.Random, used: set) -> str:
 
 def _object_sentences(scene: Scene, index: int, kinds: list[int], rng: random.Random, used: set) -> list[str]:
     """The intro of object `index` and its detail sentences of `kinds` (0 shape, 1 colour, 2 size, 3 position),
-    said in that fixed order: which details are said varies, but a description never comes back to a detail it
-    has passed. `used` holds the phrasings the description has used so far."""
+    said in that fixed order, so a description never comes back to a detail it has passed. `used` holds the
+    phrasings the description has used so far."""
     obj = scene.objects[index]
     what, where = f"{obj.size} {obj.colour} {obj.shape}", position(obj)
     if len(scene.objects) == 1:
