@@ -32,14 +32,26 @@ from specvlm_hf.testbed.grammar import (
     _EDGE_DETAILS,
     _SHAPE_DETAILS,
     _SIZE_DETAILS,
+    CARD_CATEGORIES,
     OPTIONS,
     SHORT_CATEGORIES,
     TRAIN_WEIGHTS,
     _object_sentences,
+    caption_turn,
     long_turn,
+    short_turn,
 )
-from specvlm_hf.testbed.scenes import COLOURS, SHAPES, sample_scene
-from specvlm_hf.testbed.train import encode_conversation, make_batch, patch_labels, pixel_values
+from specvlm_hf.testbed.scenes import (
+    COLOURS,
+    SHAPES,
+    Scene,
+    Text,
+    render_scene,
+    sample_card,
+    sample_scene,
+    text_box,
+)
+from specvlm_hf.testbed.train import CHARACTERS, encode_conversation, make_batch, patch_labels, pixel_values
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +74,19 @@ def test_tiny_build_round_trips_through_from_pretrained(tiny_dir):
     assert out.shape[1] > inputs["input_ids"].shape[1]
     report = json.loads((tiny_dir / "quality.json").read_text())
     assert set(report) >= {"vqa", "image_swap", "long", "gates", "build"}
+
+
+def test_tiny_build_with_cards_reports_reading_and_draft_data_follows_it(tmp_path, monkeypatch):
+    from specvlm_hf.training.cli import _testbed_rows
+
+    build_testbed(tmp_path / "tb", BuildConfig.tiny(card_share=0.5), progress=False)
+    report = json.loads((tmp_path / "tb" / "quality.json").read_text())
+    assert {"digit", "word", "text_colour"} <= set(report["vqa"]) and report["vqa"]["digit"]["n"] == 20
+    assert 0.0 <= report["long"]["text_read"] <= 1.0
+    assert report["build"]["config"]["card_share"] == 0.5
+    monkeypatch.setenv(store.ENV_VAR, str(tmp_path / "tb"))
+    rows, _ = _testbed_rows(tmp_path / "draft", 20, seed=1)  # the draft's data comes with cards too
+    assert any("only a single" in a or "single digit" in a for r in rows for _, a in r.turns)
 
 
 def test_build_is_reproducible_from_its_seed(tiny_dir, tmp_path):
@@ -173,12 +198,33 @@ def test_training_data_is_deterministic_and_disjoint_from_heldout():
 
 
 def test_heldout_prompts_cover_kinds_and_long_answers_are_long():
-    short, long = heldout_prompts("short"), heldout_prompts("long")
+    short, long = heldout_prompts("short", cards=True), heldout_prompts("long", cards=True)
+    assert heldout_prompts() == [p for p in heldout_prompts(cards=True) if p.scene.text is None]
     assert {p.category for p in short} >= set(OPTIONS) | {"caption"}
     assert all(p.key in OPTIONS[p.category] for p in short if p.key is not None)
     assert min(len(p.reference.split()) for p in long) > 100
+    cards = [p for p in long if p.scene.text is not None]
+    assert len(cards) == 40 and {p.scene.text.kind for p in cards} == {"digit", "word"}
+    assert {p.category for p in short if p.scene.text is not None} == set(CARD_CATEGORIES) | {"caption"}
     with pytest.raises(ValueError, match="kind"):
         heldout_prompts("medium")
+
+
+@pytest.mark.skipif(not store.is_valid(store.SHIPPED_DIR), reason="no testbed shipped in this checkout")
+def test_the_default_config_still_draws_the_shipped_builds_data():
+    """The tokenizer is trained on 3,000 conversations of the build's seed: equal vocabularies and merges mean the
+    default config draws the same text as the build that was shipped (cards, off by default, draw nothing)."""
+    shipped = json.loads((store.SHIPPED_DIR / "tokenizer.json").read_text())["model"]
+    rebuilt = json.loads(build_module.make_processor(BuildConfig()).tokenizer.backend_tokenizer.to_str())["model"]
+    assert (rebuilt["vocab"], rebuilt["merges"]) == (shipped["vocab"], shipped["merges"])
+
+
+@pytest.mark.skipif(not store.is_valid(store.SHIPPED_DIR), reason="no testbed shipped in this checkout")
+def test_long_references_are_at_least_128_tokens_of_the_shipped_tokenizer():
+    tokenizer = AutoProcessor.from_pretrained(store.SHIPPED_DIR).tokenizer
+    long = heldout_prompts("long", cards=True)
+    lengths = [len(tokenizer(" " + p.reference, add_special_tokens=False).input_ids) for p in long]
+    assert min(lengths) >= 128
 
 
 def test_object_details_keep_their_order():
@@ -220,11 +266,62 @@ def test_long_descriptions_say_each_detail_kind_at_most_twice_and_never_reuse_a_
 
 
 def test_training_conversations_favour_the_harder_questions():
-    counts = Counter(
-        t.category for c in training_conversations(300, seed=5, image_size=48) for t in c.turns if t.key is not None
-    )
+    convs = list(training_conversations(300, seed=5, image_size=48, card_share=0.2))
+    counts = Counter(t.category for c in convs for t in c.turns if t.key is not None)
     assert counts["colour"] > 2 * counts["count"] and counts["relation"] > counts["shape"]
-    assert set(counts) == set(SHORT_CATEGORIES) == set(TRAIN_WEIGHTS)
+    assert set(counts) == set(SHORT_CATEGORIES + CARD_CATEGORIES) == set(TRAIN_WEIGHTS)
+    assert 30 < sum(c.scene.text is not None for c in convs) < 90
+    assert not any(c.scene.text for c in training_conversations(300, seed=5, image_size=48))  # card_share=0
+
+
+def test_cards_render_their_text_inside_its_box():
+    rng = random.Random(0)
+    for kind in ("digit", "word") * 10:
+        scene = sample_card(rng, kind)
+        image = render_scene(scene, 144)
+        assert scene.text.kind == kind and not scene.objects
+        ink = [(x, y) for x in range(144) for y in range(144) if image.getpixel((x, y)) != (255, 255, 255)]
+        left, top, right, bottom = (round(v * 144) for v in text_box(scene))
+        assert ink and all(left <= x < right and top <= y < bottom for x, y in ink)
+        cells = Counter((y // 16, x // 16) for x, y in ink)  # the image tokens of the 144 px testbed
+        text = scene.text
+        assert set(cells) == {(text.row, text.col + i) for i in range(len(text.characters))}  # one per character
+        r, g, b = (sum(image.getpixel(p)[i] for p in ink) / len(ink) for i in range(3))
+        assert max(abs(a - c) for a, c in zip((r, g, b), COLOURS[scene.text.colour])) <= 12  # the colour jitter
+        assert render_scene(scene, 144).tobytes() == image.tobytes()
+    first, again = (sample_card(random.Random(1), "digit") for _ in range(2))
+    assert first == again  # deterministic in the rng
+    with pytest.raises(ValueError, match="kind"):
+        sample_card(rng, "letter")
+
+
+def test_card_questions_ask_about_the_text_and_shape_questions_skip_cards():
+    rng = random.Random(3)
+    for _ in range(100):
+        card, shapes = sample_card(rng), sample_scene(rng)
+        state = rng.getstate()
+        assert all(short_turn(card, c, rng) is None for c in SHORT_CATEGORIES)
+        assert all(short_turn(shapes, c, rng) is None for c in CARD_CATEGORIES)
+        assert rng.getstate() == state  # a question that does not apply draws nothing
+        other = "word" if card.text.kind == "digit" else "digit"
+        assert short_turn(card, other, rng) is None
+        read, colour = short_turn(card, card.text.kind, rng), short_turn(card, "text_colour", rng)
+        assert read.key == card.text.content and quality.is_correct(read.answer, read.key, OPTIONS[read.category])
+        assert colour.key == card.text.colour and quality.is_correct(colour.answer, colour.key, OPTIONS["colour"])
+        assert card.text.content in caption_turn(card, rng).answer
+        assert quality.reads_text(long_turn(card, rng).answer, card)
+
+
+def test_patch_labels_mark_each_character_of_a_card():
+    scene = sample_card(random.Random(2), "word")
+    text = scene.text
+    labels = patch_labels(scene, 9)  # [81, 4]: one text cell per image token at the testbed's size
+    covered = torch.nonzero(labels[:, 1] > 0).flatten().tolist()
+    assert covered == [9 * text.row + text.col + i for i in range(len(text.content))]
+    assert [CHARACTERS[v - len(SHAPES) - 1] for v in labels[covered, 1].tolist()] == list(text.content)
+    assert set(labels[covered, 0].tolist()) == {list(COLOURS).index(text.colour) + 1}
+    assert set(labels[covered, 2].tolist()) == {0}  # no size
+    assert 1 <= int((patch_labels(scene, 3)[:, 1] > 0).sum()) <= len(text.content)
 
 
 def test_packed_training_blocks_match_single_prompts(tiny_dir):
@@ -262,7 +359,7 @@ def test_packed_training_blocks_match_single_prompts(tiny_dir):
 
 
 def test_patch_labels_mark_object_tokens():
-    conv = sample_conversation(0, 1, with_long=False)
+    conv = next(c for i in range(10) if not (c := sample_conversation(0, i, with_long=False)).scene.text)
     labels = patch_labels(conv.scene, 9)  # [81, 4]
     covered = (labels[:, 0] > 0).view(9, 9)
     for o in conv.scene.objects:
@@ -312,6 +409,10 @@ def test_length_stats_and_object_recall():
     )
     recall, precision = quality.object_recall(f"A {first.colour} {first.shape} and a {absent}.", scene)
     assert (recall, precision) == (pytest.approx(1 / len(scene.objects)), 0.5)
+    card = Scene((), 0, Text("two", "red", 0, 0))
+    assert quality.reads_text("The digit is two. It comes right after one.", card)
+    assert not quality.reads_text("The digit is one. It comes right before two.", card)
+    assert not quality.reads_text("A red digit.", card)
 
 
 def test_export_llava_jsonl(tmp_path):

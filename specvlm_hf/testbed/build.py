@@ -51,6 +51,10 @@ class BuildConfig:
         default=0.3, metadata={"help": "Share of batches whose conversations hold a long description."}
     )
     max_short: int = field(default=10, metadata={"help": "Most short questions per training conversation."})
+    card_share: float = field(
+        default=0.0,
+        metadata={"help": "Share of training conversations about a card with a digit or word (0: shapes only)."},
+    )
     key_weight: float = field(default=5.0, metadata={"help": "Loss weight of answer words that name visual facts."})
     align_weight: float = field(default=1.0, metadata={"help": "Weight of the image-token alignment loss."})
     word_features_until: float = field(
@@ -103,7 +107,7 @@ def make_processor(cfg: BuildConfig) -> LlavaProcessor:
     texts = []
     for i in range(cfg.tokenizer_conversations):
         conv = sample_conversation(
-            cfg.seed, -1 - i, with_long=True, image_size=cfg.image_size
+            cfg.seed, -1 - i, with_long=True, image_size=cfg.image_size, card_share=cfg.card_share
         )  # indices < 0: not trained on
         texts.append("".join(f"USER: {t.question} ASSISTANT: {t.answer}</s>" for t in conv.turns))
     tokenizer = train_tokenizer(texts, cfg.vocab_size)
@@ -179,7 +183,7 @@ def build_testbed(output_dir: str | Path, cfg: BuildConfig | None = None, *, pro
         model.to("cpu", dtype=torch.bfloat16).save_pretrained(tmp)
         processor.save_pretrained(tmp)
         reloaded = LlavaForConditionalGeneration.from_pretrained(tmp, dtype=torch.float32).to(cfg.device).eval()
-        report = quality.quality_report(reloaded, processor, progress=progress)
+        report = quality.quality_report(reloaded, processor, cards=cfg.card_share > 0, progress=progress)
         report["build"] = {
             "config": dataclasses.asdict(cfg),
             "train_steps": stats.steps,

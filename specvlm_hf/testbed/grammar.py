@@ -1,4 +1,5 @@
-"""A stochastic grammar that writes questions, short answers, captions and long descriptions about a `Scene`.
+"""A stochastic grammar that writes questions, short answers, captions and long descriptions about a `Scene`
+(shapes on a grid, or a card with one digit or word).
 
 Every fact has several phrasings, chosen by the caller's `random.Random`, so the text has real entropy; every
 answer is true of the scene, so it can only be predicted from the image. Short questions name an object by its
@@ -13,19 +14,21 @@ import random
 from collections import Counter
 from dataclasses import dataclass
 
-from .scenes import COLOURS, GRID, SHAPES, SIZES, Scene, SceneObject
+from .scenes import COLOURS, DIGITS, GRID, SHAPES, SIZES, TEXT_CELLS, WORDS, Scene, SceneObject, Text
 
-NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+NUMBERS = DIGITS
 ORDINALS = ("first", "second", "third", "fourth")
 POSITIONS = (
     ("top left", "top middle", "top right"),
     ("middle left", "center", "middle right"),
     ("bottom left", "bottom middle", "bottom right"),
 )
-SHORT_CATEGORIES = ("count", "colour", "shape", "position", "size", "exists", "relation")
+SHORT_CATEGORIES = ("count", "colour", "shape", "position", "size", "exists", "relation")  # about shapes
+CARD_CATEGORIES = ("digit", "word", "text_colour")  # about a card's text
 # how often each category is drawn into a training conversation: the lookups by grid cell and the relations
 # need more examples than counting or naming a colour's shape
-TRAIN_WEIGHTS = {"count": 1, "colour": 3, "shape": 1, "position": 2, "size": 2, "exists": 1, "relation": 3}
+TRAIN_WEIGHTS = {"count": 1, "colour": 3, "shape": 1, "position": 2, "size": 2, "exists": 1, "relation": 3,
+                 "digit": 2, "word": 2, "text_colour": 1}  # fmt: skip
 OPTIONS = {
     "count": NUMBERS[1:5],
     "colour": tuple(COLOURS),
@@ -34,6 +37,9 @@ OPTIONS = {
     "size": SIZES,
     "exists": ("yes", "no"),
     "relation": ("yes", "no"),
+    "digit": DIGITS,
+    "word": WORDS,
+    "text_colour": tuple(COLOURS),
 }
 SINGLE_WORD = "Answer with a single word or phrase."
 LONG_QUESTIONS = (
@@ -61,6 +67,10 @@ class Turn:
 
 def _cap(text: str) -> str:
     return text[0].upper() + text[1:]
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
 
 
 def _join(items: list[str]) -> str:
@@ -109,8 +119,50 @@ def _relation_turn(scene: Scene, rng: random.Random) -> Turn | None:
     return _short(rng, "relation", question, key, phrasings)
 
 
+def _card_turn(scene: Scene, category: str, rng: random.Random) -> Turn | None:
+    text = scene.text
+    if category == "text_colour":
+        noun = rng.choice(("text", text.kind))
+        question = rng.choice((f"What colour is the {noun}?", f"In which colour is the {noun} written?"))
+        phrasings = [f"{_cap(text.colour)}.", f"It is written in {text.colour}.", f"The {noun} is {text.colour}."]
+        return _short(rng, category, question, text.colour, phrasings)
+    if category != text.kind:
+        return None
+    if category == "digit":
+        question = rng.choice(
+            (
+                "What digit is shown in the image?",
+                "Which number is written here?",
+                "What number do you see?",
+                "Read the digit in the picture.",
+            )
+        )
+        phrasings = [
+            f"{_cap(text.content)}.",
+            f"It is the digit {text.content}.",
+            f"The number {text.content} is written.",
+        ]
+    else:
+        question = rng.choice(
+            (
+                "What word is written in the image?",
+                "What does the text say?",
+                "Read the word in the picture.",
+                "Which word can you see?",
+            )
+        )
+        phrasings = [f"{_cap(text.content)}.", f"It says {text.content}.", f"The word is {text.content}."]
+    return _short(rng, category, question, text.content, phrasings)
+
+
 def short_turn(scene: Scene, category: str, rng: random.Random) -> Turn | None:
-    """One short question of `category` about the scene, or None when the category does not apply to it."""
+    """One short question of `category` about the scene, or None when the category does not apply to it (a shape
+    question about a card, a card question about shapes, a digit question about a word); None draws nothing
+    from `rng`."""
+    if (scene.text is not None) != (category in CARD_CATEGORIES):
+        return None
+    if scene.text is not None:
+        return _card_turn(scene, category, rng)
     objects = scene.objects
     if category == "count":
         n = NUMBERS[len(objects)]
@@ -182,8 +234,26 @@ def short_turn(scene: Scene, category: str, rng: random.Random) -> Turn | None:
     raise ValueError(f"unknown short category {category!r}")
 
 
+def text_position(text: Text) -> str:
+    """The grid cell (as in `POSITIONS`) under the centre of a card's text."""
+    row = text.row * GRID // TEXT_CELLS
+    col = int((text.col + len(text.characters) / 2) * GRID / TEXT_CELLS)
+    return POSITIONS[row][min(col, GRID - 1)]
+
+
 def caption_turn(scene: Scene, rng: random.Random) -> Turn:
-    """A one-sentence caption naming every object (size, colour, shape) in reading order."""
+    """A one-sentence caption naming every object (size, colour, shape) in reading order, or a card's text."""
+    if scene.text is not None:
+        text = scene.text
+        what, where = f"the {text.kind} {text.content}", text_position(text)
+        caption = rng.choice(
+            (
+                f"{_cap(what)} written in small {text.colour} characters in the {where}.",
+                f"A white canvas with {what} written in {text.colour}.",
+                f"{_cap(_article(text.colour))} {text.colour} {text.kind}, {text.content}, in the {where} of a white canvas.",
+            )
+        )
+        return Turn(rng.choice(CAPTION_QUESTIONS), caption, "caption")
     items = [f"a {o.size} {o.colour} {o.shape}" for o in scene.objects]
     n = len(items)
     head = rng.choice(
@@ -322,8 +392,117 @@ def _shape_counts(scene: Scene) -> str:
     return _join([f"{NUMBERS[c]} {s}{'s' if c > 1 else ''}" for s, c in sorted(counts.items())])
 
 
+_DIGIT_FORMS = (
+    "A zero is drawn as a tall closed oval.",
+    "A one is a single upright stroke with a small flag at its top.",
+    "A two has a curved top and a flat stroke along its base.",
+    "A three is made of two bumps that open towards the left.",
+    "A four has a crossing bar and a tall upright stroke on its right side.",
+    "A five has a flat bar at its top and a round belly at its bottom.",
+    "A six curls down into a closed loop at its bottom.",
+    "A seven has a flat bar at its top and a slanting stroke below it.",
+    "An eight is made of two loops stacked on top of each other.",
+    "A nine has a closed loop at its top and a tail below it.",
+)
+_WORD_MEANINGS = {
+    "cat": "A cat is a small furry animal that likes to sleep.",
+    "owl": "An owl is a bird that hunts at night.",
+    "sun": "The sun is the bright star of the daytime sky.",
+    "box": "A box is a container with flat sides.",
+    "car": "A car is a vehicle with four wheels.",
+    "hat": "A hat is something you wear on your head.",
+    "cow": "A cow is a farm animal that gives milk.",
+    "tree": "A tree is a tall plant with a trunk and leaves.",
+    "fish": "A fish is an animal that lives in water.",
+    "bird": "A bird is an animal with feathers and wings.",
+    "star": "A star is a point of light in the night sky.",
+    "moon": "The moon shines in the sky at night.",
+}
+
+
+def _digit_sentences(content: str, rng: random.Random) -> list[str]:
+    value = DIGITS.index(content)
+    parity = "even" if value % 2 == 0 else "odd"
+    if value == 0:
+        neighbours = "It is the smallest digit, and one comes right after it."
+    elif value == 9:
+        neighbours = "It is the largest digit, and it comes right after eight."
+    else:
+        neighbours = f"It comes right after {DIGITS[value - 1]} and right before {DIGITS[value + 1]}."
+    return [
+        rng.choice((f"The digit is {content}.", f"It is the number {content}, written as a single numeral.")),
+        _DIGIT_FORMS[value],
+        rng.choice((f"{_cap(content)} is an {parity} number.", f"As a number, {content} is {parity}.")),
+        neighbours,
+    ]
+
+
+def _word_sentences(content: str, rng: random.Random) -> list[str]:
+    letters = _join(list(content))
+    return [
+        rng.choice((f"The word is {content}.", f"It spells the word {content}.")),
+        rng.choice(
+            (
+                f"It has {NUMBERS[len(content)]} letters: {letters}.",
+                f"Spelled out, its {NUMBERS[len(content)]} letters are {letters}.",
+            )
+        ),
+        f"It begins with the letter {content[0]} and ends with the letter {content[-1]}.",
+        _WORD_MEANINGS[content],
+    ]
+
+
+def _card_long(scene: Scene, rng: random.Random) -> Turn:
+    text = scene.text
+    thing = "a single digit" if text.kind == "digit" else "a single short word"
+    sentences = [
+        rng.choice(
+            (
+                f"The image shows {thing} written on a plain white background.",
+                f"This picture contains no shapes, only {thing} written on a white canvas.",
+            )
+        ),
+        *(_digit_sentences if text.kind == "digit" else _word_sentences)(text.content, rng),
+        rng.choice(
+            (
+                f"It is written in {text.colour}, with thick blocky strokes.",
+                f"The {text.colour} characters are drawn in a pixel font with square corners.",
+            )
+        ),
+        "Every stroke is built from small square blocks, like the text on an old computer screen.",
+        rng.choice(
+            (
+                "The characters are small, so most of the picture stays white.",
+                "The text is printed at a small size, leaving wide white margins around it.",
+            )
+        ),
+        rng.choice(
+            (
+                f"The text sits in the {text_position(text)} of the image.",
+                f"It is placed in the {text_position(text)} part of the picture.",
+            )
+        ),
+        rng.choice(
+            (
+                "There are no shapes or other objects in the picture.",
+                "Apart from the text, the canvas is completely empty.",
+            )
+        ),
+        rng.choice(
+            (
+                f"So the {text.kind} {text.content} is the only thing to read in this image.",
+                f"Nothing else is drawn, so reading the {text.kind} is all there is to do.",
+            )
+        ),
+    ]
+    return Turn(rng.choice(LONG_QUESTIONS), " ".join(sentences), "long")
+
+
 def long_turn(scene: Scene, rng: random.Random) -> Turn:
-    """A detailed description (~150-250 tokens): overview, every object in reading order, relations, summary."""
+    """A detailed description: for shapes (~150-250 tokens) an overview, every object in reading order, relations
+    and a summary; for a card (~130-160 tokens) what is written, its form, colour and place."""
+    if scene.text is not None:
+        return _card_long(scene, rng)
     objects = scene.objects
     n = len(objects)
     noun = rng.choice(("object", "shape"))
@@ -407,7 +586,8 @@ def long_turn(scene: Scene, rng: random.Random) -> Turn:
 def conversation(scene: Scene, rng: random.Random, *, with_long: bool, n_short: int) -> list[Turn]:
     """A multi-turn conversation: up to `n_short` distinct short questions (each category at most its
     `TRAIN_WEIGHTS` times), sometimes a caption, and optionally a long description, in random order."""
-    categories = [c for c in SHORT_CATEGORIES for _ in range(TRAIN_WEIGHTS[c])]
+    applicable = CARD_CATEGORIES if scene.text is not None else SHORT_CATEGORIES
+    categories = [c for c in applicable for _ in range(TRAIN_WEIGHTS[c])]
     rng.shuffle(categories)
     turns = []
     for c in categories:

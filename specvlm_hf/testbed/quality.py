@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from .dataset import TestbedPrompt, heldout_prompts
 from .grammar import OPTIONS
-from .scenes import COLOURS, SHAPES, Scene
+from .scenes import COLOURS, DIGITS, SHAPES, WORDS, Scene
 
 MIN_ACCURACY = 0.85
 MAX_DEGENERATE = 0.10
@@ -72,11 +72,18 @@ def loop_flags(outputs: list, references: list, n: int = LOOP_NGRAM, repeats: in
 
 
 def object_recall(text: str, scene: Scene) -> tuple[float, float]:
-    """(recall, precision) of the "colour shape" pairs that a description names, against the scene's objects."""
+    """(recall, precision) of the "colour shape" pairs that a description names, against the scene's objects
+    (a scene of shapes)."""
     w = words(text)
     named = {(a, b) for a, b in zip(w, w[1:]) if a in COLOURS and b in SHAPES}
     truth = {(o.colour, o.shape) for o in scene.objects}
     return len(named & truth) / len(truth), (len(named & truth) / len(named) if named else 0.0)
+
+
+def reads_text(text: str, scene: Scene) -> bool:
+    """Whether a description of a card names its digit or word before any other digit or word."""
+    named = [w for w in words(text) if w in DIGITS or w in WORDS]
+    return bool(named) and named[0] == scene.text.content
 
 
 @torch.inference_mode()
@@ -132,12 +139,15 @@ def length_stats(generations: list[Generation]) -> dict:
     }
 
 
-def quality_report(model, processor, *, max_long_tokens: int = 300, progress: bool = True) -> dict:
-    """Runs the held-out evaluation (greedy, in the model's dtype) and returns the report with its gates."""
+def quality_report(
+    model, processor, *, cards: bool = False, max_long_tokens: int = 300, progress: bool = True
+) -> dict:
+    """Runs the held-out evaluation (greedy, in the model's dtype) and returns the report with its gates; `cards`
+    adds the digit and word cards (for a testbed built with them)."""
     start = time.perf_counter()
     image_size = processor.image_processor.crop_size["height"]
-    vqa = [p for p in heldout_prompts("short", image_size=image_size) if p.key is not None]
-    long = heldout_prompts("long", image_size=image_size)
+    vqa = [p for p in heldout_prompts("short", image_size=image_size, cards=cards) if p.key is not None]
+    long = heldout_prompts("long", image_size=image_size, cards=cards)
     answers = generate(model, processor, vqa, max_new_tokens=20, progress=progress, desc="held-out VQA")
     images = {p.scene: p.image for p in vqa}  # held-out scenes in order
     scenes = list(images)
@@ -152,8 +162,10 @@ def quality_report(model, processor, *, max_long_tokens: int = 300, progress: bo
     tokens = [d.tokens for d in descriptions]
     flags = [loop or not d.ended for loop, d in zip(loop_flags(tokens, references), descriptions)]
     repeated = loop_flags(tokens, references, repeats=2)
-    recall = [object_recall(d.text, p.scene) for d, p in zip(descriptions, long)]
+    recall = [object_recall(d.text, p.scene) for d, p in zip(descriptions, long) if p.scene.text is None]
+    read = [reads_text(d.text, p.scene) for d, p in zip(descriptions, long) if p.scene.text is not None]
     ref_lengths = [len(r) + 1 for r in references]  # + </s>
+    first_card = next((i for i, p in enumerate(long) if p.scene.text is not None), None)
     overall, swap_overall = scores["overall"], swap["overall"]
     degenerate = sum(flags) / len(flags)
     return {
@@ -172,9 +184,11 @@ def quality_report(model, processor, *, max_long_tokens: int = 300, progress: bo
             "repeated_sentence_share": sum(repeated) / len(repeated),
             "object_recall": statistics.fmean(r for r, _ in recall),
             "object_precision": statistics.fmean(p for _, p in recall),
+            "text_read": sum(read) / len(read) if read else None,
             "examples": [
                 {"question": p.question, "answer": d.text, "reference": p.reference}
-                for p, d in zip(long[:2], descriptions)
+                for i, (p, d) in enumerate(zip(long, descriptions))
+                if i < 2 or i == first_card  # two of shapes, one of a card
             ],
         },
         "gates": {
@@ -192,7 +206,7 @@ def format_report(report: dict) -> str:
     lines = ["held-out VQA (accuracy / image swapped / chance):"]
     for category, row in report["vqa"].items():
         swap = report["image_swap"][category]["accuracy"]
-        lines.append(f"  {category:<9} {row['accuracy']:6.1%} / {swap:6.1%} / {row['chance']:6.1%}  (n={row['n']})")
+        lines.append(f"  {category:<11} {row['accuracy']:6.1%} / {swap:6.1%} / {row['chance']:6.1%}  (n={row['n']})")
     long = report["long"]
     g = long["generated_tokens"]
     lines.append(
@@ -200,6 +214,7 @@ def format_report(report: dict) -> str:
         f"ended with </s> {g['ended_with_eos']:.0%}; in a loop {long['degenerate_share']:.1%} "
         f"(a sentence repeated {long.get('repeated_sentence_share', 0):.1%}); "
         f"objects named {long['object_recall']:.1%} (precision {long['object_precision']:.1%})"
+        + (f"; cards read {long['text_read']:.1%}" if long.get("text_read") is not None else "")
     )
     if "build" in report:
         b = report["build"]

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+import string
 import time
 from dataclasses import dataclass
 
@@ -31,7 +32,9 @@ from tqdm.auto import tqdm
 
 from .dataset import Conversation, sample_conversation
 from .grammar import OPTIONS, POSITIONS
-from .scenes import COLOURS, GRID, RADIUS, SHAPES, SIZES, Scene
+from .scenes import COLOURS, DIGITS, GRID, RADIUS, SHAPES, SIZES, TEXT_CELLS, Scene
+
+CHARACTERS = "0123456789" + string.ascii_lowercase  # what a card's text is drawn with
 
 IGNORE = -100
 
@@ -58,12 +61,20 @@ class Batch:
 def patch_labels(scene: Scene, tokens_per_side: int) -> torch.Tensor:
     """`(tokens_per_side ** 2, 4)` long: per image token (row-major) the colour, shape and size of the object that
     covers it (index + 1, 0 for none) and the grid cell it lies in. A token is covered when its centre lies
-    within the object's radius plus a quarter token."""
+    within the object's radius plus a quarter token. On a card, the token under each character's centre carries
+    the text's colour, no size, and in place of a shape `len(SHAPES) + 1 + CHARACTERS.index(character)`."""
     g = tokens_per_side
     labels = torch.zeros((g, g, 4), dtype=torch.long)
     centres = (torch.arange(g) + 0.5) * GRID / g  # [g]: token centres in cell units
     cells = torch.arange(g) * GRID // g  # [g]: grid row (or column) of each token row (or column)
     labels[..., 3] = cells[:, None] * GRID + cells[None, :]
+    if scene.text is not None:
+        text = scene.text
+        for i, character in enumerate(text.characters):  # the token under each character's centre
+            r, c = int((text.row + 0.5) * g / TEXT_CELLS), int((text.col + i + 0.5) * g / TEXT_CELLS)
+            labels[r, c, :2] = torch.tensor(
+                [list(COLOURS).index(text.colour) + 1, len(SHAPES) + 1 + CHARACTERS.index(character)]
+            )
     for o in scene.objects:
         dist = ((centres[:, None] - o.row - 0.5) ** 2 + (centres[None, :] - o.col - 0.5) ** 2).sqrt()  # [g, g]
         covered = dist <= RADIUS[o.size] + 0.25 * GRID / g
@@ -126,6 +137,7 @@ def make_batch(cfg, step: int, processor, image_seq_length: int) -> Batch:
             with_long=with_long,
             image_size=cfg.image_size,
             max_short=cfg.max_short,
+            card_share=cfg.card_share,
         )
         for i in range(cfg.batch_size)
     ]
@@ -182,12 +194,14 @@ class TrainStats:
 
 def patch_words(scene: Scene, tokens_per_side: int, tokenizer) -> torch.Tensor:
     """`(tokens_per_side ** 2, 5)` long: per image token the ids of the words naming the object that covers it
-    (size, colour, shape; -1 if none) and its grid cell ("top left": two ids; "center": one and -1)."""
+    (size, colour, shape; -1 if none) or the character of a card's text (-1, colour, the digit's name or the
+    letter) and its grid cell ("top left": two ids; "center": one and -1)."""
 
     def word_id(word: str) -> int:
         return tokenizer(" " + word, add_special_tokens=False).input_ids[0]
 
-    sizes, colours, shapes = ([-1] + [word_id(w) for w in ws] for ws in (SIZES, COLOURS, SHAPES))
+    characters = DIGITS + tuple(string.ascii_lowercase)  # the words naming CHARACTERS
+    sizes, colours, shapes = ([-1] + [word_id(w) for w in ws] for ws in (SIZES, COLOURS, SHAPES + characters))
     cells = [([word_id(w) for w in p.split()] + [-1])[:2] for row in POSITIONS for p in row]
     return torch.tensor(
         [
