@@ -130,12 +130,14 @@ def text_box(scene: Scene) -> tuple[float, float, float, float]:
     )
 
 
-def _render_text(image: Image.Image, scene: Scene) -> None:
-    text = scene.text
+def _jittered(colour: str, rng: random.Random) -> tuple[int, int, int]:
+    return tuple(min(255, max(0, c + rng.randint(-_COLOUR_JITTER, _COLOUR_JITTER))) for c in COLOURS[colour])
+
+
+def _render_text(image: Image.Image, text: Text, rng: random.Random) -> None:
     cell = image.size[0] / TEXT_CELLS
     width, height = max(1, round(cell * 6 / 8)), max(1, round(cell * 7 / 8))  # 12 x 14 px at 144 px
-    rng = random.Random(scene.render_seed)
-    fill = tuple(min(255, max(0, c + rng.randint(-_COLOUR_JITTER, _COLOUR_JITTER))) for c in COLOURS[text.colour])
+    fill = _jittered(text.colour, rng)
     for i, character in enumerate(text.characters):
         mask = _glyph(character).resize((width, height), Image.Resampling.NEAREST)
         x = round((text.col + i) * cell + (cell - width) / 2)
@@ -148,7 +150,7 @@ def render_scene(scene: Scene, image_size: int) -> Image.Image:
     rng = random.Random(scene.render_seed)
     image = Image.new("RGB", (image_size, image_size), (255, 255, 255))
     if scene.text is not None:
-        _render_text(image, scene)
+        _render_text(image, scene.text, rng)
         return image
     draw = ImageDraw.Draw(image)
     cell = image_size / GRID
@@ -156,7 +158,7 @@ def render_scene(scene: Scene, image_size: int) -> Image.Image:
         cx = (obj.col + 0.5 + rng.uniform(-_JITTER, _JITTER)) * cell
         cy = (obj.row + 0.5 + rng.uniform(-_JITTER, _JITTER)) * cell
         r = RADIUS[obj.size] * cell
-        fill = tuple(min(255, max(0, c + rng.randint(-_COLOUR_JITTER, _COLOUR_JITTER))) for c in COLOURS[obj.colour])
+        fill = _jittered(obj.colour, rng)
         if obj.shape == "circle":
             draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
         elif obj.shape == "square":

@@ -71,6 +71,13 @@ def verify(directory: str | Path) -> dict:
     return manifest
 
 
+def build_config(directory: str | Path) -> dict:
+    """The `BuildConfig` (as a dict) recorded in a testbed's manifest; empty when there is no manifest or it
+    records none."""
+    path = Path(directory) / MANIFEST
+    return json.loads(path.read_text()).get("build", {}).get("config", {}) if path.is_file() else {}
+
+
 def is_valid(directory: str | Path) -> bool:
     try:
         verify(directory)

@@ -200,7 +200,7 @@ def patch_words(scene: Scene, tokens_per_side: int, tokenizer) -> torch.Tensor:
     def word_id(word: str) -> int:
         return tokenizer(" " + word, add_special_tokens=False).input_ids[0]
 
-    characters = DIGITS + tuple(string.ascii_lowercase)  # the words naming CHARACTERS
+    characters = tuple(DIGITS[int(c)] if c.isdigit() else c for c in CHARACTERS)  # a digit by its name
     sizes, colours, shapes = ([-1] + [word_id(w) for w in ws] for ws in (SIZES, COLOURS, SHAPES + characters))
     cells = [([word_id(w) for w in p.split()] + [-1])[:2] for row in POSITIONS for p in row]
     return torch.tensor(
