@@ -79,6 +79,8 @@ def test_tiny_build_round_trips_through_from_pretrained(tiny_dir):
 def test_tiny_build_with_cards_reports_reading_and_draft_data_follows_it(tmp_path, monkeypatch):
     from specvlm_hf.training.cli import _testbed_rows
 
+    with pytest.raises(ValueError, match="card_share"):
+        BuildConfig.tiny(card_share=20)  # a percentage where a share is meant
     build_testbed(tmp_path / "tb", BuildConfig.tiny(card_share=0.5), progress=False)
     report = json.loads((tmp_path / "tb" / "quality.json").read_text())
     assert {"digit", "word", "text_colour"} <= set(report["vqa"]) and report["vqa"]["digit"]["n"] == 20
@@ -432,5 +434,8 @@ def test_cli_path_and_tiny_build(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv(store.ENV_VAR, str(tmp_path / "tb"))
     assert main(["testbed", "path"]) == 0
     assert "not built yet" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="card_share .* got 20.0"):
+        main(["testbed", "build", "--tiny", "--output", str(tmp_path / "tb"), "--card-share", "20"])
+    assert not (tmp_path / "tb").exists()
     assert main(["testbed", "build", "--tiny", "--quiet", "--output", str(tmp_path / "tb"), "--steps", "2"]) == 0
     assert verify(tmp_path / "tb")["build"]["train_steps"] == 2

@@ -100,6 +100,8 @@ class BuildConfig:
             )
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError(f"steps and batch_size must be positive, got {self.steps} and {self.batch_size}")
+        if not 0.0 <= self.card_share <= 1.0:
+            raise ValueError(f"card_share is a share of the conversations, in [0, 1], got {self.card_share}")
 
 
 def make_processor(cfg: BuildConfig) -> LlavaProcessor:

@@ -53,7 +53,10 @@ def _build(args: argparse.Namespace) -> int:
 
     sizes = {name: getattr(args, name) for name in _SIZE_FLAGS if getattr(args, name) is not None}
     common = dict(seed=args.seed, device=args.device, **sizes)
-    cfg = BuildConfig.tiny(**common) if args.tiny else BuildConfig(**common)
+    try:
+        cfg = BuildConfig.tiny(**common) if args.tiny else BuildConfig(**common)
+    except ValueError as err:  # a bad option: say which, without a traceback
+        raise SystemExit(f"specvlm-hf testbed build: {err}") from None
     output = args.output or default_cache_dir()
     build_testbed(output, cfg, progress=not args.quiet)
     print(format_report(json.loads((output / "quality.json").read_text())))
