@@ -514,18 +514,18 @@ def test_gpu_check_miniature_runs_on_cpu(tmp_path):
 def test_assistant_trains_on_answers_and_assists_losslessly(tiny_testbed, tmp_path):
     from specvlm_hf.benchmark.assistant_lm import (
         AssistantConfig,
+        assistant_conversations,
         build_assistant,
         encode_conversation,
         image_token_count,
         load_assistant,
         read_record,
-        testbed_conversations,
     )
     from specvlm_hf.benchmark.methods import HFAssisted
     from specvlm_hf.benchmark.prompts import Prompt
 
     target, processor = tiny_testbed
-    conversations = testbed_conversations(4, seed=1)
+    conversations = assistant_conversations(4, seed=1)
     image_tokens = image_token_count(processor)
     encoded = encode_conversation(processor, image_tokens, conversations[0], max_length=4096)
     ids, labels = encoded["input_ids"], encoded["labels"]

@@ -84,11 +84,15 @@ def default_assistant_dir(tokenizer) -> Path:
     return root / "specvlm_hf" / "assistant" / tokenizer_fingerprint(tokenizer)
 
 
-def testbed_conversations(n: int, seed: int) -> list[Conversation]:
-    """`n` conversations of the testbed's training distribution (`seed` other than the testbed's own)."""
+def assistant_conversations(n: int, seed: int, testbed_dir: str | Path | None = None) -> list[Conversation]:
+    """`n` conversations of the training distribution of the testbed at `testbed_dir` (default: the resolved one),
+    with its share of digit and word cards; `seed` other than the testbed's own."""
     from ..testbed.dataset import training_conversations
+    from ..testbed.store import build_config, resolve
 
-    return [(True, [(t.question, t.answer) for t in conv.turns]) for conv in training_conversations(n, seed)]
+    card_share = build_config(resolve(testbed_dir)[0]).get("card_share", 0.0)
+    conversations = training_conversations(n, seed, card_share=card_share)
+    return [(True, [(t.question, t.answer) for t in conv.turns]) for conv in conversations]
 
 
 def image_token_count(processor) -> int:
@@ -276,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     config = AssistantConfig(**{k: getattr(args, k) for k in AssistantConfig.__dataclass_fields__})
     target, processor = load_testbed(args.testbed)
     output = args.output or default_assistant_dir(processor.tokenizer)
-    build_assistant(target, processor, testbed_conversations(config.conversations, config.seed), output, config)
+    conversations = assistant_conversations(config.conversations, config.seed, args.testbed)
+    build_assistant(target, processor, conversations, output, config)
     return 0
 
 

@@ -92,11 +92,11 @@ def load_resources(config: BenchmarkConfig) -> Resources:
 def _assistant(config: BenchmarkConfig, target, processor):
     from .assistant_lm import (
         AssistantConfig,
+        assistant_conversations,
         build_assistant,
         default_assistant_dir,
         load_assistant,
         read_record,
-        testbed_conversations,
     )
 
     path = config.assistant or default_assistant_dir(processor.tokenizer)
@@ -106,7 +106,7 @@ def _assistant(config: BenchmarkConfig, target, processor):
         settings = AssistantConfig()
         logger.warning("training the hf-assisted model (at most %.0f s) into %s", settings.time_budget_s, path)
         build_assistant(
-            target, processor, testbed_conversations(settings.conversations, settings.seed), path, settings
+            target, processor, assistant_conversations(settings.conversations, settings.seed), path, settings
         )
     assistant = load_assistant(path, target, dtype=config.torch_dtype)
     return assistant, _describe(assistant, str(path), training=read_record(path))
