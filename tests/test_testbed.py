@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import shutil
@@ -76,7 +77,8 @@ def test_tiny_build_round_trips_through_from_pretrained(tiny_dir):
     assert set(report) >= {"vqa", "image_swap", "long", "gates", "build"}
 
 
-def test_tiny_build_with_cards_reports_reading_and_draft_data_follows_it(tmp_path, monkeypatch):
+def test_tiny_build_with_cards_reports_reading_and_draft_and_assistant_data_follow_it(tmp_path, monkeypatch):
+    from specvlm_hf.benchmark.assistant_lm import assistant_conversations
     from specvlm_hf.training.cli import _testbed_rows
 
     with pytest.raises(ValueError, match="card_share"):
@@ -89,6 +91,10 @@ def test_tiny_build_with_cards_reports_reading_and_draft_data_follows_it(tmp_pat
     monkeypatch.setenv(store.ENV_VAR, str(tmp_path / "tb"))
     rows, _ = _testbed_rows(tmp_path / "draft", 20, seed=1)  # the draft's data comes with cards too
     assert any("only a single" in a or "single digit" in a for r in rows for _, a in r.turns)
+    for testbed in (None, tmp_path / "tb"):  # the resolved testbed, or one named
+        conversations = assistant_conversations(20, seed=1, testbed_dir=testbed)
+        questions = [q.split("\n")[0] for _, turns in conversations for q, _ in turns]
+        assert any(w in q for q in questions for w in ("digit", "word", "text"))  # never in a shape question
 
 
 def test_build_is_reproducible_from_its_seed(tiny_dir, tmp_path):
@@ -214,8 +220,9 @@ def test_heldout_prompts_cover_kinds_and_long_answers_are_long():
 
 @pytest.mark.skipif(not store.is_valid(store.SHIPPED_DIR), reason="no testbed shipped in this checkout")
 def test_the_default_config_still_draws_the_shipped_builds_data():
-    """The tokenizer is trained on 3,000 conversations of the build's seed: equal vocabularies and merges mean the
-    default config draws the same text as the build that was shipped (cards, off by default, draw nothing)."""
+    """The default config is the shipped build's recipe, and the tokenizer, trained on 3,000 conversations of the
+    build's seed, comes out equal: the default config draws the same text (shapes and cards) as that build."""
+    assert store.build_config(store.SHIPPED_DIR) == dataclasses.asdict(BuildConfig())
     shipped = json.loads((store.SHIPPED_DIR / "tokenizer.json").read_text())["model"]
     rebuilt = json.loads(build_module.make_processor(BuildConfig()).tokenizer.backend_tokenizer.to_str())["model"]
     assert (rebuilt["vocab"], rebuilt["merges"]) == (shipped["vocab"], shipped["merges"])
