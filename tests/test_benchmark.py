@@ -525,7 +525,7 @@ def test_assistant_trains_on_answers_and_assists_losslessly(tiny_testbed, tmp_pa
     from specvlm_hf.benchmark.prompts import Prompt
 
     target, processor = tiny_testbed
-    conversations = assistant_conversations(4, seed=1)
+    conversations = assistant_conversations(4, seed=1, testbed_dir=target.name_or_path)
     image_tokens = image_token_count(processor)
     encoded = encode_conversation(processor, image_tokens, conversations[0], max_length=4096)
     ids, labels = encoded["input_ids"], encoded["labels"]

@@ -91,10 +91,10 @@ def test_tiny_build_with_cards_reports_reading_and_draft_and_assistant_data_foll
     monkeypatch.setenv(store.ENV_VAR, str(tmp_path / "tb"))
     rows, _ = _testbed_rows(tmp_path / "draft", 20, seed=1)  # the draft's data comes with cards too
     assert any("only a single" in a or "single digit" in a for r in rows for _, a in r.turns)
-    for testbed in (None, tmp_path / "tb"):  # the resolved testbed, or one named
-        conversations = assistant_conversations(20, seed=1, testbed_dir=testbed)
+    for testbed, cards in ((None, True), (tmp_path / "tb", True), (tmp_path / "no-manifest", False)):
+        conversations = assistant_conversations(20, seed=1, testbed_dir=testbed)  # None: the resolved testbed
         questions = [q.split("\n")[0] for _, turns in conversations for q, _ in turns]
-        assert any(w in q for q in questions for w in ("digit", "word", "text"))  # never in a shape question
+        assert any(w in q for q in questions for w in ("digit", "word", "text")) == cards  # never about shapes
 
 
 def test_build_is_reproducible_from_its_seed(tiny_dir, tmp_path):
