@@ -362,6 +362,18 @@ def test_select_prompts_mixes_kinds():
     assert [p.id for p in select_prompts(prompts, None, "long")] == ["l0"]
 
 
+def test_testbed_prompt_sources_split_shapes_from_cards():
+    from specvlm_hf.benchmark.prompts import load_prompts
+    from specvlm_hf.testbed import heldout_prompts
+
+    shapes, cards = load_prompts("testbed"), load_prompts("testbed-cards")
+    assert [(p.id, p.question) for p in shapes] == [
+        (f"heldout:{i}", p.question) for i, p in enumerate(heldout_prompts())
+    ]
+    assert len({p.id for p in cards}) == len(cards) == len(heldout_prompts(cards=True)) - len(shapes)
+    assert all("digit" in p.reference or "word" in p.reference for p in cards if p.kind == "long")
+
+
 def test_tree_calibration_prefers_long_answers():
     from specvlm_hf.benchmark.runner import select_prompt_sets
 

@@ -74,7 +74,8 @@ class BenchmarkConfig:
     prompts: str | None = field(
         default=None,
         metadata={
-            "help": "JSONL file, saved dataset dir or datasets:NAME[:SPLIT]; without it the testbed's held-out set."
+            "help": "JSONL file, saved dataset dir, datasets:NAME[:SPLIT] or testbed-cards (the testbed's held-out "
+            "digit and word cards); without it the testbed's held-out shape scenes."
         },
     )
     image_root: str | None = field(

@@ -103,15 +103,16 @@ def select_prompts(prompts: Sequence[Prompt], n: int | None, kind: str | None = 
 def load_prompts(source: str | None = None, *, image_root: str | Path | None = None) -> list[Prompt]:
     """
     Args:
-        source (`str`, *optional*): `None` or "testbed" (the testbed's held-out set), a `.jsonl` file, a folder
-            holding a dataset saved with `save_to_disk`, or `"datasets:NAME[:SPLIT]"` (`datasets.load_dataset`).
+        source (`str`, *optional*): `None` or "testbed" (the testbed's held-out shape scenes), "testbed-cards"
+            (its held-out digit and word cards), a `.jsonl` file, a folder holding a dataset saved with
+            `save_to_disk`, or `"datasets:NAME[:SPLIT]"` (`datasets.load_dataset`).
         image_root (`str` or `Path`, *optional*): folder JSONL image paths are relative to (default: the file's).
 
     Raises:
         `PromptFileError` naming every bad row (line numbers for JSONL), `FileNotFoundError` for a missing source.
     """
-    if source in (None, "testbed"):
-        return testbed_prompts()
+    if source in (None, "testbed", "testbed-cards"):
+        return heldout_set(cards=source == "testbed-cards")
     if source.startswith(DATASET_PREFIX):
         name, _, split = source[len(DATASET_PREFIX) :].partition(":")
         from datasets import load_dataset
@@ -130,13 +131,16 @@ def load_prompts(source: str | None = None, *, image_root: str | Path | None = N
     return jsonl_prompts(path, image_root=image_root)
 
 
-def testbed_prompts() -> list[Prompt]:
-    """The testbed's fixed held-out prompts, rendered with the testbed's own chat messages."""
+def heldout_set(*, cards: bool = False) -> list[Prompt]:
+    """The testbed's fixed held-out prompts about shape scenes, or with `cards` those about its digit and word
+    cards, rendered with the testbed's own chat messages. Ids index `heldout_prompts(cards=True)`, where the cards
+    follow the shape scenes, so a prompt keeps its id either way."""
     from ..testbed import heldout_prompts
 
     return [
         Prompt(f"heldout:{i}", p.question, p.image, p.kind, p.reference, tuple(p.messages()))
-        for i, p in enumerate(heldout_prompts())
+        for i, p in enumerate(heldout_prompts(cards=True))
+        if (p.scene.text is not None) == cards
     ]
 
 
