@@ -36,7 +36,7 @@ class BuildConfig:
     """Everything a build depends on: the same config gives the same data, tokenizer and training order (tiny builds
     are byte-identical; full CPU builds drift in the last bits of the weights, see the README).
 
-    The defaults are the shipped build (20% digit and word cards, 4,200 steps) and take 38 minutes on 2 CPU cores;
+    The defaults are the shipped build (20% digit and word cards, 4,200 steps) and take 38-41 minutes on 2 CPU cores;
     no shorter recipe with cards has passed the VQA gate (see the README). `card_share=0, steps=2100` is the
     earlier shapes-only build (20 minutes). Short builds vary a lot with the seed. Raise `steps`, `batch_size`
     and the sizes on a GPU.

@@ -21,7 +21,7 @@ def register(subparsers) -> None:
 
     build = commands.add_parser(
         "build",
-        help="train the testbed from scratch (about 38 minutes on 2 CPU cores)",
+        help="train the testbed from scratch (about 40 minutes on 2 CPU cores)",
         description=f"Trains the testbed and writes it atomically. Default output: {default_cache_dir()} "
         f"($XDG_CACHE_HOME honoured); the copy shipped in the package lives in {SHIPPED_DIR}.",
     )

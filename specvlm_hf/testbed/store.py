@@ -148,7 +148,7 @@ def shipped_companion(kind: str, testbed_dir: str | Path) -> Path | None:
 
 def load_testbed(path: str | Path | None = None, *, build_if_missing: bool = True, dtype: torch.dtype = torch.float32,
                  device: str | torch.device | None = None):  # fmt: skip
-    """Loads the testbed target and processor, building it first (about 38 minutes on 2 CPU cores) where the
+    """Loads the testbed target and processor, building it first (about 40 minutes on 2 CPU cores) where the
     resolved directory holds no valid testbed and `build_if_missing` allows it.
 
     Args:
