@@ -88,10 +88,9 @@ def assistant_conversations(n: int, seed: int, testbed_dir: str | Path | None = 
     """`n` conversations of the training distribution of the testbed at `testbed_dir` (default: the resolved one),
     with its share of digit and word cards; `seed` other than the testbed's own."""
     from ..testbed.dataset import training_conversations
-    from ..testbed.store import build_config, resolve
+    from ..testbed.store import card_share, resolve
 
-    card_share = build_config(resolve(testbed_dir)[0]).get("card_share", 0.0)
-    conversations = training_conversations(n, seed, card_share=card_share)
+    conversations = training_conversations(n, seed, card_share=card_share(resolve(testbed_dir)[0]))
     return [(True, [(t.question, t.answer) for t in conv.turns]) for conv in conversations]
 
 

@@ -7,7 +7,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from .store import SHIPPED_DIR, TestbedError, build_config, default_cache_dir, resolve, verify
+from .store import SHIPPED_DIR, TestbedError, card_share, default_cache_dir, resolve, verify
 
 _SIZE_FLAGS = ("steps", "batch_size", "lr", "hidden_size", "text_layers", "attention_heads", "kv_heads",
                "intermediate_size", "vision_hidden_size", "image_size", "patch_size", "threads", "card_share")  # fmt: skip
@@ -70,7 +70,7 @@ def _report(args: argparse.Namespace) -> int:
 
     directory = args.directory or resolve()[0]
     model, processor = load_testbed(directory, build_if_missing=False)
-    report = quality_report(model, processor, cards=build_config(directory).get("card_share", 0.0) > 0)
+    report = quality_report(model, processor, cards=card_share(directory) > 0)
     print(format_report(report))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")

@@ -78,6 +78,12 @@ def build_config(directory: str | Path) -> dict:
     return json.loads(path.read_text()).get("build", {}).get("config", {}) if path.is_file() else {}
 
 
+def card_share(directory: str | Path) -> float:
+    """The share of digit and word cards in the training data of the testbed at `directory` (0 without a
+    manifest): what the draft's and the assistant's data and the quality report follow."""
+    return build_config(directory).get("card_share", 0.0)
+
+
 def is_valid(directory: str | Path) -> bool:
     try:
         verify(directory)

@@ -83,15 +83,15 @@ def _testbed_rows(output: Path, n: int, seed: int):
     image files + JSONL under `output/data`, written once; with digit and word cards if the testbed was built
     with them."""
     from ..testbed import resolve, training_conversations
-    from ..testbed.store import build_config
+    from ..testbed.store import card_share
     from .data import ConversationRow, read_llava_jsonl
     from .selfdistill import write_llava_jsonl
 
     path = output / "data" / "data.jsonl"
     if not path.exists():
         (output / "data" / "images").mkdir(parents=True, exist_ok=True)
-        rows, card_share = [], build_config(resolve()[0]).get("card_share", 0.0)
-        for index, conv in enumerate(training_conversations(n, seed, long_fraction=0.7, card_share=card_share)):
+        rows, share = [], card_share(resolve()[0])
+        for index, conv in enumerate(training_conversations(n, seed, long_fraction=0.7, card_share=share)):
             image = output / "data" / "images" / f"{index:06d}.png"
             conv.image.save(image)
             long = [t for t in conv.turns if t.category in ("long", "caption")]
