@@ -15,12 +15,3 @@ CACHE_KWARG = "cache" if TRANSFORMERS_VERSION >= version.parse("5.24.0.dev0") el
 
 def transformers_in_tested_range() -> bool:
     return MIN_TRANSFORMERS <= TRANSFORMERS_VERSION < MAX_TRANSFORMERS
-
-
-def require_tested_transformers() -> None:
-    """The `generate()` integration patches private hooks whose signatures are only checked in the tested range."""
-    if not transformers_in_tested_range():
-        raise RuntimeError(
-            f"specvlm_hf's generate() integration is tested with transformers >={MIN_TRANSFORMERS},<{MAX_TRANSFORMERS}; "
-            f"found {transformers.__version__}. Install a tested version."
-        )

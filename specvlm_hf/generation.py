@@ -7,20 +7,21 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache, GenerationConfig
-from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria, StoppingCriteriaList
+from transformers.generation.stopping_criteria import StoppingCriteriaList
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from ._compat import CACHE_KWARG, require_tested_transformers
+from ._compat import CACHE_KWARG
 from .adapters import get_adapter
 from .cache import check_cache, commit_accepted
 from .drafter import DraftSource, DraftState
 from .metrics import SpeculativeStats
-from .tree import tree_attention_mask
-from .verify import accept_greedy, accept_sampling, process_tree_logits
+from .tree import DraftTree, build_tree, tree_attention_mask
+from .verify import accept_greedy, accept_node, accept_sampling, is_history_free
 
 # model_kwargs that generate() hands to a decoding method and that the loop understands. Anything else would change
 # what the target computes in ways the loop does not reproduce, so it is refused by name.
@@ -76,6 +77,16 @@ class _Clock:
             self.totals[phase] += self.now() - since
 
 
+# Speculative options of transformers' own assisted decoding, with the values that mean "unset". A specvlm draft
+# drafts with its tree knobs instead, so a changed value would be ignored: it is refused by name.
+_STOCK_SPECULATIVE_OPTIONS = {
+    "prompt_lookup_num_tokens": None, "max_matching_ngram_size": None, "num_assistant_tokens": 20,
+    "num_assistant_tokens_schedule": "constant", "assistant_confidence_threshold": 0.4, "assistant_lookbehind": 10,
+    "target_lookbehind": 10, "assistant_early_exit": None, "assistant_ensemble_weight": None, "use_mtp": None,
+    "speculation_type": None,
+}  # fmt: skip
+
+
 def _check_request(target, input_ids, generation_config: GenerationConfig, model_kwargs: dict) -> None:
     if input_ids.shape[0] != 1:
         raise ValueError(f"Tree speculative decoding supports batch size 1, got a batch of {input_ids.shape[0]}.")
@@ -88,40 +99,98 @@ def _check_request(target, input_ids, generation_config: GenerationConfig, model
     for flag in ("output_attentions", "output_hidden_states"):
         if getattr(generation_config, flag, False):
             raise ValueError(f"Tree speculative decoding does not return {flag.split('_', 1)[1]}; unset `{flag}`.")
-    if generation_config.max_length <= input_ids.shape[1]:
+    if not generation_config.use_cache:
         raise ValueError(
-            f"Nothing to generate: max_length={generation_config.max_length} but the prompt has "
-            f"{input_ids.shape[1]} tokens (set max_new_tokens >= 1)."
+            "Tree speculative decoding verifies against the target's KV cache; use_cache=False is not supported "
+            "(drop it, or drop assistant_model to decode without a cache)."
         )
+    for name, unset in _STOCK_SPECULATIVE_OPTIONS.items():
+        value = getattr(generation_config, name, unset)
+        if value is not None and value != unset:
+            raise ValueError(
+                f"`{name}={value!r}` configures transformers' own assisted decoding, which a specvlm_hf draft "
+                "replaces; drop it (the tree's size is set with depth / tree_top_k / total_tokens)."
+            )
+
+
+def _target_cache(model_kwargs: dict):
+    """The cache `generate()` prepared (or the caller passed, possibly empty), else a new `DynamicCache`."""
+    for key in (CACHE_KWARG, "cache", "past_key_values"):
+        if model_kwargs.get(key) is not None:
+            cache = model_kwargs[key]
+            break
+    else:
+        cache = DynamicCache()
+    if cache.get_seq_length() > 0:
+        raise ValueError("Tree speculative decoding starts from an empty cache; do not pass a pre-filled cache.")
+    check_cache(cache)
+    return cache
 
 
 class _Emitter:
-    """Appends accepted tokens one by one and stops exactly where plain decoding would (EOS, max_length, criteria)."""
+    """
+    Appends the target's tokens one at a time, exactly as plain decoding (`GenerationMixin._sample`) does per token:
+    record scores and logits, append the token, call every stopping criterion with `(input_ids, scores)`, stream it.
+    """
 
-    def __init__(self, input_ids, generation_config: GenerationConfig, stopping_criteria: StoppingCriteriaList):
-        eos = generation_config.eos_token_id
-        self.eos = set([eos] if isinstance(eos, int) else (eos or []))
-        self.max_length = generation_config.max_length
-        self.criteria = StoppingCriteriaList(
-            c for c in stopping_criteria if not isinstance(c, (MaxLengthCriteria, EosTokenCriteria))
-        )
-        self.tokens = input_ids[0].tolist()
+    def __init__(self, input_ids, stopping_criteria: StoppingCriteriaList, generation_config, streamer=None):
+        self.input_ids = input_ids  # [1, seq_len], a new tensor per token as in plain decoding
+        self.criteria = stopping_criteria
+        keep = generation_config.return_dict_in_generate
+        self.scores = () if keep and generation_config.output_scores else None
+        self.logits = () if keep and generation_config.output_logits else None
+        self.streamer = streamer
         self.finished = False
 
-    def emit(self, candidates: list[int], scores: torch.Tensor) -> list[int]:
-        """Appends a prefix of `candidates` (scores row i produced token i) and returns it."""
-        emitted = []
-        for i, token in enumerate(candidates):
-            emitted.append(token)
-            self.tokens.append(token)
-            if token in self.eos or len(self.tokens) >= self.max_length:
-                self.finished = True
-            elif self.criteria:
-                ids = torch.tensor([self.tokens], device=scores.device)
-                self.finished = bool(self.criteria(ids, scores[i : i + 1]).any())
-            if self.finished:
+    def emit(self, token: int, scores: torch.Tensor, logits: torch.Tensor) -> bool:
+        """Appends `token` (chosen from `scores`, both `[1, V]`); returns True once a stopping criterion fires."""
+        if self.scores is not None:
+            self.scores += (scores.clone(),)
+        if self.logits is not None:
+            self.logits += (logits.clone(),)
+        new = self.input_ids.new_full((1, 1), token)
+        self.input_ids = torch.cat([self.input_ids, new], dim=-1)
+        self.finished = bool(self.criteria(self.input_ids, self.scores).all())
+        if self.streamer is not None:
+            self.streamer.put(new[0].cpu())
+        return self.finished
+
+
+def walk_tree(tree: DraftTree, logits: torch.Tensor, emitter: _Emitter, logits_processor, do_sample: bool):
+    """
+    Emits the target's tokens along the tree: the accepted drafts, then the bonus token, until a stopping criterion
+    fires. Returns the nodes whose processed scores chose the emitted tokens (root first): the accepted path, cut
+    where generation stopped.
+
+    With history-free processors all nodes are processed at once and accepted by `accept_greedy` /
+    `accept_sampling`. Otherwise the processors are called once per emitted token on that token's history, as plain
+    decoding calls them, and `accept_node` takes one node at a time.
+
+    Args:
+        logits (`torch.FloatTensor` of shape `(num_nodes, vocab_size)`): the target's logits at each node.
+    """
+    nodes = []
+    if is_history_free(logits_processor):
+        scores = logits_processor(emitter.input_ids, logits)  # [N, V]
+        if do_sample:
+            acceptance = accept_sampling(tree, torch.softmax(scores, dim=-1))
+        else:
+            acceptance = accept_greedy(tree, scores.argmax(dim=-1))
+        tokens = [tree.token_list[node] for node in acceptance.path[1:]] + [acceptance.next_token]
+        for node, token in zip(acceptance.path, tokens):
+            nodes.append(node)
+            if emitter.emit(token, scores[node : node + 1], logits[node : node + 1]):
                 break
-        return emitted
+        return nodes
+    node = 0
+    while node is not None:
+        scores = logits_processor(emitter.input_ids, logits[node : node + 1])  # [1, V]
+        child, token = accept_node(tree, node, scores[0], do_sample)
+        nodes.append(node)
+        if emitter.emit(token, scores, logits[node : node + 1]):
+            break
+        node = child
+    return nodes
 
 
 def tree_decoding(
@@ -143,50 +212,34 @@ def tree_decoding(
         draft_source (`DraftSource`): makes the `Drafter` (a bound `SpecVLMDraftModel`, `draft.with_tree(...)`, ...).
 
     Returns:
-        `torch.LongTensor` of shape `(1, seq_len)`, or `SpeculativeDecoderOutput` if `return_dict_in_generate`.
+        `torch.LongTensor` of shape `(1, seq_len)`, or `SpeculativeDecoderOutput` if `return_dict_in_generate`. The
+        returned cache holds every position but the last, as plain decoding's does.
     """
     _check_request(target, input_ids, generation_config, model_kwargs)
     adapter = get_adapter(target)
     adapter.check_attention()
-    cache = model_kwargs.get(CACHE_KWARG) or model_kwargs.get("cache") or model_kwargs.get("past_key_values")
-    cache = cache if cache is not None else DynamicCache()
-    if cache.get_seq_length() > 0:
-        raise ValueError("Tree speculative decoding starts from an empty cache; do not pass a pre-filled cache.")
+    cache = _target_cache(model_kwargs)
     drafter = draft_source.new_drafter(target)
     clock = _Clock(draft_source.speculative_config.profile, input_ids.device)
     do_sample = bool(generation_config.do_sample)
-    keep_scores, keep_logits = generation_config.output_scores, generation_config.output_logits
-    all_scores, all_logits = [], []
+    emitter = _Emitter(input_ids, stopping_criteria, generation_config, streamer)
     stats = SpeculativeStats()
-    emitter = _Emitter(input_ids, generation_config, stopping_criteria)
-
-    def choose(scores: torch.Tensor) -> int:  # scores [1, V] -> the target's own next token
-        if do_sample:
-            return int(torch.multinomial(torch.softmax(scores, dim=-1), 1))
-        return int(scores.argmax(dim=-1))
+    device = input_ids.device
 
     # Prefill: the target encodes the prompt (visual tokens scattered in) and picks the first token.
     embeds = adapter.embed(input_ids, adapter.image_features(model_kwargs))  # [1, prompt_len, h]
     prompt_len = input_ids.shape[1]
-    positions = torch.arange(prompt_len, device=input_ids.device)[None]
+    positions = torch.arange(prompt_len, device=device)[None]
     features = adapter.forward(embeds, positions, cache)  # [1, prompt_len, h]
-    check_cache(cache)
-    logits = adapter.logits(features[:, -1])  # [1, V]
-    scores = logits_processor(input_ids, logits)
-    emitted = emitter.emit([choose(scores)], scores)
+    root_only = build_tree(input_ids[0, -1:], [-1])
+    walk_tree(root_only, adapter.logits(features[:, -1]), emitter, logits_processor, do_sample)
     stats.target_forwards += 1
-    if keep_scores:
-        all_scores.append(scores)
-    if keep_logits:
-        all_logits.append(logits)
-    if streamer is not None:
-        streamer.put(torch.tensor(emitted))
 
     # Draft position t pairs the target's input embedding at t+1 with its feature at t.
-    first = adapter.embed_tokens(torch.tensor([emitted], device=input_ids.device))
+    first = adapter.embed_tokens(emitter.input_ids[:, -1:])
     image_slots = input_ids[0] == adapter.image_token_id
     state = DraftState(
-        input_ids=torch.tensor([emitter.tokens], device=input_ids.device),
+        input_ids=emitter.input_ids,
         inputs_embeds=torch.cat([embeds[:, 1:], first], dim=1),
         features=features,
         position_ids=positions,
@@ -197,7 +250,7 @@ def tree_decoding(
         step_start = clock.now()
         tree = drafter.propose(state)
         clock.add("draft", step_start)
-        root_position = len(emitter.tokens) - 1  # = target cache length; the root is not cached yet
+        root_position = emitter.input_ids.shape[1] - 1  # = target cache length; the root is not cached yet
 
         verify_start = clock.now()
         tree_embeds = adapter.embed_tokens(tree.tokens)[None]  # [1, N, h]
@@ -206,47 +259,30 @@ def tree_decoding(
         tree_logits = adapter.logits(tree_features[0])  # [N, V]
         clock.add("verify", verify_start)
 
-        history = torch.tensor([emitter.tokens], device=input_ids.device)
-        tree_scores = process_tree_logits(logits_processor, history, tree, tree_logits)
-        if do_sample:
-            acceptance = accept_sampling(tree, torch.softmax(tree_scores, dim=-1))
-        else:
-            acceptance = accept_greedy(tree, tree_scores.argmax(dim=-1))
-        path = acceptance.path
-        commit_accepted(cache, root_position, path)
-        # Row path[i] of the scores produced the i-th new token (the accepted drafts, then the bonus token).
-        candidates = tree.tokens[path[1:]].tolist() + [acceptance.next_token]
-        emitted = emitter.emit(candidates, tree_scores[path])
+        nodes = walk_tree(tree, tree_logits, emitter, logits_processor, do_sample)
+        # The cache keeps the nodes whose tokens were emitted; the last emitted token is the next root.
+        commit_accepted(cache, root_position, nodes)
         stats.target_forwards += 1
-        stats.accepted_lengths.append(len(emitted))
-        if keep_scores:
-            all_scores.extend(tree_scores[path[i]][None] for i in range(len(emitted)))
-        if keep_logits:
-            all_logits.extend(tree_logits[path[i]][None] for i in range(len(emitted)))
-        if streamer is not None:
-            streamer.put(torch.tensor(emitted))
+        stats.accepted_lengths.append(len(nodes))
         if not emitter.finished:
             state = DraftState(
-                input_ids=torch.tensor([emitter.tokens], device=input_ids.device),
-                inputs_embeds=adapter.embed_tokens(torch.tensor([candidates], device=input_ids.device)),
-                features=tree_features[:, path],
-                position_ids=(root_position + torch.arange(len(path), device=input_ids.device))[None],
+                input_ids=emitter.input_ids,
+                inputs_embeds=adapter.embed_tokens(emitter.input_ids[:, -len(nodes) :]),
+                features=tree_features[:, nodes],
+                position_ids=(root_position + torch.arange(len(nodes), device=device))[None],
             )
         clock.add("step", step_start)
 
     if streamer is not None:
         streamer.end()
-    sequences = torch.tensor([emitter.tokens], device=input_ids.device)
+    sequences = emitter.input_ids
     stats.new_tokens = sequences.shape[1] - prompt_len
     if clock.enabled:
         stats.step_time, stats.verify_time, stats.draft_time = (clock.totals[k] for k in ("step", "verify", "draft"))
     if not generation_config.return_dict_in_generate:
         return sequences
     output = SpeculativeDecoderOutput(
-        sequences=sequences,
-        scores=tuple(all_scores) if keep_scores else None,
-        logits=tuple(all_logits) if keep_logits else None,
-        speculative_stats=stats,
+        sequences=sequences, scores=emitter.scores, logits=emitter.logits, speculative_stats=stats
     )
     setattr(output, CACHE_KWARG, cache)
     return output
@@ -257,7 +293,7 @@ def speculative_generate(
     draft: DraftSource,
     *,
     depth: int | None = None,
-    top_k: int | None = None,
+    tree_top_k: int | None = None,
     total_tokens: int | None = None,
     profile: bool | None = None,
     **generate_kwargs,
@@ -268,25 +304,28 @@ def speculative_generate(
     Args:
         target (`LlavaForConditionalGeneration`): the model to decode; its output is unchanged (lossless).
         draft (`SpecVLMDraftModel` bound to `target`, or any `DraftSource`).
-        depth, top_k, total_tokens (`int`, *optional*): EAGLE-2 tree knobs for this call (`SpeculativeConfig`); the
-            draft's own `speculative_config` otherwise. `top_k` here is the tree's: sampling's top-k filter goes in
-            `generation_config`.
+        depth, tree_top_k, total_tokens (`int`, *optional*): EAGLE-2 tree knobs for this call (`SpeculativeConfig`'s
+            `depth`, `top_k`, `total_tokens`); the draft's own `speculative_config` otherwise.
         profile (`bool`, *optional*): also time target and draft forwards apart.
-        generate_kwargs: the processor's outputs (`input_ids`, `attention_mask`, `pixel_values`) and the usual
-            generation arguments (`max_new_tokens`, `do_sample`, `temperature`, `top_p`, `eos_token_id`,
-            `pad_token_id`, `generation_config`, `logits_processor`, `stopping_criteria`, `streamer`, ...).
+        generate_kwargs: the processor's outputs (`input_ids`, `attention_mask`, `pixel_values`) and any generation
+            argument `generate()` takes, with the same meaning (`max_new_tokens`, `do_sample`, `temperature`,
+            `top_k`, `top_p`, `eos_token_id`, `generation_config`, `logits_processor`, `stopping_criteria`,
+            `streamer`, ...). `top_k` is sampling's top-k filter, as in `generate()`.
 
     Returns:
         `SpeculativeOutput` with `sequences` and `stats` (`SpeculativeStats`: target forwards, tokens accepted per
         step, mean accepted length, wall time).
     """
-    require_tested_transformers()
+    from .integration import require_generate_route  # integration imports this module
+
+    require_generate_route()
     if not isinstance(draft, DraftSource):
         raise TypeError(f"draft must be a SpecVLMDraftModel (or another DraftSource), got {type(draft).__name__}")
     max_new_tokens = generate_kwargs.get("max_new_tokens")
     if max_new_tokens is not None and max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    knobs = {"depth": depth, "top_k": top_k, "total_tokens": total_tokens, "profile": profile}
+    _warn_if_top_k_meant_the_tree(generate_kwargs, tree_top_k)
+    knobs = {"depth": depth, "top_k": tree_top_k, "total_tokens": total_tokens, "profile": profile}
     if any(v is not None for v in knobs.values()):
         draft = draft.with_tree(**knobs)
     if generate_kwargs.get("generation_config") is not None:
@@ -304,3 +343,19 @@ def speculative_generate(
     stats = output.speculative_stats
     stats.wall_time = time.perf_counter() - start
     return SpeculativeOutput(sequences=output.sequences, stats=stats)
+
+
+def _warn_if_top_k_meant_the_tree(generate_kwargs: dict, tree_top_k: int | None) -> None:
+    """Before 0.2, `speculative_generate(top_k=...)` set the tree's width; it is now sampling's top-k, as in
+    `generate()`. Where it cannot filter anything (greedy decoding) the caller most likely meant the tree: say so."""
+    if "top_k" not in generate_kwargs or tree_top_k is not None:
+        return
+    config = generate_kwargs.get("generation_config")
+    do_sample = generate_kwargs.get("do_sample", getattr(config, "do_sample", None))
+    if not do_sample:
+        warnings.warn(
+            "speculative_generate(top_k=...) is sampling's top-k filter, as in generate(), and has no effect on "
+            "greedy decoding; the tree's width is now `tree_top_k`.",
+            FutureWarning,
+            stacklevel=3,
+        )

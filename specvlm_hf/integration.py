@@ -1,23 +1,39 @@
 """Routes `target.generate(..., assistant_model=draft)` to the tree loop when `draft` is a `DraftSource`.
 
 transformers picks the decoding method with `getattr(type(model), "_assisted_decoding")` and has no hook for custom
-candidate trees, so two private `GenerationMixin` methods are wrapped (signatures checked for 5.20-5.x): every other
-assistant keeps the stock behaviour. Installed on `import specvlm_hf`.
+candidate trees, so two private `GenerationMixin` methods are wrapped: every other assistant keeps the stock behaviour.
+Installed on `import specvlm_hf`, only inside the tested transformers range and only if both methods still have the
+parameters the wrappers rely on. Otherwise the public `generate()` is guarded instead: a draft passed to it raises an
+error naming the reason, never falls into transformers' own assisted decoding.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 
+import transformers
 from transformers.generation.configuration_utils import GenerationMode
 from transformers.generation.utils import GenerationMixin
 
-from ._compat import transformers_in_tested_range
+from ._compat import MAX_TRANSFORMERS, MIN_TRANSFORMERS, transformers_in_tested_range
 from .drafter import DraftSource
 from .generation import tree_decoding
 
 _STOCK_ASSISTED = "_specvlm_stock_assisted_decoding"
 _STOCK_VALIDATE = "_specvlm_stock_validate_generation_mode"
+_STOCK_GENERATE = "_specvlm_stock_generate"
+
+# The parameters each wrapped hook must have, in order, for the wrappers below to forward them unchanged.
+HOOK_SIGNATURES = {
+    "_assisted_decoding": (
+        "self", "input_ids", "logits_processor", "stopping_criteria", "generation_config", "synced_gpus",
+        "streamer", "inputs_tensor", "assistant_model", "assistant_tokenizer", "tokenizer", "model_kwargs",
+    ),
+    "_validate_generation_mode": ("self", "generation_mode", "generation_config", "generation_mode_kwargs"),
+}  # fmt: skip
+
+_route_error: str | None = "specvlm_hf.integration.install() has not run"
 
 
 def _validate_generation_mode(self, generation_mode, generation_config, generation_mode_kwargs):
@@ -83,15 +99,51 @@ def _assisted_decoding(
     )
 
 
-def install() -> bool:
-    """Wraps the two hooks once. Returns False (and changes nothing) outside the tested transformers range."""
+def hook_mismatch(mixin=GenerationMixin) -> str | None:
+    """Why the `generate()` route cannot be installed on this transformers, or `None` if it can."""
     if not transformers_in_tested_range():
-        return False
-    if not hasattr(GenerationMixin, _STOCK_ASSISTED):
-        setattr(GenerationMixin, _STOCK_ASSISTED, GenerationMixin._assisted_decoding)
-        setattr(GenerationMixin, _STOCK_VALIDATE, GenerationMixin._validate_generation_mode)
-        GenerationMixin._assisted_decoding = functools.wraps(GenerationMixin._assisted_decoding)(_assisted_decoding)
-        GenerationMixin._validate_generation_mode = functools.wraps(GenerationMixin._validate_generation_mode)(
-            _validate_generation_mode
+        return (
+            f"transformers {transformers.__version__} is outside the range specvlm_hf's generate() route is tested "
+            f"with (>={MIN_TRANSFORMERS},<{MAX_TRANSFORMERS})"
         )
+    for name, expected in HOOK_SIGNATURES.items():
+        method = getattr(mixin, name, None)
+        found = tuple(inspect.signature(method).parameters) if callable(method) else None
+        if found != expected:
+            return f"transformers {transformers.__version__} changed GenerationMixin.{name} (parameters {found})"
+    return None
+
+
+def require_generate_route() -> None:
+    """Raises a `RuntimeError` naming the reason if `generate(assistant_model=draft)` cannot run the tree loop."""
+    if _route_error is not None:
+        raise RuntimeError(
+            f"specvlm_hf cannot run tree decoding through generate(): {_route_error}. Install a tested version: "
+            f"pip install 'transformers>={MIN_TRANSFORMERS},<{MAX_TRANSFORMERS}'."
+        )
+
+
+def install(mixin=GenerationMixin) -> bool:
+    """Wraps the two hooks of `mixin` once and returns True. Where `hook_mismatch` names a reason, wraps the public
+    `generate()` instead, so that a specvlm_hf draft passed to it raises that reason, and returns False."""
+    global _route_error
+    if _STOCK_ASSISTED in vars(mixin) or _STOCK_GENERATE in vars(mixin):
+        return _route_error is None
+    _route_error = hook_mismatch(mixin)
+    if _route_error is not None:
+        stock_generate = mixin.generate
+
+        @functools.wraps(stock_generate)
+        def guarded_generate(self, *args, **kwargs):
+            if any(isinstance(value, DraftSource) for value in (*args, *kwargs.values())):
+                require_generate_route()
+            return stock_generate(self, *args, **kwargs)
+
+        setattr(mixin, _STOCK_GENERATE, stock_generate)
+        mixin.generate = guarded_generate
+        return False
+    setattr(mixin, _STOCK_ASSISTED, mixin._assisted_decoding)
+    setattr(mixin, _STOCK_VALIDATE, mixin._validate_generation_mode)
+    mixin._assisted_decoding = functools.wraps(mixin._assisted_decoding)(_assisted_decoding)
+    mixin._validate_generation_mode = functools.wraps(mixin._validate_generation_mode)(_validate_generation_mode)
     return True

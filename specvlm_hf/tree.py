@@ -8,6 +8,7 @@ token whose parent has a smaller index, so node order is a topological order.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -37,6 +38,11 @@ class DraftTree:
     @property
     def num_nodes(self) -> int:
         return len(self.parents)
+
+    @cached_property
+    def token_list(self) -> list[int]:
+        """`tokens` on the host, read once per tree."""
+        return self.tokens.tolist()
 
 
 def build_tree(tokens: torch.Tensor, parents: list[int]) -> DraftTree:

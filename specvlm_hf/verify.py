@@ -12,6 +12,7 @@ from transformers.generation.logits_process import (
     EpsilonLogitsWarper,
     EtaLogitsWarper,
     InfNanRemoveLogitsProcessor,
+    LogitNormalization,
     LogitsProcessorList,
     MinPLogitsWarper,
     SuppressTokensLogitsProcessor,
@@ -23,8 +24,9 @@ from transformers.generation.logits_process import (
 
 from .tree import DraftTree
 
-# Processors whose output depends only on the scores, not on the token history: applied to all nodes at once.
-# Any other processor (repetition penalty, min length, ...) is applied node by node with that node's own path.
+# Processors whose output is a pure function of the scores (no token history, no state): applied to all tree nodes
+# at once. Exact types only: a subclass may keep state. With any other processor in the list the walk calls the
+# whole list once per emitted token with that token's history, exactly as plain decoding does.
 HISTORY_FREE_PROCESSORS = (
     TemperatureLogitsWarper,
     TopKLogitsWarper,
@@ -35,7 +37,13 @@ HISTORY_FREE_PROCESSORS = (
     EtaLogitsWarper,
     SuppressTokensLogitsProcessor,
     InfNanRemoveLogitsProcessor,
+    LogitNormalization,
 )
+
+
+def is_history_free(logits_processor: LogitsProcessorList) -> bool:
+    """True if every processor is one of `HISTORY_FREE_PROCESSORS` (exact type)."""
+    return all(type(processor) in HISTORY_FREE_PROCESSORS for processor in logits_processor)
 
 
 @dataclass(frozen=True)
@@ -48,39 +56,6 @@ class Acceptance:
 
     path: list[int]
     next_token: int
-
-
-def process_tree_logits(
-    logits_processor: LogitsProcessorList, input_ids: torch.Tensor, tree: DraftTree, logits: torch.Tensor
-) -> torch.Tensor:
-    """
-    Applies `generate()`'s logits processors to every tree node as if that node had been decoded alone.
-
-    Args:
-        input_ids (`torch.LongTensor` of shape `(1, seq_len)`): the sequence so far, ending with the tree's root.
-        logits (`torch.FloatTensor` of shape `(num_nodes, vocab_size)`): target logits at each node.
-
-    Returns:
-        `torch.FloatTensor` of shape `(num_nodes, vocab_size)`: processed scores.
-    """
-    scores = logits
-    node_ids = None
-    for processor in logits_processor:
-        if isinstance(processor, HISTORY_FREE_PROCESSORS):
-            scores = processor(input_ids, scores)
-            continue
-        if node_ids is None:
-            node_ids = _node_histories(input_ids, tree)
-        scores = torch.cat([processor(ids, scores[i : i + 1]) for i, ids in enumerate(node_ids)])
-    return scores
-
-
-def _node_histories(input_ids: torch.Tensor, tree: DraftTree) -> list[torch.Tensor]:
-    """For each node, the token history a plain decoder would hold there: `input_ids` + drafted path to the node."""
-    histories = [input_ids]
-    for node in range(1, tree.num_nodes):
-        histories.append(torch.cat([histories[tree.parents[node]], tree.tokens[node : node + 1][None]], dim=1))
-    return histories
 
 
 def accept_greedy(tree: DraftTree, target_tokens: torch.Tensor) -> Acceptance:
@@ -118,28 +93,82 @@ def accept_sampling(tree: DraftTree, probs: torch.Tensor) -> Acceptance:
             node. Randomness comes from torch's global generators, as in `generate()`.
     """
     parents = torch.tensor(tree.parents[1:], dtype=torch.long, device=probs.device)
-    # One transfer: p(node) under its parent's distribution, and the node tokens.
-    child_p, child_tokens = torch.stack([probs[parents, tree.tokens[1:]].double(), tree.tokens[1:].double()]).tolist()
+    # One transfer: p(node) under its parent's distribution, and the size of each node's support.
+    child_p = probs[parents, tree.tokens[1:]].double()
+    support = (probs > 0).sum(dim=-1).double()
+    values = torch.cat([child_p, support]).tolist()
+    child_p, support = [0.0] + values[: tree.num_nodes - 1], values[tree.num_nodes - 1 :]
     uniforms = torch.rand(tree.num_nodes, dtype=torch.float64).tolist()
     node, path = 0, [0]
     while True:
-        residual, rejected = 1.0, set()
-        for child in tree.children[node]:
-            token, p = child_tokens[child - 1], child_p[child - 1]
-            if token in rejected:  # a duplicate sibling has probability 0 under the residual
-                continue
-            if uniforms[child] * residual < p:
-                node = child
-                path.append(child)
-                break
-            residual -= p
-            rejected.add(token)
-        else:
-            break
-    row = probs[node].clone()
-    if tree.children[node]:
-        row[tree.tokens[tree.children[node]]] = 0.0
+        children = tree.children[node]
+        tokens = [tree.token_list[child] for child in children]
+        j = try_children(tokens, [child_p[c] for c in children], int(support[node]), [uniforms[c] for c in children])
+        if j is None:
+            return Acceptance(path=path, next_token=sample_residual(probs[node], tokens))
+        node = children[j]
+        path.append(node)
+
+
+def accept_node(tree: DraftTree, node: int, scores: torch.Tensor, do_sample: bool) -> tuple[int | None, int]:
+    """
+    One node of the same rules, for processed scores computed node by node: the target's token at `node` and the
+    child that carries it (`None` if no child does: the token is the bonus token and the step ends).
+
+    Args:
+        scores (`torch.FloatTensor` of shape `(vocab_size,)`): the target's processed scores at `node`.
+    """
+    children = tree.children[node]
+    tokens = [tree.token_list[child] for child in children]
+    if not do_sample:
+        token = int(scores.argmax())
+        return next((child for child, t in zip(children, tokens) if t == token), None), token
+    probs = torch.softmax(scores, dim=-1)
+    if not children:
+        return None, int(torch.multinomial(probs, 1))
+    index = torch.tensor(tokens, device=probs.device)
+    values = torch.cat([probs[index].double(), (probs > 0).sum().double().view(1)]).tolist()
+    uniforms = torch.rand(len(children), dtype=torch.float64).tolist()
+    j = try_children(tokens, values[:-1], int(values[-1]), uniforms)
+    if j is None:
+        return None, sample_residual(probs, tokens)
+    return children[j], tokens[j]
+
+
+def try_children(tokens: list[int], probs: list[float], support: int, uniforms: list[float]) -> int | None:
+    """
+    Recursive rejection over one node's drafted children: the index of the accepted child, or `None`.
+
+    Args:
+        tokens (`list[int]`): the children's tokens, in trial order.
+        probs (`list[float]`): p(token) under the node's target distribution p.
+        support (`int`): number of tokens with p > 0.
+        uniforms (`list[float]`): one U[0, 1) draw per child.
+    """
+    residual, rejected, rejected_mass = 1.0, set(), 0
+    for j, (token, p) in enumerate(zip(tokens, probs)):
+        if token in rejected:  # a duplicate sibling has probability 0 under the residual
+            continue
+        # Accept with probability p / residual. When this child holds the only mass left, that ratio is exactly 1,
+        # whatever rounding left in `residual`: the residual is never empty after a rejection.
+        if p > 0 and (rejected_mass + 1 == support or uniforms[j] * residual < p):
+            return j
+        residual -= p
+        rejected.add(token)
+        rejected_mass += p > 0
+    return None
+
+
+def sample_residual(probs: torch.Tensor, rejected: list[int]) -> int:
+    """
+    The bonus token: a sample of `probs` (shape `(vocab_size,)`) with the `rejected` tokens zeroed and renormalised.
+    """
+    row = probs.clone()
+    if rejected:
+        row[torch.tensor(rejected, device=row.device)] = 0.0
     if not bool(row.sum() > 0):
-        raise RuntimeError("The target's residual distribution is empty after rejecting all drafted children.")
-    next_token = int(torch.multinomial(row, 1))
-    return Acceptance(path=path, next_token=next_token)
+        raise RuntimeError(
+            "The target's distribution has no mass left at this node (all probabilities are zero or NaN); check the "
+            "logits processors (temperature, top_k, top_p, bad words) for a setting that removes every token."
+        )
+    return int(torch.multinomial(row, 1))

@@ -291,7 +291,7 @@ def test_replay_accepts_what_the_loop_accepts(target, draft):
             max_new_tokens=30,
             do_sample=False,
             depth=tree.depth,
-            top_k=tree.top_k,
+            tree_top_k=tree.top_k,
             total_tokens=tree.total_tokens,
         )
         emitted, seconds = replay(draft, target, replay_context(target, sample, out.sequences), tree)

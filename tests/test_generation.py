@@ -44,7 +44,7 @@ def test_real_draft_matches_greedy(target, draft, shape, seed, text_len, image):
         max_new_tokens=24,
         do_sample=False,
         depth=cfg.depth,
-        top_k=cfg.top_k,
+        tree_top_k=cfg.top_k,
         total_tokens=cfg.total_tokens,
     )
     assert torch.equal(out.sequences, reference)

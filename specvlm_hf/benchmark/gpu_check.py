@@ -78,7 +78,7 @@ def compare_greedy(target, draft, inputs: dict, tree: SpeculativeConfig, max_new
         max_new_tokens=max_new_tokens,
         do_sample=False,
         depth=tree.depth,
-        top_k=tree.top_k,
+        tree_top_k=tree.top_k,
         total_tokens=tree.total_tokens,
     )
     reference, tokens = plain.sequences[0, prompt_len:].tolist(), spec.sequences[0, prompt_len:].tolist()

@@ -42,7 +42,7 @@ def measure_acceptance(target, draft, prompts: list[dict], args: DistillationCon
             inputs = {k: v.to(draft.device) if hasattr(v, "to") else v for k, v in inputs.items()}
             out = speculative_generate(
                 target, draft, **inputs, max_new_tokens=args.eval_max_new_tokens, do_sample=False,
-                depth=args.eval_depth, top_k=args.eval_top_k, total_tokens=args.eval_total_tokens,
+                depth=args.eval_depth, tree_top_k=args.eval_top_k, total_tokens=args.eval_total_tokens,
             )  # fmt: skip
             new_tokens += out.stats.new_tokens
             forwards += out.stats.target_forwards
