@@ -47,12 +47,28 @@ class LlavaAdapter:
         )
 
     def check_attention(self) -> None:
+        """Raises a `ValueError` unless the text model's attention can be verified with a tree mask: an SDPA or
+        eager kernel, and full attention in every layer."""
         implementation = self.language_model.config._attn_implementation
         if implementation not in TREE_MASK_ATTENTION:
             raise ValueError(
                 f"The target's text model uses attn_implementation={implementation!r}, which cannot apply a tree "
                 f"attention mask. Load the target with attn_implementation in {TREE_MASK_ATTENTION} "
                 f"(e.g. `from_pretrained(..., attn_implementation='sdpa')`)."
+            )
+        text = self.text_config
+        layer_types = getattr(text, "layer_types", None)
+        if layer_types is None:  # configs without layer_types (Mistral) window every layer when sliding_window is set
+            window = getattr(text, "sliding_window", None)
+            chunk = getattr(text, "attention_chunk_size", None)
+            layer_types = ["sliding_attention" if window is not None else "chunked_attention" if chunk else ""]
+        other = sorted(set(layer_types) - {"full_attention", ""})
+        if other:
+            raise ValueError(
+                f"The target's text model has {', '.join(other)} layers (sliding_window="
+                f"{getattr(text, 'sliding_window', None)}); tree verification applies full attention, so the output "
+                "could differ from plain decoding. Decode this target without assistant_model, or load it with "
+                "full attention in every layer (e.g. text_config.sliding_window=None) if its answers fit the window."
             )
 
     def image_features(self, model_kwargs: dict) -> torch.Tensor | None:

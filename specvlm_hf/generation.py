@@ -90,6 +90,9 @@ _STOCK_SPECULATIVE_OPTIONS = {
 def _check_request(target, input_ids, generation_config: GenerationConfig, model_kwargs: dict) -> None:
     if input_ids.shape[0] != 1:
         raise ValueError(f"Tree speculative decoding supports batch size 1, got a batch of {input_ids.shape[0]}.")
+    for name in ("num_beams", "num_return_sequences"):
+        if (getattr(generation_config, name, None) or 1) != 1:
+            raise ValueError(f"Tree speculative decoding returns one greedy or sampled sequence; {name} must be 1.")
     unknown = sorted(set(model_kwargs) - _KNOWN_MODEL_KWARGS)
     if unknown:
         raise ValueError(f"Tree speculative decoding does not support these generate() arguments: {unknown}.")
@@ -215,9 +218,9 @@ def tree_decoding(
         `torch.LongTensor` of shape `(1, seq_len)`, or `SpeculativeDecoderOutput` if `return_dict_in_generate`. The
         returned cache holds every position but the last, as plain decoding's does.
     """
-    _check_request(target, input_ids, generation_config, model_kwargs)
     adapter = get_adapter(target)
     adapter.check_attention()
+    _check_request(target, input_ids, generation_config, model_kwargs)
     cache = _target_cache(model_kwargs)
     drafter = draft_source.new_drafter(target)
     clock = _Clock(draft_source.speculative_config.profile, input_ids.device)
