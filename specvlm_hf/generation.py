@@ -107,6 +107,11 @@ def _check_request(target, input_ids, generation_config: GenerationConfig, model
             "Tree speculative decoding verifies against the target's KV cache; use_cache=False is not supported "
             "(drop it, or drop assistant_model to decode without a cache)."
         )
+    if getattr(generation_config, "prefill_chunk_size", None) is not None:
+        raise ValueError(
+            "Tree speculative decoding prefills the prompt in one forward; prefill_chunk_size is not supported "
+            "(drop it, or drop assistant_model for a chunked prefill)."
+        )
     for name, unset in _STOCK_SPECULATIVE_OPTIONS.items():
         value = getattr(generation_config, name, unset)
         if value is not None and value != unset:

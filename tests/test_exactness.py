@@ -180,6 +180,8 @@ def test_classifier_free_guidance_matches(target, draft):
     for source in (oracle, draft):
         plain, ours = both(target, source, text_only, max_new_tokens=14, guidance_scale=1.5)
         assert torch.equal(ours, plain)
+        negative = {"negative_prompt_ids": torch.tensor([[1, 7, 8]]), "guidance_scale": 2.0}
+        assert torch.equal(*both(target, source, text_only, max_new_tokens=14, **negative))
     assert not torch.equal(plain, target.generate(**text_only, max_new_tokens=14, do_sample=False))
 
 
@@ -195,9 +197,13 @@ def test_sliding_window_text_model_is_refused(draft):
             windowed.generate(**make_inputs(0, 4), assistant_model=bound, max_new_tokens=4, use_cache=use_cache)
 
 
-def test_use_cache_false_is_refused(target, draft, inputs):
-    with pytest.raises(ValueError, match="use_cache=False"):
-        target.generate(**inputs, assistant_model=draft, max_new_tokens=4, use_cache=False)
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [({"use_cache": False}, "use_cache=False"), ({"prefill_chunk_size": 4}, "prefill_chunk_size")],
+)
+def test_options_the_loop_cannot_honour_are_refused(target, draft, inputs, option, message):
+    with pytest.raises(ValueError, match=message):
+        target.generate(**inputs, assistant_model=draft, max_new_tokens=4, **option)
 
 
 # 6 ------------------------------------------------------------------------------------------------------------------
@@ -283,3 +289,25 @@ def test_changed_hooks_guard_generate_instead_of_falling_into_stock_assisted_dec
 def test_the_route_is_installed_in_the_tested_range():
     assert integration.hook_mismatch() is None
     assert integration.install() is True
+
+
+def test_assistant_tokenizer_is_refused(target, inputs, draft):
+    with pytest.raises(ValueError, match="assistant_tokenizer"):
+        target.generate(
+            **inputs, assistant_model=draft, max_new_tokens=4, tokenizer=object(), assistant_tokenizer=object()
+        )
+
+
+def test_the_readme_table_names_every_generate_argument():
+    import inspect
+    import re
+    from pathlib import Path
+
+    from transformers import GenerationConfig, GenerationMixin
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    table = readme.split("### Every `generate()` argument", 1)[1].split("\n## ", 1)[0]
+    named = set(re.findall(r"`([a-z_]+)`", table))
+    fields = {name for name in GenerationConfig().to_dict() if not name.startswith("_")} - {"transformers_version"}
+    parameters = set(inspect.signature(GenerationMixin.generate).parameters) - {"self", "kwargs"}
+    assert sorted((fields | parameters) - named) == []
