@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache, GenerationConfig
+from transformers.generation.configuration_utils import GenerationMode
 from transformers.generation.stopping_criteria import StoppingCriteriaList
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
@@ -87,12 +88,31 @@ _STOCK_SPECULATIVE_OPTIONS = {
 }  # fmt: skip
 
 
+def check_decoding_options(generation_config: GenerationConfig) -> None:
+    """Raises a `ValueError` naming the option unless `generation_config` asks for greedy search or sampling of one
+    sequence, without options of transformers' own assisted decoding."""
+    for name, unset in _STOCK_SPECULATIVE_OPTIONS.items():
+        value = getattr(generation_config, name, unset)
+        if value is not None and value != unset:
+            raise ValueError(
+                f"`{name}={value!r}` configures transformers' own assisted decoding, which a specvlm_hf draft "
+                "replaces; drop it (the tree's size is set with depth / tree_top_k / total_tokens)."
+            )
+    mode = generation_config.get_generation_mode()
+    if mode not in (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE):
+        raise ValueError(
+            f"A specvlm_hf draft runs lossless tree decoding on top of greedy search or sampling only; this call asks "
+            f"for {mode.value!r} (num_beams={generation_config.num_beams}). Use num_beams=1 without constraints, "
+            "contrastive search or DoLa, or drop assistant_model."
+        )
+    if (generation_config.num_return_sequences or 1) != 1:
+        raise ValueError("Tree speculative decoding returns one sequence per prompt; num_return_sequences must be 1.")
+
+
 def _check_request(target, input_ids, generation_config: GenerationConfig, model_kwargs: dict) -> None:
+    check_decoding_options(generation_config)
     if input_ids.shape[0] != 1:
         raise ValueError(f"Tree speculative decoding supports batch size 1, got a batch of {input_ids.shape[0]}.")
-    for name in ("num_beams", "num_return_sequences"):
-        if (getattr(generation_config, name, None) or 1) != 1:
-            raise ValueError(f"Tree speculative decoding returns one greedy or sampled sequence; {name} must be 1.")
     unknown = sorted(set(model_kwargs) - _KNOWN_MODEL_KWARGS)
     if unknown:
         raise ValueError(f"Tree speculative decoding does not support these generate() arguments: {unknown}.")
@@ -112,13 +132,6 @@ def _check_request(target, input_ids, generation_config: GenerationConfig, model
             "Tree speculative decoding prefills the prompt in one forward; prefill_chunk_size is not supported "
             "(drop it, or drop assistant_model for a chunked prefill)."
         )
-    for name, unset in _STOCK_SPECULATIVE_OPTIONS.items():
-        value = getattr(generation_config, name, unset)
-        if value is not None and value != unset:
-            raise ValueError(
-                f"`{name}={value!r}` configures transformers' own assisted decoding, which a specvlm_hf draft "
-                "replaces; drop it (the tree's size is set with depth / tree_top_k / total_tokens)."
-            )
 
 
 def _target_cache(model_kwargs: dict):
@@ -324,9 +337,8 @@ def speculative_generate(
         `SpeculativeOutput` with `sequences` and `stats` (`SpeculativeStats`: target forwards, tokens accepted per
         step, mean accepted length, wall time).
     """
-    from .integration import require_generate_route  # integration imports this module
+    from .integration import route_error  # integration imports this module
 
-    require_generate_route()
     if not isinstance(draft, DraftSource):
         raise TypeError(f"draft must be a SpecVLMDraftModel (or another DraftSource), got {type(draft).__name__}")
     max_new_tokens = generate_kwargs.get("max_new_tokens")
@@ -345,12 +357,32 @@ def speculative_generate(
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
-    output = target.generate(assistant_model=draft, **generate_kwargs)
+    if route_error() is None:
+        output = target.generate(assistant_model=draft, **generate_kwargs)
+    else:  # generate()'s public custom_generate hook; it hands a custom method neither assistant nor streamer
+        streamer = generate_kwargs.pop("streamer", None)
+        output = target.generate(
+            custom_generate=_tree_decoding_hook, draft_source=draft, draft_streamer=streamer, **generate_kwargs
+        )
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     stats = output.speculative_stats
     stats.wall_time = time.perf_counter() - start
     return SpeculativeOutput(sequences=output.sequences, stats=stats)
+
+
+def _tree_decoding_hook(
+    target, input_ids, logits_processor, stopping_criteria, generation_config, draft_source, draft_streamer=None,
+    **model_kwargs,
+):  # fmt: skip
+    """`tree_decoding` as a `generate(custom_generate=...)` method, for transformers where the `assistant_model`
+    route is not installed. The streamer arrives under its own name, so the prompt is streamed here."""
+    if draft_streamer is not None:
+        draft_streamer.put(input_ids.cpu())
+    return tree_decoding(
+        target, input_ids, logits_processor, stopping_criteria, generation_config, draft_source, draft_streamer,
+        **model_kwargs,
+    )  # fmt: skip
 
 
 def _warn_if_top_k_meant_the_tree(generate_kwargs: dict, tree_top_k: int | None) -> None:

@@ -13,12 +13,11 @@ import functools
 import inspect
 
 import transformers
-from transformers.generation.configuration_utils import GenerationMode
 from transformers.generation.utils import GenerationMixin
 
 from ._compat import MAX_TRANSFORMERS, MIN_TRANSFORMERS, transformers_in_tested_range
 from .drafter import DraftSource
-from .generation import tree_decoding
+from .generation import check_decoding_options, tree_decoding
 
 _STOCK_ASSISTED = "_specvlm_stock_assisted_decoding"
 _STOCK_VALIDATE = "_specvlm_stock_validate_generation_mode"
@@ -42,12 +41,7 @@ def _validate_generation_mode(self, generation_mode, generation_config, generati
         return getattr(GenerationMixin, _STOCK_VALIDATE)(
             self, generation_mode, generation_config, generation_mode_kwargs
         )
-    if generation_mode != GenerationMode.ASSISTED_GENERATION:
-        raise ValueError(
-            f"A specvlm_hf draft runs lossless tree decoding on top of greedy search or sampling only; this call asks "
-            f"for {generation_mode.value!r} (num_beams={generation_config.num_beams}). Use num_beams=1 without "
-            "constraints or contrastive search, or drop assistant_model."
-        )
+    check_decoding_options(generation_config)
     if "assistant_tokenizer" in generation_mode_kwargs:
         raise ValueError("A specvlm_hf draft shares the target's tokenizer; do not pass `assistant_tokenizer`.")
     stock_kwargs = {k: v for k, v in generation_mode_kwargs.items() if k != "assistant_model"}
@@ -114,6 +108,11 @@ def hook_mismatch(mixin=GenerationMixin) -> str | None:
     return None
 
 
+def route_error() -> str | None:
+    """Why `generate(assistant_model=draft)` cannot run the tree loop here, or `None` where it can."""
+    return _route_error
+
+
 def require_generate_route() -> None:
     """Raises a `RuntimeError` naming the reason if `generate(assistant_model=draft)` cannot run the tree loop."""
     if _route_error is not None:
@@ -133,9 +132,12 @@ def install(mixin=GenerationMixin) -> bool:
     if _route_error is not None:
         stock_generate = mixin.generate
 
+        signature = inspect.signature(stock_generate)
+
         @functools.wraps(stock_generate)
         def guarded_generate(self, *args, **kwargs):
-            if any(isinstance(value, DraftSource) for value in (*args, *kwargs.values())):
+            assistant = signature.bind_partial(self, *args, **kwargs).arguments.get("assistant_model")
+            if isinstance(assistant, DraftSource):
                 require_generate_route()
             return stock_generate(self, *args, **kwargs)
 

@@ -266,7 +266,7 @@ def test_stock_speculative_options_are_refused_by_name(target, inputs, draft, op
 
 
 # the generate() route -------------------------------------------------------------------------------------------------
-def test_changed_hooks_guard_generate_instead_of_falling_into_stock_assisted_decoding(target, draft, monkeypatch):
+def test_changed_hooks_guard_generate_and_speculative_generate_keeps_working(target, draft, monkeypatch):
     class Changed(type(target)):
         def _assisted_decoding(self, input_ids, candidate_generator, **model_kwargs):  # another signature
             raise AssertionError("stock assisted decoding must not run")
@@ -280,10 +280,29 @@ def test_changed_hooks_guard_generate_instead_of_falling_into_stock_assisted_dec
     inputs = make_inputs(0, 4)
     with pytest.raises(RuntimeError, match=r"changed GenerationMixin._assisted_decoding.*transformers>=5\.20"):
         changed.generate(**inputs, assistant_model=draft, max_new_tokens=4)
-    with pytest.raises(RuntimeError, match="cannot run tree decoding"):
-        speculative_generate(target, draft, **inputs, max_new_tokens=4)
     # Without a draft, generate() is untouched.
-    assert torch.equal(changed.generate(**inputs, max_new_tokens=4), target.generate(**inputs, max_new_tokens=4))
+    reference = target.generate(**inputs, max_new_tokens=12)
+    assert torch.equal(changed.generate(**inputs, max_new_tokens=12), reference)
+    # speculative_generate takes generate()'s public custom_generate hook instead, streamer included.
+    from transformers.generation.streamers import BaseStreamer
+
+    class Collect(BaseStreamer):
+        def __init__(self):
+            self.tokens, self.ended = [], False
+
+        def put(self, value):
+            self.tokens += value.flatten().tolist()
+
+        def end(self):
+            self.ended = True
+
+    streamer = Collect()
+    out = speculative_generate(target, draft, **inputs, max_new_tokens=12, streamer=streamer, num_beams=1)
+    assert torch.equal(out.sequences, reference)
+    assert streamer.ended and streamer.tokens == reference[0].tolist()
+    assert out.stats.target_forwards < 12 or out.stats.new_tokens == 12
+    with pytest.raises(ValueError, match="greedy search or sampling only"):
+        speculative_generate(target, draft, **inputs, max_new_tokens=4, num_beams=2)
 
 
 def test_the_route_is_installed_in_the_tested_range():
