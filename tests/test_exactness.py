@@ -212,7 +212,9 @@ def test_a_callers_empty_cache_is_filled_in_place(target, inputs, draft):
 
     plain_cache, our_cache = DynamicCache(), DynamicCache()
     plain = target.generate(**inputs, max_new_tokens=9, do_sample=False, **{CACHE_KWARG: plain_cache})
-    ours = target.generate(**inputs, max_new_tokens=9, do_sample=False, assistant_model=draft, cache=our_cache)
+    ours = target.generate(
+        **inputs, max_new_tokens=9, do_sample=False, assistant_model=draft, **{CACHE_KWARG: our_cache}
+    )
     assert torch.equal(ours, plain)
     assert our_cache.get_seq_length() == plain_cache.get_seq_length() == plain.shape[1] - 1
 
