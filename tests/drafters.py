@@ -1,5 +1,6 @@
 """Test doubles that draft through the real `Drafter` interface: an oracle that knows the target's greedy
-continuation (long paths get accepted) and a random drafter (almost everything is rejected)."""
+continuation (long paths get accepted), one that knows it only for its first levels, and a random drafter (almost
+everything is rejected)."""
 
 from __future__ import annotations
 
@@ -34,10 +35,13 @@ class _OracleDrafter(Drafter):
     def __init__(self, source: OracleDraft, rng: random.Random):
         self.source, self.rng = source, rng
 
+    def path(self, cur: int, depth: int) -> list[int]:
+        """The drafted path after the first `cur` tokens: the reference's next `depth` tokens (fewer at its end)."""
+        return self.source.reference[cur : cur + depth]
+
     def propose(self, state: DraftState) -> torch.Tensor:
         cfg = self.source.speculative_config
-        cur = state.input_ids.shape[1]
-        truth = self.source.reference[cur : cur + cfg.depth]
+        truth = self.path(state.input_ids.shape[1], cfg.depth)
         tokens, parents = [int(state.input_ids[0, -1])], [-1]
         parent = 0
         for token in truth:
@@ -56,6 +60,28 @@ class _OracleDrafter(Drafter):
                     next_parent = len(tokens) - 1
             parent = next_parent
         return build_tree(torch.tensor(tokens, device=state.input_ids.device), parents)
+
+
+class PartialOracleDraft(OracleDraft):
+    """An oracle that tells the truth for the first `truth_depth` levels only: below them its path goes on down to
+    `depth` with random tokens, none of them the reference's (where the reference is known)."""
+
+    def __init__(self, reference: list[int], vocab: int, config: SpeculativeConfig, truth_depth: int, seed: int = 0):
+        super().__init__(reference, vocab, config, seed)
+        self.truth_depth = truth_depth
+
+    def new_drafter(self, target) -> Drafter:
+        return _PartialOracleDrafter(self, random.Random(self.seed))
+
+
+class _PartialOracleDrafter(_OracleDrafter):
+    def path(self, cur: int, depth: int) -> list[int]:
+        truth = self.source.reference[cur : cur + depth]
+        path = truth[: self.source.truth_depth]
+        for level in range(len(path), depth):
+            wrong = set(truth[level : level + 1])
+            path.extend(_siblings(self.rng, self.source.vocab, wrong, 1))
+        return path
 
 
 class RandomDraft(DraftSource):

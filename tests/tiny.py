@@ -18,16 +18,19 @@ def make_target(
     layers: int = 2,
     logit_scale: float = 6.0,
     vocab: int = VOCAB,
+    heads: int = 4,
+    kv_heads: int = 2,
+    image_size: int = IMAGE_SIZE,
 ) -> LlavaForConditionalGeneration:
-    """A random tiny LLaVA (Llama text + CLIP vision), float32, image token `vocab - 1`. `logit_scale` sharpens
-    lm_head so greedy text varies."""
+    """A random tiny LLaVA (Llama text + CLIP vision), float32, image token `vocab - 1`, `(image_size // PATCH) ** 2`
+    image tokens. `logit_scale` sharpens lm_head so greedy text varies."""
     text = LlamaConfig(
         vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=2 * hidden,
         num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
         max_position_embeddings=512,
         pad_token_id=0,
         bos_token_id=1,
@@ -38,7 +41,7 @@ def make_target(
         intermediate_size=64,
         num_hidden_layers=1,
         num_attention_heads=4,
-        image_size=IMAGE_SIZE,
+        image_size=image_size,
         patch_size=PATCH,
         projection_dim=32,
     )
