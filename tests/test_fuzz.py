@@ -472,6 +472,7 @@ def test_tree_loop_matches_plain_generate(case):
     check(case)
 
 
+@pytest.mark.slow
 @pytest.mark.fuzz_long
 @LONG
 @given(case=cases())
