@@ -131,7 +131,6 @@ def install(mixin=GenerationMixin) -> bool:
     _route_error = hook_mismatch(mixin)
     if _route_error is not None:
         stock_generate = mixin.generate
-
         signature = inspect.signature(stock_generate)
 
         @functools.wraps(stock_generate)
