@@ -14,6 +14,11 @@ def check_cache(cache) -> None:
     layers = getattr(cache, "layers", None)
     if layers is None:
         raise ValueError(f"Tree verification needs a transformers DynamicCache, got {type(cache).__name__}.")
+    if getattr(cache, "offloading", False):
+        raise ValueError(
+            "Tree verification compacts the cache in place on the target's device; an offloaded cache is not "
+            "supported (drop `cache_implementation`)."
+        )
     for layer in layers:
         if type(layer) is not DynamicLayer:
             raise ValueError(

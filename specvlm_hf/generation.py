@@ -96,7 +96,8 @@ def check_decoding_options(generation_config: GenerationConfig) -> None:
         if value is not None and value != unset:
             raise ValueError(
                 f"`{name}={value!r}` configures transformers' own assisted decoding, which a specvlm_hf draft "
-                "replaces; drop it (the tree's size is set with depth / tree_top_k / total_tokens)."
+                "replaces; drop it (size the tree with draft.with_tree(depth=, top_k=, total_tokens=), or "
+                "speculative_generate(depth=, tree_top_k=, total_tokens=))."
             )
     mode = generation_config.get_generation_mode()
     if mode not in (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE):
@@ -109,7 +110,7 @@ def check_decoding_options(generation_config: GenerationConfig) -> None:
         raise ValueError("Tree speculative decoding returns one sequence per prompt; num_return_sequences must be 1.")
 
 
-def _check_request(target, input_ids, generation_config: GenerationConfig, model_kwargs: dict) -> None:
+def _check_request(input_ids, generation_config: GenerationConfig, model_kwargs: dict) -> None:
     check_decoding_options(generation_config)
     if input_ids.shape[0] != 1:
         raise ValueError(f"Tree speculative decoding supports batch size 1, got a batch of {input_ids.shape[0]}.")
@@ -119,6 +120,14 @@ def _check_request(target, input_ids, generation_config: GenerationConfig, model
     mask = model_kwargs.get("attention_mask")
     if mask is not None and not bool((mask == 1).all()):
         raise ValueError("Tree speculative decoding does not support padded inputs (attention_mask with zeros).")
+    positions = model_kwargs.get("position_ids")
+    if positions is not None and not torch.equal(
+        positions, torch.arange(input_ids.shape[1], device=positions.device)[None]
+    ):
+        raise ValueError(
+            "Tree speculative decoding numbers the prompt's positions 0, 1, ...; custom position_ids are not "
+            "supported (drop them, or drop assistant_model)."
+        )
     for flag in ("output_attentions", "output_hidden_states"):
         if getattr(generation_config, flag, False):
             raise ValueError(f"Tree speculative decoding does not return {flag.split('_', 1)[1]}; unset `{flag}`.")
@@ -136,7 +145,7 @@ def _check_request(target, input_ids, generation_config: GenerationConfig, model
 
 def _target_cache(model_kwargs: dict):
     """The cache `generate()` prepared (or the caller passed, possibly empty), else a new `DynamicCache`."""
-    for key in (CACHE_KWARG, "cache", "past_key_values"):
+    for key in ("cache", "past_key_values"):
         if model_kwargs.get(key) is not None:
             cache = model_kwargs[key]
             break
@@ -177,7 +186,9 @@ class _Emitter:
         return self.finished
 
 
-def walk_tree(tree: DraftTree, logits: torch.Tensor, emitter: _Emitter, logits_processor, do_sample: bool):
+def walk_tree(
+    tree: DraftTree, logits: torch.Tensor, emitter: _Emitter, logits_processor, do_sample: bool
+) -> list[int]:
     """
     Emits the target's tokens along the tree: the accepted drafts, then the bonus token, until a stopping criterion
     fires. Returns the nodes whose processed scores chose the emitted tokens (root first): the accepted path, cut
@@ -238,7 +249,7 @@ def tree_decoding(
     """
     adapter = get_adapter(target)
     adapter.check_attention()
-    _check_request(target, input_ids, generation_config, model_kwargs)
+    _check_request(input_ids, generation_config, model_kwargs)
     cache = _target_cache(model_kwargs)
     drafter = draft_source.new_drafter(target)
     clock = _Clock(draft_source.speculative_config.profile, input_ids.device)
@@ -344,15 +355,18 @@ def speculative_generate(
     max_new_tokens = generate_kwargs.get("max_new_tokens")
     if max_new_tokens is not None and max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    _warn_if_top_k_meant_the_tree(generate_kwargs, tree_top_k)
+    _warn_if_top_k_meant_the_tree(target, generate_kwargs, tree_top_k)
     knobs = {"depth": depth, "top_k": tree_top_k, "total_tokens": total_tokens, "profile": profile}
     if any(v is not None for v in knobs.values()):
         draft = draft.with_tree(**knobs)
-    if generate_kwargs.get("generation_config") is not None:
-        generate_kwargs["generation_config"] = copy.deepcopy(generate_kwargs["generation_config"])
-        generate_kwargs["generation_config"].return_dict_in_generate = True
-    else:
-        generate_kwargs["return_dict_in_generate"] = True
+    _return_the_stats(generate_kwargs)
+    if route_error() is not None:
+        for name in ("tokenizer", "assistant_tokenizer", "synced_gpus"):
+            if generate_kwargs.get(name) is not None:
+                raise ValueError(
+                    f"On this transformers speculative_generate runs through generate()'s custom_generate hook, which "
+                    f"does not pass `{name}` on; drop it ({route_error()})."
+                )
     device = target.device
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -385,17 +399,35 @@ def _tree_decoding_hook(
     )  # fmt: skip
 
 
-def _warn_if_top_k_meant_the_tree(generate_kwargs: dict, tree_top_k: int | None) -> None:
-    """Before 0.2, `speculative_generate(top_k=...)` set the tree's width; it is now sampling's top-k, as in
-    `generate()`. Where it cannot filter anything (greedy decoding) the caller most likely meant the tree: say so."""
+def _return_the_stats(generate_kwargs: dict) -> None:
+    """Makes `generate()` return its output object (which carries the statistics). Where the caller did not ask for
+    it, scores and logits are not kept either, so that stopping criteria still get `scores=None`, as in plain
+    decoding."""
+    config = generate_kwargs.get("generation_config")
+    if config is not None:
+        config = generate_kwargs["generation_config"] = copy.deepcopy(config)
+    asked = generate_kwargs.get("return_dict_in_generate", getattr(config, "return_dict_in_generate", False))
+    overrides = {"return_dict_in_generate": True}
+    if not asked:
+        overrides.update(output_scores=False, output_logits=False)
+    for name, value in overrides.items():
+        if config is not None and name not in generate_kwargs:
+            setattr(config, name, value)
+        else:
+            generate_kwargs[name] = value
+
+
+def _warn_if_top_k_meant_the_tree(target, generate_kwargs: dict, tree_top_k: int | None) -> None:
+    """`speculative_generate(top_k=...)` is sampling's top-k, as in `generate()`. Where it cannot filter anything
+    (greedy decoding) the caller most likely meant the tree's width, `tree_top_k`: say so."""
     if "top_k" not in generate_kwargs or tree_top_k is not None:
         return
-    config = generate_kwargs.get("generation_config")
+    config = generate_kwargs.get("generation_config") or target.generation_config
     do_sample = generate_kwargs.get("do_sample", getattr(config, "do_sample", None))
     if not do_sample:
         warnings.warn(
             "speculative_generate(top_k=...) is sampling's top-k filter, as in generate(), and has no effect on "
-            "greedy decoding; the tree's width is now `tree_top_k`.",
+            "greedy decoding; the tree's width is `tree_top_k`.",
             FutureWarning,
             stacklevel=3,
         )

@@ -145,17 +145,17 @@ def try_children(tokens: list[int], probs: list[float], support: int, uniforms: 
         support (`int`): number of tokens with p > 0.
         uniforms (`list[float]`): one U[0, 1) draw per child.
     """
-    residual, rejected, rejected_mass = 1.0, set(), 0
+    residual, rejected, rejected_support = 1.0, set(), 0
     for j, (token, p) in enumerate(zip(tokens, probs)):
         if token in rejected:  # a duplicate sibling has probability 0 under the residual
             continue
         # Accept with probability p / residual. When this child holds the only mass left, that ratio is exactly 1,
         # whatever rounding left in `residual`: the residual is never empty after a rejection.
-        if p > 0 and (rejected_mass + 1 == support or uniforms[j] * residual < p):
+        if p > 0 and (rejected_support + 1 == support or uniforms[j] * residual < p):
             return j
         residual -= p
         rejected.add(token)
-        rejected_mass += p > 0
+        rejected_support += p > 0
     return None
 
 

@@ -60,7 +60,7 @@ def next_logits(target, sequences, cache):
     return out.logits[0, -1]
 
 
-# 1 ------------------------------------------------------------------------------------------------------------------
+# The returned cache --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("max_new_tokens", [1, 3, 8, 9])
 @pytest.mark.parametrize("stop", ["max_new_tokens", "eos"])
 def test_returned_cache_is_cut_to_the_returned_sequence(target, inputs, oracle, max_new_tokens, stop):
@@ -79,7 +79,7 @@ def test_returned_cache_is_cut_to_the_returned_sequence(target, inputs, oracle, 
     )
 
 
-# 2, 7 ---------------------------------------------------------------------------------------------------------------
+# Stopping criteria ---------------------------------------------------------------------------------------------------
 class Recorder(StoppingCriteria):
     """Stops after `after` calls; records what each call received."""
 
@@ -135,7 +135,7 @@ def test_a_criterion_that_stops_after_n_calls(target, inputs, oracle):
     assert torch.equal(ours, plain)
 
 
-# 3 ------------------------------------------------------------------------------------------------------------------
+# EOS -----------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("as_tensor", [lambda t: torch.tensor([t]), lambda t: torch.tensor([t, 3]), lambda t: [90, t]])
 def test_eos_token_id_as_a_tensor_or_list(target, inputs, oracle, draft, as_tensor):
     free = target.generate(**inputs, max_new_tokens=20, do_sample=False)[0, inputs["input_ids"].shape[1] :].tolist()
@@ -145,7 +145,7 @@ def test_eos_token_id_as_a_tensor_or_list(target, inputs, oracle, draft, as_tens
         assert torch.equal(ours, plain)
 
 
-# 4 ------------------------------------------------------------------------------------------------------------------
+# Logits processors ---------------------------------------------------------------------------------------------------
 class CountingPenalty(LogitsProcessor):
     """Stateful on purpose: penalises the token it saw last call, and counts its calls."""
 
@@ -185,7 +185,7 @@ def test_classifier_free_guidance_matches(target, draft):
     assert not torch.equal(plain, target.generate(**text_only, max_new_tokens=14, do_sample=False))
 
 
-# 5 ------------------------------------------------------------------------------------------------------------------
+# What the loop cannot honour -----------------------------------------------------------------------------------------
 def test_sliding_window_text_model_is_refused(draft):
     windowed = make_target(seed=0)
     windowed.config.text_config.sliding_window = 8
@@ -199,14 +199,40 @@ def test_sliding_window_text_model_is_refused(draft):
 
 @pytest.mark.parametrize(
     ("option", "message"),
-    [({"use_cache": False}, "use_cache=False"), ({"prefill_chunk_size": 4}, "prefill_chunk_size")],
+    [
+        ({"use_cache": False}, "use_cache=False"),
+        ({"prefill_chunk_size": 4}, "prefill_chunk_size"),
+        ({"output_hidden_states": True, "return_dict_in_generate": True}, "output_hidden_states"),
+        ({"position_ids": torch.tensor([[0] * 5 + list(range(17))])}, "position_ids"),
+    ],
+    ids=["use_cache", "prefill_chunk_size", "output_hidden_states", "position_ids"],
 )
 def test_options_the_loop_cannot_honour_are_refused(target, draft, inputs, option, message):
     with pytest.raises(ValueError, match=message):
         target.generate(**inputs, assistant_model=draft, max_new_tokens=4, **option)
 
 
-# 6 ------------------------------------------------------------------------------------------------------------------
+def test_an_offloaded_cache_is_refused(target, draft, inputs):
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    cache.offloading = True
+    with pytest.raises(ValueError, match="offloaded cache"):
+        target.generate(**inputs, assistant_model=draft, max_new_tokens=4, **{CACHE_KWARG: cache})
+
+
+def test_speculative_generate_hands_criteria_the_same_scores(target, inputs, draft):
+    # Without return_dict_in_generate plain decoding passes scores=None, even with output_scores.
+    for return_dict in (False, True):
+        plain, ours = Recorder(after=100), Recorder(after=100)
+        kwargs = dict(max_new_tokens=6, do_sample=False, output_scores=True, return_dict_in_generate=return_dict)
+        target.generate(**inputs, stopping_criteria=[plain], **kwargs)
+        speculative_generate(target, draft, **inputs, stopping_criteria=[ours], **kwargs)
+        assert ours.calls == plain.calls
+        assert (plain.calls[0][1] is None) is (not return_dict)
+
+
+# A caller's cache ----------------------------------------------------------------------------------------------------
 def test_a_callers_empty_cache_is_filled_in_place(target, inputs, draft):
     from transformers import DynamicCache
 
@@ -219,7 +245,7 @@ def test_a_callers_empty_cache_is_filled_in_place(target, inputs, draft):
     assert our_cache.get_seq_length() == plain_cache.get_seq_length() == plain.shape[1] - 1
 
 
-# 8 ------------------------------------------------------------------------------------------------------------------
+# top_k and tree_top_k ------------------------------------------------------------------------------------------------
 def test_top_k_means_sampling_top_k_as_in_generate(target, inputs, draft):
     reference = target.generate(**inputs, max_new_tokens=12, do_sample=False)
     torch.manual_seed(5)
@@ -232,7 +258,7 @@ def test_top_k_on_greedy_warns_that_the_tree_knob_is_tree_top_k(target, inputs, 
         speculative_generate(target, draft, **inputs, max_new_tokens=4, do_sample=False, top_k=4)
 
 
-# 9 ------------------------------------------------------------------------------------------------------------------
+# The sampling residual -----------------------------------------------------------------------------------------------
 def test_children_covering_the_whole_support_never_leave_an_empty_residual(monkeypatch):
     # p sums to slightly below 1 in float32, and the children hold all of it: the last child must be accepted even
     # when its uniform draw is the largest possible.
@@ -249,7 +275,7 @@ def test_a_distribution_without_mass_is_a_clear_error():
         specvlm_hf.verify.sample_residual(torch.zeros(4), [])
 
 
-# 10 -----------------------------------------------------------------------------------------------------------------
+# Options of transformers' own assisted decoding ----------------------------------------------------------------------
 @pytest.mark.parametrize(
     "option",
     [
@@ -258,6 +284,12 @@ def test_a_distribution_without_mass_is_a_clear_error():
         {"assistant_confidence_threshold": 0.2},
         {"num_assistant_tokens_schedule": "heuristic"},
         {"assistant_early_exit": 1},
+        {"max_matching_ngram_size": 3},
+        {"assistant_lookbehind": 5},
+        {"target_lookbehind": 5},
+        {"assistant_ensemble_weight": 0.5},
+        {"use_mtp": True},
+        {"speculation_type": "dflash"},
     ],
     ids=lambda option: next(iter(option)),
 )
@@ -267,7 +299,7 @@ def test_stock_speculative_options_are_refused_by_name(target, inputs, draft, op
         target.generate(**inputs, assistant_model=draft, max_new_tokens=4, **option)
 
 
-# the generate() route -------------------------------------------------------------------------------------------------
+# The generate() route ------------------------------------------------------------------------------------------------
 def test_changed_hooks_guard_generate_and_speculative_generate_keeps_working(target, draft, monkeypatch):
     class Changed(type(target)):
         def _assisted_decoding(self, input_ids, candidate_generator, **model_kwargs):  # another signature
@@ -305,6 +337,8 @@ def test_changed_hooks_guard_generate_and_speculative_generate_keeps_working(tar
     assert out.stats.target_forwards < 12 or out.stats.new_tokens == 12
     with pytest.raises(ValueError, match="greedy search or sampling only"):
         speculative_generate(target, draft, **inputs, max_new_tokens=4, num_beams=2)
+    with pytest.raises(ValueError, match="does not pass `tokenizer` on"):
+        speculative_generate(target, draft, **inputs, max_new_tokens=4, tokenizer=object(), stop_strings=["a"])
 
 
 def test_the_route_is_installed_in_the_tested_range():
