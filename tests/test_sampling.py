@@ -29,7 +29,7 @@ The certificate (`-m certificate`, part of the default suite and CI) draws N_CER
 setting (about 2 minutes each on one CPU core). Its power: moving delta of
 probability onto or off one token (or rank) at one position moves the mean of that category's z-score by at least
 2 delta sqrt(n), since the variance of its count is at most n / 4. For delta = 2% that is 5.66 against a threshold
-of 4.26: power >= 0.92 for any token, whatever its probability (tokens too rare to be scanned are left to the
+of 4.26: power >= 0.91 for any token, whatever its probability (tokens too rare to be scanned are left to the
 chi-squares, which a 2% shift onto them overwhelms). In simulation
 (exact draws, the most likely token raised by 2% in every prefix at one position, 4 x 40 runs) the certificate caught
 152 of 160; at 1.5%, 27 of 40. A 1% shift at every position moves the pooled z-score by at least
