@@ -1,8 +1,23 @@
-"""Figures of one speculative generation: mean accepted length (sigma), forwards, and where the time went."""
+"""The figures of speculative decoding, each defined once: mean accepted length (sigma) and the loop's overhead
+share, as functions of the counts and times they summarise (used by the loop, the benchmark, the trainer's
+evaluation and the `evaluate` metric), and `SpeculativeStats`, the figures of one speculative generation."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+
+
+def mean_accepted_length(new_tokens: int, target_forwards: int) -> float | None:
+    """sigma: tokens per target forward, bonus token included (plain decoding: 1.00); `None` without forwards."""
+    return new_tokens / target_forwards if target_forwards else None
+
+
+def overhead_share(step_time: float, verify_time: float, draft_time: float) -> float | None:
+    """Share of step time spent outside target and draft forwards (the loop's own overhead: acceptance, cache
+    compaction, Python), for one run or summed over runs; `None` without step time."""
+    if step_time <= 0:
+        return None
+    return max(0.0, 1.0 - (verify_time + draft_time) / step_time)
 
 
 @dataclass
@@ -28,15 +43,15 @@ class SpeculativeStats:
 
     @property
     def mean_accepted_length(self) -> float:
-        """Tokens per target forward (sigma), bonus token included: 1.00 for plain decoding."""
-        return self.new_tokens / self.target_forwards if self.target_forwards else 0.0
+        """`mean_accepted_length` of this generation (0.0 before any forward)."""
+        return mean_accepted_length(self.new_tokens, self.target_forwards) or 0.0
 
     @property
     def overhead_share(self) -> float | None:
-        """Share of step time outside target and draft forwards (acceptance, cache compaction, Python)."""
-        if not self.step_time or self.verify_time is None or self.draft_time is None:
+        """`overhead_share` of this generation, when profiled."""
+        if self.step_time is None or self.verify_time is None or self.draft_time is None:
             return None
-        return max(0.0, 1.0 - (self.verify_time + self.draft_time) / self.step_time)
+        return overhead_share(self.step_time, self.verify_time, self.draft_time)
 
     def to_dict(self) -> dict:
         data = asdict(self)

@@ -15,6 +15,7 @@ from transformers import GenerationConfig
 from .._compat import CACHE_KWARG
 from ..adapters import get_adapter
 from ..configuration import SpeculativeConfig
+from ..metrics import mean_accepted_length
 from .stats import tokens_per_forward
 
 
@@ -50,8 +51,8 @@ class MethodResult:
 
     @property
     def mean_accepted_length(self) -> float:
-        """sigma: tokens per target forward, bonus token included (plain decoding: 1.00)."""
-        return self.new_tokens / self.target_forwards if self.target_forwards else 0.0
+        """`metrics.mean_accepted_length` of this run (0.0 before any forward)."""
+        return mean_accepted_length(self.new_tokens, self.target_forwards) or 0.0
 
 
 def generation_config(target, temperature: float, max_new_tokens: int) -> GenerationConfig:

@@ -70,10 +70,3 @@ def first_mismatch(tokens: Sequence[int], reference: Sequence[int]) -> int | Non
         if a != b:
             return i
     return None if len(tokens) == len(reference) else min(len(tokens), len(reference))
-
-
-def overhead_share(step_time: float, verify_time: float, draft_time: float) -> float | None:
-    """Share of step time spent outside target and draft forwards (the loop's own overhead), summed over runs."""
-    if step_time <= 0:
-        return None
-    return max(0.0, 1.0 - (verify_time + draft_time) / step_time)

@@ -8,8 +8,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from ..metrics import mean_accepted_length, overhead_share
 from .methods import Vanilla
-from .stats import Spread, overhead_share, paired_speedup, spread
+from .stats import Spread, paired_speedup, spread
 from .sweep import RunRecord
 
 
@@ -97,7 +98,7 @@ def _summarize_one(records: Sequence[RunRecord], method: str, temperature: float
         speedup=spread(paired_speedups(records, method, temperature)),
         speedup_by_kind={k: spread(paired_speedups(records, method, temperature, k)) for k in kinds if len(kinds) > 1},
         tokens_per_second=spread([r.tokens_per_second for r in ok if r.tokens_per_second is not None]),
-        mean_accepted_length=sum(r.new_tokens for r in ok) / forwards if forwards else None,
+        mean_accepted_length=mean_accepted_length(sum(r.new_tokens for r in ok), forwards),
         mean_target_forwards=float(np.mean([r.target_forwards for r in ok])) if ok else None,
         mean_new_tokens=float(np.mean([r.new_tokens for r in ok])) if ok else None,
         exact_match=sum(r.matches_vanilla for r in compared),

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from ..metrics import mean_accepted_length
 from .methods import Method, MethodResult, Vanilla
 from .prompts import Sample
 from .stats import first_mismatch
@@ -64,7 +65,7 @@ class RunRecord:
 
     @property
     def mean_accepted_length(self) -> float | None:
-        return self.new_tokens / self.target_forwards if self.ok and self.target_forwards else None
+        return mean_accepted_length(self.new_tokens, self.target_forwards) if self.ok else None
 
     def to_dict(self) -> dict:
         """Every figure (the generated token ids are left out)."""

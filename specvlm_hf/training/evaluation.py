@@ -13,6 +13,7 @@ import torch
 from transformers import TrainerCallback
 
 from ..generation import speculative_generate
+from ..metrics import mean_accepted_length
 from .config import DistillationConfig
 
 logger = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ def measure_acceptance(target, draft, prompts: list[dict], args: DistillationCon
             new_tokens += out.stats.new_tokens
             forwards += out.stats.target_forwards
     draft.train(was_training)
-    return new_tokens / max(forwards, 1), new_tokens, forwards
+    return mean_accepted_length(new_tokens, forwards) or 0.0, new_tokens, forwards
 
 
 def plot_curve(points: list[CurvePoint], path: Path) -> None:

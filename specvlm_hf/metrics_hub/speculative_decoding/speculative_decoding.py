@@ -8,13 +8,14 @@ exact match with the plain output, per method. Shipped inside `specvlm_hf` and l
 
 Each prediction is one speculative run: `method`, `wall_time` (seconds), `new_tokens`, `target_forwards`, `tokens`
 (generated ids). Its reference is the plain-decoding run of the same prompt (and seed): `wall_time`, `new_tokens`,
-`tokens`. The arithmetic is `specvlm_hf.benchmark.stats` (the benchmark's own).
+`tokens`. The arithmetic is the benchmark's own (`specvlm_hf.benchmark.stats`, `specvlm_hf.metrics`).
 """
 
 import datasets
 import evaluate
 
 from specvlm_hf.benchmark.stats import first_mismatch, paired_speedup, spread
+from specvlm_hf.metrics import mean_accepted_length
 
 _DESCRIPTION = """Speedup tau = (tokens/s of the run) / (tokens/s of plain decoding on the same prompt), summarised as
 median, quartiles and range over runs; sigma = new tokens / target forwards (bonus token included, plain decoding
@@ -74,7 +75,7 @@ class SpeculativeDecoding(evaluate.Metric):
                 "speedup_min": tau.min,
                 "speedup_max": tau.max,
                 "runs": len(pairs),
-                "mean_accepted_length": sum(p["new_tokens"] for p, _ in pairs) / forwards if forwards else None,
+                "mean_accepted_length": mean_accepted_length(sum(p["new_tokens"] for p, _ in pairs), forwards),
                 "exact_match": equal,
                 "exact_match_rate": equal / len(pairs),
             }
