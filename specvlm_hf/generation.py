@@ -187,22 +187,21 @@ class _Emitter:
 
 
 def walk_tree(
-    tree: DraftTree, logits: torch.Tensor, emitter: _Emitter, logits_processor, do_sample: bool
+    tree: DraftTree, logits: torch.Tensor, emitter: _Emitter, logits_processor, do_sample: bool, batched: bool
 ) -> list[int]:
     """
     Emits the target's tokens along the tree: the accepted drafts, then the bonus token, until a stopping criterion
     fires. Returns the nodes whose processed scores chose the emitted tokens (root first): the accepted path, cut
     where generation stopped.
 
-    With history-free processors all nodes are processed at once and accepted by `accept_greedy` /
-    `accept_sampling`. Otherwise the processors are called once per emitted token on that token's history, as plain
-    decoding calls them, and `accept_node` takes one node at a time.
-
     Args:
         logits (`torch.FloatTensor` of shape `(num_nodes, vocab_size)`): the target's logits at each node.
+        batched (`bool`): `is_history_free(logits_processor)`. Then all nodes are processed at once and accepted by
+            `accept_greedy` / `accept_sampling`. Otherwise the processors are called once per emitted token on that
+            token's history, as plain decoding calls them, and `accept_node` takes one node at a time.
     """
     nodes = []
-    if is_history_free(logits_processor):
+    if batched:
         scores = logits_processor(emitter.input_ids, logits)  # [N, V]
         if do_sample:
             acceptance = accept_sampling(tree, torch.softmax(scores, dim=-1))
@@ -254,6 +253,7 @@ def tree_decoding(
     drafter = draft_source.new_drafter(target)
     clock = _Clock(draft_source.speculative_config.profile, input_ids.device)
     do_sample = bool(generation_config.do_sample)
+    batched = is_history_free(logits_processor)
     emitter = _Emitter(input_ids, stopping_criteria, generation_config, streamer)
     stats = SpeculativeStats()
     device = input_ids.device
@@ -264,7 +264,7 @@ def tree_decoding(
     positions = torch.arange(prompt_len, device=device)[None]
     features = adapter.forward(embeds, positions, cache)  # [1, prompt_len, h]
     root_only = build_tree(input_ids[0, -1:], [-1])
-    walk_tree(root_only, adapter.logits(features[:, -1]), emitter, logits_processor, do_sample)
+    walk_tree(root_only, adapter.logits(features[:, -1]), emitter, logits_processor, do_sample, batched)
     stats.target_forwards += 1
 
     # Draft position t pairs the target's input embedding at t+1 with its feature at t.
@@ -291,7 +291,7 @@ def tree_decoding(
         tree_logits = adapter.logits(tree_features[0])  # [N, V]
         clock.add("verify", verify_start)
 
-        nodes = walk_tree(tree, tree_logits, emitter, logits_processor, do_sample)
+        nodes = walk_tree(tree, tree_logits, emitter, logits_processor, do_sample, batched)
         # The cache keeps the nodes whose tokens were emitted; the last emitted token is the next root.
         commit_accepted(cache, root_position, nodes)
         stats.target_forwards += 1
@@ -360,18 +360,19 @@ def speculative_generate(
     if any(v is not None for v in knobs.values()):
         draft = draft.with_tree(**knobs)
     _return_the_stats(generate_kwargs)
-    if route_error() is not None:
+    fallback = route_error()
+    if fallback is not None:
         for name in ("tokenizer", "assistant_tokenizer", "synced_gpus"):
             if generate_kwargs.get(name) is not None:
                 raise ValueError(
                     f"On this transformers speculative_generate runs through generate()'s custom_generate hook, which "
-                    f"does not pass `{name}` on; drop it ({route_error()})."
+                    f"does not pass `{name}` on; drop it ({fallback})."
                 )
     device = target.device
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
-    if route_error() is None:
+    if fallback is None:
         output = target.generate(assistant_model=draft, **generate_kwargs)
     else:  # generate()'s public custom_generate hook; it hands a custom method neither assistant nor streamer
         streamer = generate_kwargs.pop("streamer", None)

@@ -23,6 +23,15 @@ def target():
 
 
 @pytest.fixture(scope="session")
+def draft(target):
+    """A `SpecVLMDraftModel` with random weights (seed 0) bound to `target`; tests never modify it."""
+    from specvlm_hf import SpecVLMDraftModel
+
+    torch.manual_seed(0)
+    return SpecVLMDraftModel.from_target(target)
+
+
+@pytest.fixture(scope="session")
 def eager_target():
     return make_target(seed=1, attn_implementation="eager")
 

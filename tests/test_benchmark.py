@@ -14,7 +14,7 @@ from tiny import VOCAB, make_inputs
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import specvlm_hf
-from specvlm_hf import SpeculativeConfig, SpecVLMDraftModel, speculative_generate
+from specvlm_hf import SpeculativeConfig, speculative_generate
 from specvlm_hf.benchmark import BenchmarkConfig, run_benchmark
 from specvlm_hf.benchmark.calibration import replay, replay_context
 from specvlm_hf.benchmark.methods import METHOD_NAMES, Method, UnknownMethodError, Vanilla, check_method_names
@@ -35,12 +35,6 @@ from specvlm_hf.benchmark.tree_budget import (
 )
 
 METRIC_DIR = Path(specvlm_hf.__file__).parent / "metrics_hub" / "speculative_decoding"
-
-
-@pytest.fixture(scope="module")
-def draft(target):
-    torch.manual_seed(0)
-    return SpecVLMDraftModel.from_target(target)
 
 
 @pytest.fixture(scope="module")

@@ -8,11 +8,6 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from specvlm_hf import SpecVLMDraftModel, speculative_generate
 
 
-@pytest.fixture(scope="module")
-def draft(target):
-    return SpecVLMDraftModel.from_target(target)
-
-
 def test_batch_size_above_one(target, draft):
     inputs = make_inputs(0, 4, False)
     batch = {"input_ids": inputs["input_ids"].repeat(2, 1)}

@@ -25,12 +25,6 @@ from specvlm_hf.verify import accept_node, accept_sampling
 
 
 @pytest.fixture(scope="module")
-def draft(target):
-    torch.manual_seed(0)
-    return SpecVLMDraftModel.from_target(target)
-
-
-@pytest.fixture(scope="module")
 def inputs():
     return make_inputs(3, 5, True)
 

@@ -25,12 +25,6 @@ def greedy(target, inputs, max_new_tokens, **kwargs):
     return target.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, **kwargs)
 
 
-@pytest.fixture(scope="module")
-def draft(target):
-    torch.manual_seed(0)
-    return SpecVLMDraftModel.from_target(target)
-
-
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize(("seed", "text_len", "image"), PROMPTS)
 def test_real_draft_matches_greedy(target, draft, shape, seed, text_len, image):
