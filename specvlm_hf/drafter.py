@@ -6,11 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
-
-from .cache import commit_accepted
 from .configuration import SpeculativeConfig
-from .tree import DraftTree, additive_mask, build_tree, expand_level, rerank_nodes
+from .draft_step import LeanDraftForward
+from .tree import DraftTree, build_tree, causal_attention_mask, expand_level, rerank_nodes
 
 
 @dataclass(frozen=True)
@@ -76,17 +74,14 @@ class TreeDrafter(Drafter):
     """
     EAGLE-2 dynamic tree with a `SpecVLMDraftModel`: catch up on the committed positions, take the `top_k` children of
     the root, then `depth - 1` times expand the `top_k` best frontier nodes by cumulative log-probability; finally
-    keep the `total_tokens - 1` best of all scored nodes.
+    keep the `total_tokens - 1` best of all scored nodes. The draft runs through `LeanDraftForward`, whose cache holds
+    the committed positions followed, during a step, by the tree's levels.
     """
 
     def __init__(self, draft, config: SpeculativeConfig):
         self.draft = draft
         self.config = config
-        self.cache = DynamicCache()
-        self.committed = 0  # draft cache entries that belong to committed positions
-
-    def _run(self, embeds, features, position_ids, attention_mask=None) -> torch.Tensor:
-        return self.draft(embeds, features, position_ids, attention_mask=attention_mask, cache=self.cache)
+        self.forward = LeanDraftForward(draft)
 
     @torch.no_grad()
     def propose(self, state: DraftState) -> DraftTree:
@@ -94,10 +89,14 @@ class TreeDrafter(Drafter):
         embeds, features, position_ids = state.inputs_embeds, state.features, state.position_ids
         if state.image_mask is not None:
             embeds, features, position_ids = self.draft.compressor(embeds, features, position_ids, state.image_mask)
-        hidden = self._run(embeds, features, position_ids)
-        self.committed += embeds.shape[1]
+        cache = self.forward.cache
+        committed = cache.length + embeds.shape[1]  # cache entries of committed positions after the catch-up
+        hidden = self.forward(embeds, features, position_ids, causal_attention_mask(
+            embeds.shape[1], cache.length, embeds.dtype, embeds.device
+        ))  # fmt: skip
         root = state.input_ids[0, -1]
-        root_position = int(position_ids[0, -1]) + 1
+        root_position = state.input_ids.shape[1] - 1
+        device, dtype = hidden.device, hidden.dtype
         embed = self.draft.embed_tokens
 
         # Level 1: the root's top_k children. Pool = every scored node: tokens, scores, parent pool index (-1 = root).
@@ -106,26 +105,21 @@ class TreeDrafter(Drafter):
         tokens, scores = tokens[0], scores[0]  # [k]
         pool_tokens, pool_scores = [tokens], [scores]
         pool_parents = [torch.full_like(tokens, -1)]
-        frontier = torch.arange(k, device=tokens.device)  # pool indices of the frontier
+        frontier = torch.arange(k, device=device)  # pool indices of the frontier
         frontier_hidden = hidden[0, -1:].expand(k, -1)  # predicted feature feeding each frontier node
-        frontier_ancestry = torch.zeros(k, 0, dtype=torch.bool, device=tokens.device)  # over expanded entries
+        # Tree part of the level mask, over the tree entries fed so far and the frontier's own: every node sees the
+        # committed cache, its ancestors and itself. A chain's node sees every entry, so its mask is all zeros.
+        eye = torch.eye(k, dtype=torch.bool, device=device)
+        tree_allowed = eye
         n_pool = k
 
         for level in range(1, depth):
-            # Feed the frontier (depth `level`) at position root + level - 1; each node sees the committed cache,
-            # its expanded ancestors and itself.
-            allowed = torch.cat(
-                [
-                    torch.ones(k, self.committed, dtype=torch.bool, device=tokens.device),
-                    frontier_ancestry,
-                    torch.eye(k, dtype=torch.bool, device=tokens.device),
-                ],
-                dim=1,
-            )
-            positions = torch.full((1, k), root_position + level - 1, device=tokens.device)
-            out = self._run(
-                embed(tokens)[None], frontier_hidden[None], positions, additive_mask(allowed, hidden.dtype)
-            )
+            # Feed the frontier (depth `level`) at position root + level - 1.
+            mask = torch.zeros(1, 1, k, committed + level * k, dtype=dtype, device=device)
+            if k > 1:
+                mask[0, 0, :, committed:].masked_fill_(~tree_allowed, torch.finfo(dtype).min)
+            positions = torch.full((1, k), root_position + level - 1, device=device)
+            out = self.forward(embed(tokens)[None], frontier_hidden[None], positions, mask)
             log_probs = torch.log_softmax(self.draft.compute_logits(out[0]).float(), dim=-1)  # [k, V]
             child_tokens, child_scores = expand_level(scores, log_probs, k)  # [k, k]
             pool_tokens.append(child_tokens.flatten())
@@ -133,14 +127,14 @@ class TreeDrafter(Drafter):
             pool_parents.append(frontier.repeat_interleave(k))
             best = child_scores.flatten().topk(k).indices  # next frontier, as indices into this level's k*k
             parent_slot = best // k
-            expanded_rows = torch.cat([frontier_ancestry, torch.eye(k, dtype=torch.bool, device=tokens.device)], 1)
-            frontier_ancestry = expanded_rows[parent_slot]
+            if k > 1:
+                tree_allowed = torch.cat([tree_allowed[parent_slot], eye], dim=1)
             frontier = n_pool + best
             frontier_hidden = out[0, parent_slot]
             tokens, scores = child_tokens.flatten()[best], child_scores.flatten()[best]
             n_pool += k * k
 
-        commit_accepted(self.cache, self.committed, [])  # drop the tree entries, keep the committed prefix
+        cache.truncate(committed)  # drop the tree entries, keep the committed prefix
         selected, tree_parents = rerank_nodes(
             torch.cat(pool_scores), torch.cat(pool_parents), self.config.total_tokens - 1
         )

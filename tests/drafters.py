@@ -1,15 +1,17 @@
 """Test doubles that draft through the real `Drafter` interface: an oracle that knows the target's greedy
 continuation (long paths get accepted), one that knows it only for its first levels, and a random drafter (almost
-everything is rejected)."""
+everything is rejected), and the reference tree drafter that the lean one is compared with."""
 
 from __future__ import annotations
 
 import random
 
 import torch
+from transformers import DynamicCache
 
 from specvlm_hf import Drafter, DraftSource, DraftState, SpeculativeConfig
-from specvlm_hf.tree import build_tree
+from specvlm_hf.cache import commit_accepted
+from specvlm_hf.tree import DraftTree, additive_mask, build_tree, expand_level, rerank_nodes
 
 
 def _siblings(rng: random.Random, vocab: int, exclude: set[int], count: int) -> list[int]:
@@ -116,3 +118,79 @@ class _RandomDrafter(Drafter):
             parents.append(parent)
             depths.append(depths[parent] + 1)
         return build_tree(torch.tensor(tokens, device=state.input_ids.device), parents)
+
+
+class ReferenceTreeDrafter(Drafter):
+    """The EAGLE-2 tree grown through `SpecVLMDraftModel.forward` (the module path training uses) with a
+    `DynamicCache`, masks built from boolean ancestry: the reference `TreeDrafter`'s lean path must match bit for bit."""
+
+    def __init__(self, draft, config: SpeculativeConfig):
+        self.draft = draft
+        self.config = config
+        self.cache = DynamicCache()
+        self.committed = 0
+        self.outputs: list[torch.Tensor] = []  # every draft forward's output, in order
+
+    def _run(self, embeds, features, position_ids, attention_mask=None) -> torch.Tensor:
+        out = self.draft(embeds, features, position_ids, attention_mask=attention_mask, cache=self.cache)
+        self.outputs.append(out)
+        return out
+
+    @torch.no_grad()
+    def propose(self, state: DraftState) -> DraftTree:
+        k, depth = self.config.top_k, self.config.depth
+        embeds, features, position_ids = state.inputs_embeds, state.features, state.position_ids
+        if state.image_mask is not None:
+            embeds, features, position_ids = self.draft.compressor(embeds, features, position_ids, state.image_mask)
+        hidden = self._run(embeds, features, position_ids)
+        self.committed += embeds.shape[1]
+        root = state.input_ids[0, -1]
+        root_position = int(position_ids[0, -1]) + 1
+        embed = self.draft.embed_tokens
+        log_probs = torch.log_softmax(self.draft.compute_logits(hidden[0, -1:]).float(), dim=-1)
+        tokens, scores = expand_level(log_probs.new_zeros(1), log_probs, k)
+        tokens, scores = tokens[0], scores[0]
+        pool_tokens, pool_scores = [tokens], [scores]
+        pool_parents = [torch.full_like(tokens, -1)]
+        frontier = torch.arange(k, device=tokens.device)
+        frontier_hidden = hidden[0, -1:].expand(k, -1)
+        frontier_ancestry = torch.zeros(k, 0, dtype=torch.bool, device=tokens.device)
+        n_pool = k
+        for level in range(1, depth):
+            eye = torch.eye(k, dtype=torch.bool, device=tokens.device)
+            allowed = torch.cat(
+                [torch.ones(k, self.committed, dtype=torch.bool, device=tokens.device), frontier_ancestry, eye], dim=1
+            )
+            positions = torch.full((1, k), root_position + level - 1, device=tokens.device)
+            out = self._run(embed(tokens)[None], frontier_hidden[None], positions, additive_mask(allowed, hidden.dtype))
+            log_probs = torch.log_softmax(self.draft.compute_logits(out[0]).float(), dim=-1)
+            child_tokens, child_scores = expand_level(scores, log_probs, k)
+            pool_tokens.append(child_tokens.flatten())
+            pool_scores.append(child_scores.flatten())
+            pool_parents.append(frontier.repeat_interleave(k))
+            best = child_scores.flatten().topk(k).indices
+            parent_slot = best // k
+            frontier_ancestry = torch.cat([frontier_ancestry, eye], 1)[parent_slot]
+            frontier = n_pool + best
+            frontier_hidden = out[0, parent_slot]
+            tokens, scores = child_tokens.flatten()[best], child_scores.flatten()[best]
+            n_pool += k * k
+        commit_accepted(self.cache, self.committed, [])
+        selected, tree_parents = rerank_nodes(
+            torch.cat(pool_scores), torch.cat(pool_parents), self.config.total_tokens - 1
+        )
+        tree_tokens = torch.cat([root.view(1), torch.cat(pool_tokens)[selected]])
+        return build_tree(tree_tokens, [-1] + tree_parents.tolist())
+
+
+class ReferenceDraft(DraftSource):
+    """A `SpecVLMDraftModel` drafting through `ReferenceTreeDrafter`; keeps the drafters it made."""
+
+    def __init__(self, draft, config: SpeculativeConfig):
+        self.draft = draft
+        self.speculative_config = config
+        self.drafters: list[ReferenceTreeDrafter] = []
+
+    def new_drafter(self, target) -> Drafter:
+        self.drafters.append(ReferenceTreeDrafter(self.draft, self.speculative_config))
+        return self.drafters[-1]

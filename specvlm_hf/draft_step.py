@@ -1,0 +1,134 @@
+"""The draft's forward as the decoding loop runs it: the same arithmetic as `SpecVLMDraftModel.forward` (the path
+training uses) without the generic decoder-layer machinery around it. The loop calls the draft once per tree level,
+and on CPU a level costs more in framework overhead than in arithmetic, so this path
+
+- keeps the draft's keys and values in preallocated buffers (`StaticDraftCache`): appending writes in place, and
+  dropping the tree's entries after a step only moves a length (no concatenation, no copy);
+- runs the layer's arithmetic directly on its weights (the same functional calls its modules make) and calls
+  transformers' attention function itself, skipping the module calls, decorators, keyword plumbing and cache dispatch
+  of `LlamaDecoderLayer.forward`.
+
+Invariant: given the same inputs and mask, `LeanDraftForward` returns bit for bit what `SpecVLMDraftModel.forward`
+returns with a `DynamicCache` holding the same entries (float32; `tests/test_draft_step.py`). It calls the same
+kernels with the same shapes in the same order; only where the keys and values live differs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
+
+
+class StaticDraftCache:
+    """
+    The draft's keys and values per layer, each `(1, num_key_value_heads, capacity, head_dim)`; entries `[0, length)`
+    are live. Capacity doubles when a write would overflow it.
+    """
+
+    def __init__(self, num_layers: int, num_key_value_heads: int, head_dim: int, dtype, device, capacity: int = 512):
+        shape = (1, num_key_value_heads, capacity, head_dim)
+        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.length = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[2]
+
+    def reserve(self, length: int) -> None:
+        """Makes room for `length` entries, keeping the live ones."""
+        if length <= self.capacity:
+            return
+        capacity = max(length, 2 * self.capacity)
+        for buffers in (self.keys, self.values):
+            for i, old in enumerate(buffers):
+                new = old.new_empty(old.shape[:2] + (capacity,) + old.shape[3:])
+                new[:, :, : self.length] = old[:, :, : self.length]
+                buffers[i] = new
+
+    def write(self, layer: int, start: int, keys: torch.Tensor, values: torch.Tensor):
+        """Stores `keys`, `values` (`(1, kv_heads, n, head_dim)`) at `[start, start + n)` of `layer` and returns the
+        layer's entries `[0, start + n)` as views. The caller has reserved the room."""
+        end = start + keys.shape[2]
+        self.keys[layer][:, :, start:end] = keys
+        self.values[layer][:, :, start:end] = values
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def truncate(self, length: int) -> None:
+        """Drops the entries from `length` on (the last step's tree)."""
+        self.length = min(self.length, length)
+
+
+class LeanDraftForward:
+    """`SpecVLMDraftModel.forward` over a `StaticDraftCache`. One instance serves one decoding call."""
+
+    def __init__(self, draft, capacity: int = 512):
+        self.draft = draft
+        config = draft.config
+        self.head_dim = config.head_dim
+        self.attention = ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager_attention_forward)
+        weight = draft.fc.weight
+        self.fc = (draft.fc.weight, draft.fc.bias)
+        # Per layer: the attention module (read by transformers' attention function), the two RMSNorms' (weight,
+        # eps), the seven projections' (weight, bias) in order q, k, v, o, gate, up, down, and the MLP activation.
+        self.layers = []
+        for layer in draft.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            norms = [(n.weight, n.variance_epsilon) for n in (layer.input_layernorm, layer.post_attention_layernorm)]
+            linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+            self.layers.append((attn, norms, [(m.weight, m.bias) for m in linears], mlp.act_fn))
+        self.cache = StaticDraftCache(
+            len(draft.layers), config.num_key_value_heads, config.head_dim, weight.dtype, weight.device, capacity
+        )
+
+    def __call__(
+        self,
+        inputs_embeds: torch.Tensor,
+        features: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """
+        Appends `q_len` positions to the cache and predicts the target's next features there.
+
+        Args:
+            inputs_embeds, features (`torch.FloatTensor` of shape `(1, q_len, hidden_size)`): as in
+                `SpecVLMDraftModel.forward`.
+            position_ids (`torch.LongTensor` of shape `(1, q_len)`)
+            attention_mask (`torch.FloatTensor` of shape `(1, 1, q_len, length + q_len)`): additive mask over the
+                cache's live entries and the new ones.
+
+        Returns:
+            `torch.FloatTensor` of shape `(1, q_len, hidden_size)`.
+        """
+        draft, cache = self.draft, self.cache
+        q_len, start = inputs_embeds.shape[1], cache.length
+        cache.reserve(start + q_len)
+        hidden = F.linear(torch.cat([inputs_embeds, features.to(inputs_embeds.dtype)], dim=-1), *self.fc)
+        cos, sin = draft.rotary_emb(hidden, position_ids)
+        heads = (1, q_len, -1, self.head_dim)
+        for index, (attn, norms, projections, act) in enumerate(self.layers):
+            normed = _rms_norm(hidden, *norms[0])
+            query = F.linear(normed, *projections[0]).view(heads).transpose(1, 2)
+            key = F.linear(normed, *projections[1]).view(heads).transpose(1, 2)
+            value = F.linear(normed, *projections[2]).view(heads).transpose(1, 2)
+            query, key = apply_rotary_pos_emb(query, key, cos, sin)
+            keys, values = cache.write(index, start, key, value)
+            out, _ = self.attention(attn, query, keys, values, attention_mask, dropout=0.0, scaling=attn.scaling)
+            hidden = hidden + F.linear(out.reshape(1, q_len, -1).contiguous(), *projections[3])
+            normed = _rms_norm(hidden, *norms[1])
+            gated = act(F.linear(normed, *projections[4])) * F.linear(normed, *projections[5])
+            hidden = hidden + F.linear(gated, *projections[6])
+        cache.length = start + q_len
+        return hidden
+
+
+def _rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """`LlamaRMSNorm.forward`, op for op."""
+    dtype = hidden.dtype
+    hidden = hidden.to(torch.float32)
+    variance = hidden.pow(2).mean(-1, keepdim=True)
+    hidden = hidden * torch.rsqrt(variance + eps)
+    return weight * hidden.to(dtype)

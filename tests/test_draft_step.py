@@ -1,0 +1,133 @@
+"""The lean draft step (`draft_step.py`, used by `TreeDrafter`) against the reference path (`SpecVLMDraftModel.forward`
+with a `DynamicCache`, `drafters.ReferenceTreeDrafter`): every draft forward's output bit for bit, and the same trees,
+in float32, on the states a real generation produces."""
+
+import pytest
+import torch
+from drafters import ReferenceTreeDrafter
+from tiny import make_inputs, make_target
+
+from specvlm_hf import DraftSource, SpeculativeConfig, SpecVLMDraftModel, speculative_generate
+from specvlm_hf.draft_step import LeanDraftForward, StaticDraftCache
+from specvlm_hf.drafter import Drafter, TreeDrafter
+
+
+class _RecordingForward:
+    """Wraps a `LeanDraftForward`, keeping every output."""
+
+    def __init__(self, forward: LeanDraftForward):
+        self.inner, self.cache, self.outputs = forward, forward.cache, []
+
+    def __call__(self, *args):
+        self.outputs.append(self.inner(*args))
+        return self.outputs[-1]
+
+
+class _Twin(Drafter):
+    def __init__(self, draft, config, capacity):
+        self.lean = TreeDrafter(draft, config)
+        self.lean.forward = _RecordingForward(LeanDraftForward(draft, capacity=capacity))
+        self.reference = ReferenceTreeDrafter(draft, config)
+        self.steps = 0
+
+    def propose(self, state):
+        lean, reference = self.lean.propose(state), self.reference.propose(state)
+        assert torch.equal(lean.tokens, reference.tokens) and lean.parents == reference.parents
+        got, want = self.lean.forward.outputs, self.reference.outputs
+        assert len(got) == len(want)
+        for a, b in zip(got, want):
+            assert torch.equal(a, b), (a - b).abs().max()
+        got.clear(), want.clear()
+        self.steps += 1
+        return lean
+
+
+class TwinDraft(DraftSource):
+    """Drafts with the lean and the reference drafter side by side and asserts they agree at every step."""
+
+    def __init__(self, draft, config, capacity=512):
+        self.draft, self.speculative_config, self.capacity = draft, config, capacity
+        self.twins = []
+
+    def new_drafter(self, target):
+        self.twins.append(_Twin(self.draft, self.speculative_config, self.capacity))
+        return self.twins[-1]
+
+
+SHAPES = [
+    SpeculativeConfig(depth=5, top_k=1, total_tokens=6),
+    SpeculativeConfig(depth=3, top_k=2, total_tokens=7),
+    SpeculativeConfig(depth=4, top_k=4, total_tokens=16),
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s.depth},{s.top_k},{s.total_tokens}")
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("kv_heads", [2, 4], ids=["gqa", "mha"])
+def test_lean_step_matches_reference_bit_for_bit(shape, attention, kv_heads):
+    target = make_target(seed=3, attn_implementation=attention, kv_heads=kv_heads)
+    torch.manual_seed(1)
+    draft = SpecVLMDraftModel.from_target(target)
+    # A small capacity makes the static cache grow several times during the call.
+    source = TwinDraft(draft, shape, capacity=8)
+    inputs = make_inputs(seed=4)
+    out = speculative_generate(target, source, **inputs, max_new_tokens=40)
+    assert source.twins[0].steps == out.stats.target_forwards - 1 >= 5
+    plain = target.generate(**inputs, max_new_tokens=40, do_sample=False)
+    assert torch.equal(out.sequences, plain)
+
+
+def test_lean_step_matches_reference_on_long_catch_ups(target, draft):
+    """States that commit many positions at once (as a well-trained draft's accepted paths do), from the true
+    continuation, including the prompt with its image."""
+    inputs = make_inputs(seed=6)
+    sequence = target.generate(**inputs, max_new_tokens=30, do_sample=False)
+    from specvlm_hf.adapters import get_adapter
+    from specvlm_hf.drafter import DraftState
+    from transformers import DynamicCache
+
+    adapter = get_adapter(target)
+    p = inputs["input_ids"].shape[1]
+    embeds = torch.cat(
+        [
+            adapter.embed(sequence[:, :p], adapter.image_features({"pixel_values": inputs["pixel_values"]})),
+            adapter.embed_tokens(sequence[:, p:]),
+        ],
+        dim=1,
+    )
+    with torch.no_grad():
+        features = adapter.forward(embeds, torch.arange(sequence.shape[1])[None], DynamicCache())
+    config = SpeculativeConfig(depth=4, top_k=3, total_tokens=10)
+    twin = _Twin(draft, config, capacity=16)
+    slots = inputs["input_ids"][0] == adapter.image_token_id
+    state = DraftState(
+        sequence[:, : p + 1], embeds[:, 1 : p + 1], features[:, :p], torch.arange(p)[None],
+        image_mask=torch.cat([slots[1:], slots.new_zeros(1)]),
+    )  # fmt: skip
+    root = p
+    for accepted in (7, 1, 4, 2, 6):
+        twin.propose(state)
+        committed = torch.arange(root, root + accepted)
+        state = DraftState(
+            sequence[:, : root + accepted + 1], embeds[:, root + 1 : root + accepted + 1],
+            features[:, root : root + accepted], committed[None],
+        )  # fmt: skip
+        root += accepted
+    assert twin.steps == 5
+
+
+def test_static_cache_grows_keeping_entries_and_truncates():
+    cache = StaticDraftCache(1, 2, 4, torch.float32, torch.device("cpu"), capacity=3)
+    first = torch.randn(1, 2, 3, 4)
+    cache.reserve(3)
+    cache.write(0, 0, first, first + 1)
+    cache.length = 3
+    second = torch.randn(1, 2, 4, 4)
+    cache.reserve(7)
+    assert cache.capacity == 7
+    keys, values = cache.write(0, 3, second, second + 1)
+    assert torch.equal(keys, torch.cat([first, second], dim=2))
+    assert torch.equal(values, torch.cat([first, second], dim=2) + 1)
+    cache.length = 7
+    cache.truncate(2)
+    assert cache.length == 2
