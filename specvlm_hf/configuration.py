@@ -84,38 +84,58 @@ class SpecVLMDraftConfig(PretrainedConfig):
         super().__init__(**kwargs)
 
 
+# EAGLE-2's tree, used for any knob left unset when others are set.
+EAGLE2_TREE = {"depth": 5, "top_k": 8, "total_tokens": 32}
+
+
 @dataclass(frozen=True)
 class SpeculativeConfig:
     """
     Runtime knobs of the EAGLE-2 dynamic draft tree. Not part of any checkpoint: the same draft can draft a chain on a
     CPU and a wide tree on a GPU.
 
+    With no tree knob set (the default) the tree is **auto**: `tuning.TreeTuner` picks depth and width every step from
+    the costs measured on this device and the acceptance so far. Setting any knob fixes the tree; knobs left unset
+    then take EAGLE-2's values (depth 5, top_k 8, total_tokens 32).
+
     Args:
-        depth (`int`, defaults to 5): draft levels below the root, i.e. the most draft tokens one step can accept
+        depth (`int`, *optional*): draft levels below the root, i.e. the most draft tokens one step can accept
             (a step emits at most `depth + 1` tokens with the target's bonus token). Costs `depth` draft forwards.
-        top_k (`int`, defaults to 8): children proposed per expanded node, and nodes expanded per level.
+        top_k (`int`, *optional*): children proposed per expanded node, and nodes expanded per level.
             `top_k=1` drafts a chain.
-        total_tokens (`int`, defaults to 32): tree size sent to the target in one verification forward, root
+        total_tokens (`int`, *optional*): tree size sent to the target in one verification forward, root
             included. The best `total_tokens - 1` drafted nodes by cumulative draft log-probability are kept.
         profile (`bool`, defaults to `False`): record time spent in target and draft forwards (`SpeculativeStats`);
             synchronises CUDA around each phase, so leave it off outside benchmarks.
     """
 
-    depth: int = field(default=5, metadata={"help": "Draft levels below the root (max draft tokens per step)."})
-    top_k: int = field(default=8, metadata={"help": "Children per expanded node and nodes expanded per level."})
-    total_tokens: int = field(default=32, metadata={"help": "Tree tokens verified per target forward, root included."})
+    depth: int | None = field(default=None, metadata={"help": "Draft levels below the root (auto when unset)."})
+    top_k: int | None = field(default=None, metadata={"help": "Children per expanded node (auto when unset)."})
+    total_tokens: int | None = field(
+        default=None, metadata={"help": "Tree tokens verified per target forward, root included (auto when unset)."}
+    )
     profile: bool = field(default=False, metadata={"help": "Time target and draft forwards apart (syncs CUDA)."})
 
     def __post_init__(self):
         for name, low in (("depth", 1), ("top_k", 1), ("total_tokens", 2)):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
                 raise ValueError(f"SpeculativeConfig.{name} must be an integer >= {low}, got {value!r}")
+
+    @property
+    def is_auto(self) -> bool:
+        """True when no tree knob is set: the tree is chosen per step by `tuning.TreeTuner`."""
+        return self.depth is None and self.top_k is None and self.total_tokens is None
+
+    def fixed(self) -> SpeculativeConfig:
+        """This config with unset knobs at EAGLE-2's values (for a config with some knobs set)."""
+        return replace(self, **{k: v for k, v in EAGLE2_TREE.items() if getattr(self, k) is None})
 
     @property
     def max_nodes(self) -> int:
         """Nodes the drafter scores before reranking: `top_k` at level 1, `top_k**2` at each deeper level."""
-        return self.top_k + (self.depth - 1) * self.top_k**2
+        tree = self.fixed()
+        return tree.top_k + (tree.depth - 1) * tree.top_k**2
 
     def with_overrides(self, **overrides) -> SpeculativeConfig:
         """A copy with the non-`None` overrides applied (and validated)."""

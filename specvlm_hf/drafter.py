@@ -3,9 +3,11 @@ with a `SpecVLMDraftModel` (SpecVLM §1.3) while keeping the draft's own KV cach
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
+
 from .configuration import SpeculativeConfig
 from .draft_step import LeanDraftForward
 from .tree import DraftTree, build_tree, causal_attention_mask, expand_level, rerank_nodes
@@ -34,10 +36,18 @@ class DraftState:
 
 
 class Drafter:
-    """Proposes a token tree from the decoding state. One instance serves one `generate()` call."""
+    """Proposes a token tree from the decoding state. One instance serves one `generate()` call: `begin` once after
+    prefill, then per step `propose` and `observe`."""
+
+    def begin(self, adapter, do_sample: bool, prompt_len: int) -> None:
+        """Called once before the first `propose`."""
 
     def propose(self, state: DraftState) -> DraftTree:
         raise NotImplementedError
+
+    def observe(self, emitted: int, finished: bool) -> None:
+        """The last proposed tree's outcome: `emitted` tokens (accepted drafts + the target's token); `finished` when
+        a stopping criterion cut the step."""
 
 
 class DraftSource:
@@ -75,17 +85,33 @@ class TreeDrafter(Drafter):
     EAGLE-2 dynamic tree with a `SpecVLMDraftModel`: catch up on the committed positions, take the `top_k` children of
     the root, then `depth - 1` times expand the `top_k` best frontier nodes by cumulative log-probability; finally
     keep the `total_tokens - 1` best of all scored nodes. The draft runs through `LeanDraftForward`, whose cache holds
-    the committed positions followed, during a step, by the tree's levels.
+    the committed positions followed, during a step, by the tree's levels. With an auto `config` the shape comes from
+    the draft's `TreeTuner` each step.
     """
 
     def __init__(self, draft, config: SpeculativeConfig):
         self.draft = draft
-        self.config = config
+        self.config = config if config.is_auto else config.fixed()
         self.forward = LeanDraftForward(draft)
+        self.tuner = None
+        self.shape = self.config
+        self._started = self._drafted = 0.0
+
+    def begin(self, adapter, do_sample: bool, prompt_len: int) -> None:
+        if self.config.is_auto:
+            self.tuner = self.draft.tree_tuner(adapter, do_sample, prompt_len)
+
+    def observe(self, emitted: int, finished: bool) -> None:
+        if self.tuner is not None:
+            now = time.perf_counter()
+            self.tuner.observe(self.shape, emitted - 1, self._drafted - self._started, now - self._started, finished)
 
     @torch.no_grad()
     def propose(self, state: DraftState) -> DraftTree:
-        k, depth = self.config.top_k, self.config.depth
+        self._started = time.perf_counter()
+        if self.tuner is not None:
+            self.shape = self.tuner.choose()
+        k, depth = self.shape.top_k, self.shape.depth
         embeds, features, position_ids = state.inputs_embeds, state.features, state.position_ids
         if state.image_mask is not None:
             embeds, features, position_ids = self.draft.compressor(embeds, features, position_ids, state.image_mask)
@@ -103,6 +129,8 @@ class TreeDrafter(Drafter):
         log_probs = torch.log_softmax(self.draft.compute_logits(hidden[0, -1:]).float(), dim=-1)  # [1, V]
         tokens, scores = expand_level(log_probs.new_zeros(1), log_probs, k)
         tokens, scores = tokens[0], scores[0]  # [k]
+        if self.tuner is not None:
+            self.tuner.observe_mass(log_probs[0].topk(max(self.tuner.widths)).values.exp())
         pool_tokens, pool_scores = [tokens], [scores]
         pool_parents = [torch.full_like(tokens, -1)]
         frontier = torch.arange(k, device=device)  # pool indices of the frontier
@@ -136,7 +164,9 @@ class TreeDrafter(Drafter):
 
         cache.truncate(committed)  # drop the tree entries, keep the committed prefix
         selected, tree_parents = rerank_nodes(
-            torch.cat(pool_scores), torch.cat(pool_parents), self.config.total_tokens - 1
+            torch.cat(pool_scores), torch.cat(pool_parents), self.shape.total_tokens - 1
         )
         tree_tokens = torch.cat([root.view(1), torch.cat(pool_tokens)[selected]])
-        return build_tree(tree_tokens, [-1] + tree_parents.tolist())
+        tree = build_tree(tree_tokens, [-1] + tree_parents.tolist())  # tolist() waits for the device
+        self._drafted = time.perf_counter()
+        return tree

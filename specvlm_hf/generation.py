@@ -1,7 +1,7 @@
-"""The lossless tree decoding loop (SpecVLM §1.3): prefill, then [draft a tree, verify it in one target forward,
-accept, compact the cache] until a stopping criterion fires. `generate()` prepares the inputs (logits processors,
-stopping criteria, image encoding, cache) and calls `tree_decoding` through the hook in `integration.py`;
-`speculative_generate` is the same call returning statistics."""
+"""The lossless tree decoding loop (SpecVLM §1.3), composed from the steps in `loop.py`: prefill, then [draft a
+tree, verify it in one target forward, emit the accepted tokens, commit them to the cache] until a stopping criterion
+fires. `generate()` prepares the inputs (logits processors, stopping criteria, image encoding, cache) and calls
+`tree_decoding` through the hook in `integration.py`; `speculative_generate` is the same call returning statistics."""
 
 from __future__ import annotations
 
@@ -19,10 +19,11 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 from ._compat import CACHE_KWARG
 from .adapters import get_adapter
 from .cache import check_cache, commit_accepted
-from .drafter import DraftSource, DraftState
+from .drafter import DraftSource
+from .loop import Emitter, prefill, prompt_draft_state, step_draft_state, verify, walk_tree
 from .metrics import SpeculativeStats
-from .tree import DraftTree, build_tree, tree_attention_mask
-from .verify import accept_greedy, accept_node, accept_sampling, is_history_free
+from .tree import build_tree
+from .verify import is_history_free
 
 # model_kwargs that generate() hands to a decoding method and that the loop understands. Anything else would change
 # what the target computes in ways the loop does not reproduce, so it is refused by name.
@@ -157,73 +158,6 @@ def _target_cache(model_kwargs: dict):
     return cache
 
 
-class _Emitter:
-    """
-    Appends the target's tokens one at a time, exactly as plain decoding (`GenerationMixin._sample`) does per token:
-    record scores and logits, append the token, call every stopping criterion with `(input_ids, scores)`, stream it.
-    """
-
-    def __init__(self, input_ids, stopping_criteria: StoppingCriteriaList, generation_config, streamer=None):
-        self.input_ids = input_ids  # [1, seq_len], a new tensor per token as in plain decoding
-        self.criteria = stopping_criteria
-        keep = generation_config.return_dict_in_generate
-        self.scores = () if keep and generation_config.output_scores else None
-        self.logits = () if keep and generation_config.output_logits else None
-        self.streamer = streamer
-        self.finished = False
-
-    def emit(self, token: int, scores: torch.Tensor, logits: torch.Tensor) -> bool:
-        """Appends `token` (chosen from `scores`, both `[1, V]`); returns True once a stopping criterion fires."""
-        if self.scores is not None:
-            self.scores += (scores.clone(),)
-        if self.logits is not None:
-            self.logits += (logits.clone(),)
-        new = self.input_ids.new_full((1, 1), token)
-        self.input_ids = torch.cat([self.input_ids, new], dim=-1)
-        self.finished = bool(self.criteria(self.input_ids, self.scores).all())
-        if self.streamer is not None:
-            self.streamer.put(new[0].cpu())
-        return self.finished
-
-
-def walk_tree(
-    tree: DraftTree, logits: torch.Tensor, emitter: _Emitter, logits_processor, do_sample: bool, batched: bool
-) -> list[int]:
-    """
-    Emits the target's tokens along the tree: the accepted drafts, then the bonus token, until a stopping criterion
-    fires. Returns the nodes whose processed scores chose the emitted tokens (root first): the accepted path, cut
-    where generation stopped.
-
-    Args:
-        logits (`torch.FloatTensor` of shape `(num_nodes, vocab_size)`): the target's logits at each node.
-        batched (`bool`): `is_history_free(logits_processor)`. Then all nodes are processed at once and accepted by
-            `accept_greedy` / `accept_sampling`. Otherwise the processors are called once per emitted token on that
-            token's history, as plain decoding calls them, and `accept_node` takes one node at a time.
-    """
-    nodes = []
-    if batched:
-        scores = logits_processor(emitter.input_ids, logits)  # [N, V]
-        if do_sample:
-            acceptance = accept_sampling(tree, torch.softmax(scores, dim=-1))
-        else:
-            acceptance = accept_greedy(tree, scores.argmax(dim=-1))
-        tokens = [tree.token_list[node] for node in acceptance.path[1:]] + [acceptance.next_token]
-        for node, token in zip(acceptance.path, tokens):
-            nodes.append(node)
-            if emitter.emit(token, scores[node : node + 1], logits[node : node + 1]):
-                break
-        return nodes
-    node = 0
-    while node is not None:
-        scores = logits_processor(emitter.input_ids, logits[node : node + 1])  # [1, V]
-        child, token = accept_node(tree, node, scores[0], do_sample)
-        nodes.append(node)
-        if emitter.emit(token, scores, logits[node : node + 1]):
-            break
-        node = child
-    return nodes
-
-
 def tree_decoding(
     target,
     input_ids: torch.Tensor,
@@ -254,55 +188,32 @@ def tree_decoding(
     clock = _Clock(draft_source.speculative_config.profile, input_ids.device)
     do_sample = bool(generation_config.do_sample)
     batched = is_history_free(logits_processor)
-    emitter = _Emitter(input_ids, stopping_criteria, generation_config, streamer)
+    emitter = Emitter(input_ids, stopping_criteria, generation_config, streamer)
     stats = SpeculativeStats()
-    device = input_ids.device
-
-    # Prefill: the target encodes the prompt (visual tokens scattered in) and picks the first token.
-    embeds = adapter.embed(input_ids, adapter.image_features(model_kwargs))  # [1, prompt_len, h]
     prompt_len = input_ids.shape[1]
-    positions = torch.arange(prompt_len, device=device)[None]
-    features = adapter.forward(embeds, positions, cache)  # [1, prompt_len, h]
-    root_only = build_tree(input_ids[0, -1:], [-1])
-    walk_tree(root_only, adapter.logits(features[:, -1]), emitter, logits_processor, do_sample, batched)
-    stats.target_forwards += 1
 
-    # Draft position t pairs the target's input embedding at t+1 with its feature at t.
-    first = adapter.embed_tokens(emitter.input_ids[:, -1:])
-    image_slots = input_ids[0] == adapter.image_token_id
-    state = DraftState(
-        input_ids=emitter.input_ids,
-        inputs_embeds=torch.cat([embeds[:, 1:], first], dim=1),
-        features=features,
-        position_ids=positions,
-        image_mask=torch.cat([image_slots[1:], image_slots.new_zeros(1)]),
-    )
+    embeds, features = prefill(adapter, input_ids, adapter.image_features(model_kwargs), cache)
+    walk_tree(build_tree(input_ids[0, -1:], [-1]), adapter.logits(features[:, -1]), emitter, logits_processor,
+              do_sample, batched)  # fmt: skip
+    stats.target_forwards += 1
+    state = prompt_draft_state(adapter, emitter.input_ids, embeds, features)
+    drafter.begin(adapter, do_sample, prompt_len)
 
     while not emitter.finished:
         step_start = clock.now()
         tree = drafter.propose(state)
         clock.add("draft", step_start)
-        root_position = emitter.input_ids.shape[1] - 1  # = target cache length; the root is not cached yet
-
+        root_position = emitter.input_ids.shape[1] - 1  # = the cache's length; the root is not cached yet
         verify_start = clock.now()
-        tree_embeds = adapter.embed_tokens(tree.tokens)[None]  # [1, N, h]
-        mask = tree_attention_mask(tree.mask, root_position, tree_embeds.dtype)
-        tree_features = adapter.forward(tree_embeds, (root_position + tree.depths)[None], cache, mask)  # [1, N, h]
-        tree_logits = adapter.logits(tree_features[0])  # [N, V]
+        tree_features, tree_logits = verify(adapter, tree, cache, root_position)
         clock.add("verify", verify_start)
-
         nodes = walk_tree(tree, tree_logits, emitter, logits_processor, do_sample, batched)
-        # The cache keeps the nodes whose tokens were emitted; the last emitted token is the next root.
-        commit_accepted(cache, root_position, nodes)
+        commit_accepted(cache, root_position, nodes)  # the emitted tokens' entries; the last one is the next root
+        drafter.observe(len(nodes), emitter.finished)
         stats.target_forwards += 1
         stats.accepted_lengths.append(len(nodes))
         if not emitter.finished:
-            state = DraftState(
-                input_ids=emitter.input_ids,
-                inputs_embeds=adapter.embed_tokens(emitter.input_ids[:, -len(nodes) :]),
-                features=tree_features[:, nodes],
-                position_ids=(root_position + torch.arange(len(nodes), device=device))[None],
-            )
+            state = step_draft_state(adapter, emitter.input_ids, tree_features[:, nodes], root_position)
         clock.add("step", step_start)
 
     if streamer is not None:

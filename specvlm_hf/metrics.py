@@ -1,5 +1,5 @@
-"""The figures of speculative decoding, each defined once: mean accepted length (sigma) and the loop's overhead
-share, as functions of the counts and times they summarise (used by the loop, the benchmark, the trainer's
+"""The figures of speculative decoding, each defined once: mean accepted length (sigma), the loop's overhead share
+and the free-draft bound, as functions of the counts and times they summarise (used by the loop, the benchmark, the trainer's
 evaluation and the `evaluate` metric), and `SpeculativeStats`, the figures of one speculative generation."""
 
 from __future__ import annotations
@@ -18,6 +18,21 @@ def overhead_share(step_time: float, verify_time: float, draft_time: float) -> f
     if step_time <= 0:
         return None
     return max(0.0, 1.0 - (verify_time + draft_time) / step_time)
+
+
+def free_draft_bound(decoded_tokens: int, verify_seconds, plain_step_seconds: float) -> float | None:
+    """
+    The speedup a speculative method would reach if drafting and its own loop cost nothing: plain decoding's time
+    for the decoded tokens over the time of the verification forwards alone, `sigma x T(1) / T(q)` for a fixed tree
+    size q. `None` without forwards.
+
+    Args:
+        decoded_tokens (`int`): tokens emitted by verification forwards (all new tokens but the prefill's).
+        verify_seconds (`Sequence[float]`): T(q) of each verification forward.
+        plain_step_seconds (`float`): T(1), one plain decoding step.
+    """
+    total = sum(verify_seconds)
+    return decoded_tokens * plain_step_seconds / total if total > 0 else None
 
 
 @dataclass

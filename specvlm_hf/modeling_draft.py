@@ -21,6 +21,7 @@ from .adapters import get_adapter
 from .configuration import SpeculativeConfig, SpecVLMDraftConfig
 from .drafter import DraftSource, TreeDrafter, TreeDraftSpec
 from .tree import causal_attention_mask
+from .tuning import TreeTuner, device_costs
 
 
 class IdentityCompressor(nn.Module):
@@ -67,6 +68,7 @@ class SpecVLMDraftModel(PreTrainedModel, DraftSource):
         # Drafting knobs are runtime state, not architecture: never saved with the weights.
         self.speculative_config = SpeculativeConfig()
         self._borrowed: tuple[nn.Module, ...] | None = None  # (target, embed_tokens, lm_head), not registered
+        self._tuners: dict[tuple, TreeTuner] = {}  # auto tree controllers by (device, dtype, do_sample)
         self.post_init()
 
     # ----------------------------------------------------------------------------------------------- binding
@@ -113,6 +115,7 @@ class SpecVLMDraftModel(PreTrainedModel, DraftSource):
         if problems:
             raise ValueError("This draft does not fit the target: " + "; ".join(problems) + ".")
         self._borrowed = (target, adapter.embed_tokens, adapter.lm_head)
+        self._tuners = {}
         self.to(device=adapter.lm_head.weight.device, dtype=adapter.lm_head.weight.dtype)
         return self
 
@@ -141,7 +144,8 @@ class SpecVLMDraftModel(PreTrainedModel, DraftSource):
 
     # ----------------------------------------------------------------------------------------------- drafting
     def with_tree(self, **knobs) -> TreeDraftSpec:
-        """This draft with other tree knobs (`depth`, `top_k`, `total_tokens`), for `generate(assistant_model=...)`."""
+        """This draft with other tree knobs (`depth`, `top_k`, `total_tokens`), for `generate(assistant_model=...)`.
+        Any knob set fixes the tree; `speculative_config` is auto by default (`tuning.py`)."""
         return TreeDraftSpec(self, self.speculative_config.with_overrides(**knobs))
 
     def new_drafter(self, target: nn.Module, speculative_config: SpeculativeConfig | None = None) -> TreeDrafter:
@@ -150,6 +154,15 @@ class SpecVLMDraftModel(PreTrainedModel, DraftSource):
                 "This draft is bound to another target model; bind it to this one with `draft.bind(target)`."
             )
         return TreeDrafter(self, speculative_config or self.speculative_config)
+
+    def tree_tuner(self, adapter, do_sample: bool, prompt_len: int) -> TreeTuner:
+        """The auto tree's controller for the bound target in this decoding mode, kept across calls; the device's
+        costs are measured on first use (`tuning.device_costs`)."""
+        weight = self.fc.weight
+        key = (weight.device, weight.dtype, bool(do_sample))
+        if key not in self._tuners:
+            self._tuners[key] = TreeTuner(device_costs(adapter, self, prompt_len))
+        return self._tuners[key]
 
     # ----------------------------------------------------------------------------------------------- compute
     def forward(

@@ -11,6 +11,15 @@ from tiny import make_target  # noqa: E402
 import specvlm_hf  # noqa: E402,F401  (installs the generate() integration)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _cost_cache(tmp_path_factory):
+    """Measured tree costs (`tuning.device_costs`) go to a temporary directory, never the user's cache."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("SPECVLM_HF_CACHE", str(tmp_path_factory.mktemp("specvlm_hf_cache")))
+    yield
+    patch.undo()
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
     torch.manual_seed(0)

@@ -162,7 +162,9 @@ class ReferenceTreeDrafter(Drafter):
                 [torch.ones(k, self.committed, dtype=torch.bool, device=tokens.device), frontier_ancestry, eye], dim=1
             )
             positions = torch.full((1, k), root_position + level - 1, device=tokens.device)
-            out = self._run(embed(tokens)[None], frontier_hidden[None], positions, additive_mask(allowed, hidden.dtype))
+            out = self._run(
+                embed(tokens)[None], frontier_hidden[None], positions, additive_mask(allowed, hidden.dtype)
+            )
             log_probs = torch.log_softmax(self.draft.compute_logits(out[0]).float(), dim=-1)
             child_tokens, child_scores = expand_level(scores, log_probs, k)
             pool_tokens.append(child_tokens.flatten())

@@ -73,7 +73,7 @@ def test_tiny_run_writes_the_json_schema(target, draft, assistant, tmp_path):
     result = run_benchmark(config, resources=resources, samples=tiny_samples())
     data = json.loads((tmp_path / "benchmark.json").read_text())
 
-    assert set(data) == {"schema_version", "environment", "config", "models", "trees", "summary", "runs"}
+    assert set(data) == {"schema_version", "environment", "config", "models", "trees", "cost_curve", "summary", "runs"}
     for key in (
         "device",
         "device_name",

@@ -6,10 +6,12 @@ import pytest
 import torch
 from drafters import ReferenceTreeDrafter
 from tiny import make_inputs, make_target
+from transformers import DynamicCache
 
 from specvlm_hf import DraftSource, SpeculativeConfig, SpecVLMDraftModel, speculative_generate
+from specvlm_hf.adapters import get_adapter
 from specvlm_hf.draft_step import LeanDraftForward, StaticDraftCache
-from specvlm_hf.drafter import Drafter, TreeDrafter
+from specvlm_hf.drafter import Drafter, DraftState, TreeDrafter
 
 
 class _RecordingForward:
@@ -82,10 +84,6 @@ def test_lean_step_matches_reference_on_long_catch_ups(target, draft):
     continuation, including the prompt with its image."""
     inputs = make_inputs(seed=6)
     sequence = target.generate(**inputs, max_new_tokens=30, do_sample=False)
-    from specvlm_hf.adapters import get_adapter
-    from specvlm_hf.drafter import DraftState
-    from transformers import DynamicCache
-
     adapter = get_adapter(target)
     p = inputs["input_ids"].shape[1]
     embeds = torch.cat(

@@ -2,10 +2,11 @@
 
 - plain decoding: seconds per token of `target.generate` after the first, and the first token's time (image
   encoding + prefill); its output is the calibration continuation (greedy at T = 0, sampled at T > 0);
-- T(q): the target's verification forward of q tree tokens through the real adapter, over a cached prefix of
-  prompt + half the continuation;
+- T(q): the loop's own verification forward (`loop.verify`) of q tree tokens, over a cached prefix of prompt + half
+  the continuation;
 - per tree shape, by *replay*: the real `TreeDrafter` is driven along the fixed continuation exactly as the decoding
-  loop drives it (same `DraftState`s, target features from one causal forward over the whole sequence), and each
+  loop drives it (the loop's own `prompt_draft_state` / `step_draft_state`, target features from one causal forward
+  over the whole sequence), and each
   step accepts the longest drafted path that matches the continuation. At T = 0 this is what the loop accepts (the
   continuation is the target's argmax chain); at T > 0 it has the loop's distribution, since recursive rejection over
   deterministic siblings accepts a child exactly when a token sampled from the target is that child. The replay
@@ -25,14 +26,14 @@ import torch
 from transformers import DynamicCache
 
 from ..adapters import get_adapter
-from ..cache import commit_accepted
 from ..configuration import SpeculativeConfig
-from ..drafter import DraftState
-from ..tree import DraftTree, build_tree, tree_attention_mask
+from ..loop import prompt_draft_state, step_draft_state
+from ..tree import DraftTree
+from ..tuning import CostCurve, measure_verify_curve
 from .methods import EagleVLM, generation_config
 from .prompts import Sample
 from .timing import time_call
-from .tree_budget import CostCurve, TreeChoice, TreeEstimate, candidate_trees, search_tree, snap
+from .tree_budget import TreeChoice, TreeEstimate, candidate_trees, search_tree, snap
 
 logger = logging.getLogger(__name__)
 
@@ -167,17 +168,11 @@ def replay(draft, target, context: ReplayContext, tree: SpeculativeConfig) -> tu
         `propose` call (the first includes the draft's pass over the prompt).
     """
     drafter = draft.new_drafter(target, tree)
+    adapter = get_adapter(target)
     device = target.device
     ids, p, embeds, features = context.input_ids, context.prompt_len, context.embeds, context.features
     total = ids.shape[1]
-    # After prefill the loop has emitted token p; the draft pairs embedding t+1 with feature t (generation.py).
-    state = DraftState(
-        input_ids=ids[:, : p + 1],
-        inputs_embeds=embeds[:, 1 : p + 1],
-        features=features[:, :p],
-        position_ids=torch.arange(p, device=device)[None],
-        image_mask=torch.cat([context.image_slots[1:], context.image_slots.new_zeros(1)]),
-    )
+    state = prompt_draft_state(adapter, ids[:, : p + 1], embeds[:, :p], features[:, :p])
     root, emitted, seconds = p, [], []
     continuation = ids[0].tolist()
     while root < total - 1:
@@ -186,13 +181,7 @@ def replay(draft, target, context: ReplayContext, tree: SpeculativeConfig) -> tu
         n = min(accepted + 1, total - 1 - root)  # accepted drafts + the bonus token, cut where the output ends
         emitted.append(n)
         seconds.append(elapsed)
-        committed = torch.arange(root, root + accepted + 1, device=device)
-        state = DraftState(
-            input_ids=ids[:, : root + accepted + 2],
-            inputs_embeds=embeds[:, root + 1 : root + accepted + 2],
-            features=features[:, root : root + accepted + 1],
-            position_ids=committed[None],
-        )
+        state = step_draft_state(adapter, ids[:, : root + accepted + 2], features[:, root : root + accepted + 1], root)
         root += n
     return emitted, seconds
 
@@ -211,33 +200,13 @@ def estimate_tree(draft, target, contexts: Sequence[ReplayContext], tree: Specul
 
 @torch.no_grad()
 def measure_cost_curve(target, context: ReplayContext, sizes: Sequence[int], repeats: int = 7) -> CostCurve:
-    """
-    T(q) for each q in `sizes` (1 added): mean over `repeats` of the verification phase of the loop (embed the tree
-    tokens, build the tree mask, run the text model over the cached prefix, `lm_head`), rounds interleaved across q.
-    The prefix is the prompt plus half of the context's continuation.
-    """
+    """T(q) for each q in `sizes` (`tuning.measure_verify_curve`: the loop's own `verify`) over a cached prefix of the
+    prompt plus half of the context's continuation."""
     adapter = get_adapter(target)
-    device = target.device
     prefix = context.prompt_len + (context.input_ids.shape[1] - context.prompt_len) // 2
     cache = DynamicCache()
-    adapter.forward(context.embeds[:, :prefix], torch.arange(prefix, device=device)[None], cache)
-    sizes = sorted({1, *sizes})
-    trees = {q: build_tree(torch.zeros(q, dtype=torch.long, device=device), [-1] + [0] * (q - 1)) for q in sizes}
-
-    def verify(tree: DraftTree):
-        tree_embeds = adapter.embed_tokens(tree.tokens)[None]
-        mask = tree_attention_mask(tree.mask, prefix, tree_embeds.dtype)
-        features = adapter.forward(tree_embeds, (prefix + tree.depths)[None], cache, mask)
-        return adapter.logits(features[0])
-
-    timings = {q: [] for q in sizes}
-    for round_ in range(repeats + 1):
-        for q in sizes:
-            _, seconds = time_call(lambda t=trees[q]: verify(t), device)
-            commit_accepted(cache, prefix, [])
-            if round_:  # round 0 warms up every shape
-                timings[q].append(seconds)
-    return CostCurve(tuple(sizes), tuple(float(np.mean(timings[q])) for q in sizes), prefix)
+    adapter.forward(context.embeds[:, :prefix], torch.arange(prefix, device=target.device)[None], cache)
+    return measure_verify_curve(adapter, cache, prefix, sizes, repeats)
 
 
 def profile_loop(

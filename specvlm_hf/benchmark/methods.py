@@ -32,11 +32,13 @@ class MethodResult:
         tokens (`list[int]`): generated token ids (prompt excluded).
         tokens_per_forward (`list[int]`): tokens emitted by each target forward, the first (prefill) included; sums
             to `len(tokens)`.
+        forward_sizes (`list[int]`): tokens each target forward processed (the prompt, then the verified tokens).
         step_time, verify_time, draft_time (`float`, *optional*): the tree loop's profile (`SpeculativeStats`).
     """
 
     tokens: list[int]
     tokens_per_forward: list[int]
+    forward_sizes: list[int]
     step_time: float | None = None
     verify_time: float | None = None
     draft_time: float | None = None
@@ -81,15 +83,20 @@ def generation_config(target, temperature: float, max_new_tokens: int) -> Genera
 
 
 class _ForwardLog:
-    """Records the cache length at the start of every forward of the target's text model."""
+    """Records the cache length at the start of every forward of the target's text model, and its input length."""
 
     def __init__(self, target):
         self.module = get_adapter(target).language_model
         self.starts: list[int] = []
+        self.sizes: list[int] = []
 
     def _hook(self, module, args, kwargs):
         cache = kwargs.get(CACHE_KWARG, kwargs.get("past_key_values"))
         self.starts.append(cache.get_seq_length() if cache is not None else 0)
+        inputs = kwargs.get("inputs_embeds")
+        if inputs is None:
+            inputs = kwargs.get("input_ids", args[0] if args else None)
+        self.sizes.append(int(inputs.shape[1]))
 
     def __enter__(self) -> _ForwardLog:
         self._handle = self.module.register_forward_pre_hook(self._hook, with_kwargs=True)
@@ -121,6 +128,7 @@ class Method:
         return MethodResult(
             tokens=sequences[0, prompt_len:].tolist(),
             tokens_per_forward=tokens_per_forward(log.starts, prompt_len, sequences.shape[1]),
+            forward_sizes=log.sizes,
             **profile,
         )
 
@@ -170,7 +178,8 @@ class PromptLookup(Method):
 
 
 class EagleVLM(Method):
-    """This project's lossless tree loop (`assistant_model=draft`), profiled, with a tree shape per temperature."""
+    """This project's lossless tree loop (`assistant_model=draft`), profiled, with the tree the benchmark chose per
+    temperature (`--tree`)."""
 
     name = "eaglevlm"
 
@@ -193,9 +202,19 @@ class EagleVLM(Method):
         return output.sequences, output.speculative_stats
 
 
+class EagleVLMDefault(EagleVLM):
+    """The same loop as a user gets it from `generate(assistant_model=draft)` with no knobs: the draft's auto tree
+    (`tuning.TreeTuner`), profiled."""
+
+    name = "eaglevlm-default"
+
+    def __init__(self, draft):
+        super().__init__(draft, {})
+
+
 # The registry. A `specvlm` entry (the same tree loop with the elastic visual compressor inside the draft) slots in
 # here as an `EagleVLM` over a draft whose `compressor` is not the identity, once the compressor lands.
-METHOD_NAMES = (Vanilla.name, HFAssisted.name, PromptLookup.name, EagleVLM.name)
+METHOD_NAMES = (Vanilla.name, HFAssisted.name, PromptLookup.name, EagleVLM.name, EagleVLMDefault.name)
 
 
 def check_method_names(names: Sequence[str]) -> tuple[str, ...]:
@@ -231,6 +250,6 @@ def build_methods(
             methods[name] = PromptLookup(prompt_lookup_tokens)
         else:
             if draft is None:
-                raise ValueError("method 'eaglevlm' needs a draft model")
-            methods[name] = EagleVLM(draft, trees or {})
+                raise ValueError(f"method {name!r} needs a draft model")
+            methods[name] = EagleVLM(draft, trees or {}) if name == EagleVLM.name else EagleVLMDefault(draft)
     return methods

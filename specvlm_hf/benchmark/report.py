@@ -17,12 +17,14 @@ from .. import __version__
 from .summary import MethodSummary, paired_speedups
 from .sweep import RunRecord
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 LEGEND = (
     "tau: throughput over vanilla's on the same sample, repeat and seed (median [IQR] (min-max), end to end: image "
     "encoding and prefill included); sigma: new tokens / target forwards; = vanilla: identical outputs; peak: "
     "weights used + the call's transient peak (CPU: resident-set high-water mark, CUDA: max_memory_allocated), median "
-    "over runs; loop overhead: share of the tree loop's step time outside target and draft forwards."
+    "over runs; loop overhead: share of the tree loop's step time outside target and draft forwards; free-draft "
+    "bound: the speedup if drafting and the loop cost nothing (plain step T(1) x decoded tokens / the T(q) of every "
+    "verification forward, T(q) measured in this run); of bound: tau median / that bound."
 )
 JSON_NAME = "benchmark.json"
 SPEEDUP_PLOT = "speedup.png"
@@ -96,6 +98,8 @@ def markdown_table(summaries: Sequence[MethodSummary]) -> str:
         "= vanilla",
         "peak MiB (x vanilla)",
         "loop overhead",
+        "free-draft bound",
+        "of bound",
         "failed",
     )
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
@@ -112,6 +116,8 @@ def markdown_table(summaries: Sequence[MethodSummary]) -> str:
             f"{s.exact_match}/{s.compared}" if s.compared else "-",
             _memory_cell(s),
             _fmt(s.overhead_share, "{:.1%}"),
+            _fmt(s.free_draft_bound, "{:.2f}x"),
+            _fmt(s.bound_efficiency, "{:.0%}"),
             f"{s.failed}/{s.runs}",
         )
         lines.append("| " + " | ".join(cells) + " |")
@@ -216,6 +222,7 @@ class BenchmarkResult:
         environment (`dict`): `environment()`.
         models (`dict`): what each model is (source, parameter count, bytes).
         trees (`list[dict]`): per temperature, the tree shape used and its calibration (`runner.tree_report`).
+        cost_curve (`dict`): T(q) measured in this run (`sizes`, `seconds`, `prefix_len`), behind the free-draft bound.
         records (`list[RunRecord]`), summaries (`list[MethodSummary]`).
     """
 
@@ -223,6 +230,7 @@ class BenchmarkResult:
     environment: dict
     models: dict
     trees: list[dict]
+    cost_curve: dict
     records: list[RunRecord]
     summaries: list[MethodSummary]
 
@@ -233,6 +241,7 @@ class BenchmarkResult:
             "config": self.config,
             "models": self.models,
             "trees": self.trees,
+            "cost_curve": self.cost_curve,
             "summary": [s.to_dict() for s in self.summaries],
             "runs": [r.to_dict() for r in self.records],
         }

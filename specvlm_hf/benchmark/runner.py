@@ -14,9 +14,9 @@ import torch
 
 from ..configuration import SpeculativeConfig
 from ..modeling_draft import SpecVLMDraftModel
-from .calibration import TreeCalibration, calibrate_tree
+from .calibration import TreeCalibration, calibrate_tree, measure_cost_curve, replay_context
 from .config import BenchmarkConfig
-from .methods import EagleVLM, HFAssisted, Vanilla, build_methods
+from .methods import EagleVLM, EagleVLMDefault, HFAssisted, Vanilla, build_methods, generation_config
 from .prompts import Prompt, Sample, load_prompts, prepare_samples, select_prompts
 from .report import BenchmarkResult, environment
 from .summary import MethodSummary, summarize
@@ -75,7 +75,7 @@ def load_resources(config: BenchmarkConfig) -> Resources:
         target = target.to(device).eval()
         processor = AutoProcessor.from_pretrained(config.target)
     resources = Resources(target, processor, info={"target": _describe(target, source)})
-    if EagleVLM.name in config.methods:
+    if {EagleVLM.name, EagleVLMDefault.name} & set(config.methods):
         if config.draft is None:
             logger.warning("no --draft given: a randomly initialised draft runs (expect sigma near 1)")
             resources.draft = SpecVLMDraftModel.from_target(target)
@@ -215,6 +215,19 @@ def tree_report(
     return report
 
 
+def bound_curve(config: BenchmarkConfig, resources: Resources, calibration: Sequence[Sample], calibrations: dict):
+    """T(q) for the free-draft bound: the tree calibration's curve, else one measured on the first calibration
+    prompt's greedy continuation (`calibration.measure_cost_curve`)."""
+    for found in calibrations.values():
+        return found.curve
+    target, sample = resources.target, calibration[0]
+    tokens = min(config.calibration_tokens, config.max_new_tokens)
+    with torch.no_grad():
+        sequence = target.generate(**sample.inputs, generation_config=generation_config(target, 0.0, tokens))
+    context = replay_context(target, sample, sequence)
+    return measure_cost_curve(target, context, sorted({n for r in (1, 2, 4, 8) for n in range(r, 66, r)}))
+
+
 def _check_load(device: torch.device) -> list[float] | None:
     """The 1/5/15-minute load average, with a warning when other jobs keep more than the CPU's cores busy: on shared
     cores every CPU timing stretches, unevenly, by large factors (thread spin-waits), whatever the pairing."""
@@ -278,13 +291,15 @@ def run_benchmark(
             seed=config.seed,
             warmup_tokens=config.warmup_tokens,
         )
-    summaries = summarize(records)
+    curve = bound_curve(config, resources, calibration, calibrations)
+    summaries = summarize(records, curve)
     run_config = {**asdict(config), "calibration_overlaps_benchmark": overlap, "samples": [s.id for s in samples]}
     result = BenchmarkResult(
         config=run_config,
         environment={**environment(config.torch_device, config.torch_dtype), "load_average_at_start": load_at_start},
         models=resources.info,
         trees=[tree_report(t, trees[t], calibrations.get(t), records, summaries) for t in trees],
+        cost_curve={"sizes": list(curve.sizes), "seconds": list(curve.seconds), "prefix_len": curve.prefix_len},
         records=records,
         summaries=summaries,
     )

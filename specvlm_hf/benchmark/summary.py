@@ -1,5 +1,6 @@
 """Per-method figures of a sweep: paired speedup spread, throughput, sigma, forwards, equality with vanilla, peak
-memory against vanilla's, the tree loop's overhead share, and failures."""
+memory against vanilla's, the tree loop's overhead share, the free-draft bound and the share of it reached, and
+failures."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from ..metrics import mean_accepted_length, overhead_share
+from ..metrics import free_draft_bound, mean_accepted_length, overhead_share
+from ..tuning import CostCurve
 from .methods import Vanilla
 from .stats import Spread, paired_speedup, spread
 from .sweep import RunRecord
@@ -29,6 +31,9 @@ class MethodSummary:
             the median keeps a one-off allocation (a lazy import, a first-call buffer) from standing for the method.
             memory_ratio: that over vanilla's. peak_memory_max_bytes: the largest peak of any run.
         overhead_share (`float`): loop time outside target and draft forwards, over all runs (tree loop only).
+        free_draft_bound (`float`): the speedup this method's verification forwards would give if drafting and the
+            loop cost nothing (`metrics.free_draft_bound` over all runs, with the run's measured T(q)).
+        bound_efficiency (`float`): median tau over `free_draft_bound`.
         errors (`list[str]`): `sample@repeat: message` for each failed run.
     """
 
@@ -49,6 +54,8 @@ class MethodSummary:
     peak_memory_max_bytes: int | None
     memory_ratio: float | None
     overhead_share: float | None
+    free_draft_bound: float | None
+    bound_efficiency: float | None
     errors: list[str]
 
     @property
@@ -81,7 +88,18 @@ def paired_speedups(
     return taus
 
 
-def _summarize_one(records: Sequence[RunRecord], method: str, temperature: float, vanilla_peak: int | None):
+def _bound(runs: Sequence[RunRecord], curve: CostCurve | None) -> float | None:
+    """`metrics.free_draft_bound` over `runs`: every token after the first, against every forward after prefill."""
+    if curve is None or not runs or any(r.forward_sizes is None for r in runs):
+        return None
+    decoded = sum(r.new_tokens - 1 for r in runs)
+    sizes = [q for r in runs for q in r.forward_sizes[1:]]
+    return free_draft_bound(decoded, [curve.at(q) for q in sizes], curve.at(1))
+
+
+def _summarize_one(
+    records: Sequence[RunRecord], method: str, temperature: float, vanilla_peak: int | None, curve: CostCurve | None
+):
     runs = [r for r in records if r.method == method and r.temperature == temperature]
     ok = [r for r in runs if r.ok]
     kinds = sorted({r.kind for r in runs})
@@ -90,12 +108,14 @@ def _summarize_one(records: Sequence[RunRecord], method: str, temperature: float
     peaks = [r.peak_memory_bytes for r in ok if r.peak_memory_bytes is not None]
     peak = int(np.median(peaks)) if peaks else None
     profiled = [r for r in ok if r.step_time is not None]
+    speedup = spread(paired_speedups(records, method, temperature))
+    bound = _bound(ok, curve)
     return MethodSummary(
         method=method,
         temperature=temperature,
         runs=len(runs),
         failed=len(runs) - len(ok),
-        speedup=spread(paired_speedups(records, method, temperature)),
+        speedup=speedup,
         speedup_by_kind={k: spread(paired_speedups(records, method, temperature, k)) for k in kinds if len(kinds) > 1},
         tokens_per_second=spread([r.tokens_per_second for r in ok if r.tokens_per_second is not None]),
         mean_accepted_length=mean_accepted_length(sum(r.new_tokens for r in ok), forwards),
@@ -114,18 +134,21 @@ def _summarize_one(records: Sequence[RunRecord], method: str, temperature: float
         )
         if profiled
         else None,
+        free_draft_bound=bound,
+        bound_efficiency=speedup.median / bound if speedup and bound else None,
         errors=[f"{r.sample}@{r.repeat}: {r.error}" for r in runs if not r.ok],
     )
 
 
-def summarize(records: Sequence[RunRecord]) -> list[MethodSummary]:
-    """One `MethodSummary` per (method, temperature), in the order they first appear (vanilla first)."""
+def summarize(records: Sequence[RunRecord], curve: CostCurve | None = None) -> list[MethodSummary]:
+    """One `MethodSummary` per (method, temperature), in the order they first appear (vanilla first); with the run's
+    verification cost curve, each method's free-draft bound."""
     keys = list(dict.fromkeys((r.method, r.temperature) for r in records))
     keys.sort(key=lambda k: (k[1], k[0] != Vanilla.name))
     summaries = []
     for temperature in dict.fromkeys(t for _, t in keys):
-        vanilla = _summarize_one(records, Vanilla.name, temperature, None)
+        vanilla = _summarize_one(records, Vanilla.name, temperature, None, curve)
         for method, t in keys:
             if t == temperature:
-                summaries.append(_summarize_one(records, method, temperature, vanilla.peak_memory_bytes))
+                summaries.append(_summarize_one(records, method, temperature, vanilla.peak_memory_bytes, curve))
     return summaries

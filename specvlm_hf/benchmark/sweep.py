@@ -27,7 +27,7 @@ class RunRecord:
     Attributes:
         method, sample, kind (`str`), temperature (`float`), repeat, seed (`int`): what ran.
         wall_time (`float`): seconds for the whole `generate` call (image encoding and prefill included).
-        new_tokens, target_forwards (`int`), tokens_per_forward (`list[int]`): see `MethodResult`.
+        new_tokens, target_forwards (`int`), tokens_per_forward, forward_sizes (`list[int]`): see `MethodResult`.
         peak_memory_bytes (`int`): weights of the models the method uses + the call's transient peak.
         transient_memory_bytes (`int`): the call's transient peak alone (`timing.py`).
         step_time, verify_time, draft_time (`float`): the tree loop's profile, where the method has one.
@@ -45,6 +45,7 @@ class RunRecord:
     new_tokens: int | None = None
     target_forwards: int | None = None
     tokens_per_forward: list[int] | None = None
+    forward_sizes: list[int] | None = None
     peak_memory_bytes: int | None = None
     transient_memory_bytes: int | None = None
     step_time: float | None = None
@@ -100,6 +101,7 @@ def _run_one(
     record.new_tokens = result.new_tokens
     record.target_forwards = result.target_forwards
     record.tokens_per_forward = result.tokens_per_forward
+    record.forward_sizes = result.forward_sizes
     record.transient_memory_bytes = measurement.transient_bytes
     record.peak_memory_bytes = weights + (measurement.transient_bytes or 0) if meter.measures_memory else None
     record.step_time, record.verify_time, record.draft_time = result.step_time, result.verify_time, result.draft_time

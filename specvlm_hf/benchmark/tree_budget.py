@@ -7,51 +7,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import numpy as np
-
 from ..configuration import SpeculativeConfig
+from ..tuning import CostCurve
 
 DEPTHS = (1, 2, 3, 4, 5, 6, 7, 8)
 TOP_KS = (1, 2, 4, 8)
 SIZES = (4, 8, 12, 16, 24, 32, 48, 64, 96)
-
-
-@dataclass(frozen=True)
-class CostCurve:
-    """
-    Seconds of one target verification forward of `q` tree tokens (embedding, tree mask, text model, `lm_head`) over
-    a cached prefix of `prefix_len` tokens.
-
-    Attributes:
-        sizes (`tuple[int, ...]`): measured tree sizes q, increasing, starting at 1.
-        seconds (`tuple[float, ...]`): T(q) for each size.
-        prefix_len (`int`): cached tokens before the tree.
-    """
-
-    sizes: tuple[int, ...]
-    seconds: tuple[float, ...]
-    prefix_len: int = 0
-
-    def __post_init__(self):
-        if len(self.sizes) != len(self.seconds) or not self.sizes or self.sizes[0] != 1:
-            raise ValueError(f"a cost curve needs matching sizes and seconds starting at q=1, got {self.sizes}")
-        if any(b <= a for a, b in zip(self.sizes, self.sizes[1:])):
-            raise ValueError(f"cost curve sizes must increase, got {self.sizes}")
-
-    def at(self, q: int) -> float:
-        """T(q), linearly interpolated between measured sizes (extrapolated from the last two beyond them)."""
-        if q > self.sizes[-1] and len(self.sizes) > 1:
-            (q0, q1), (t0, t1) = self.sizes[-2:], self.seconds[-2:]
-            return t1 + (t1 - t0) / (q1 - q0) * (q - q1)
-        return float(np.interp(q, self.sizes, self.seconds))
-
-    def scaled(self, factor: float) -> CostCurve:
-        """The same curve with every T(q) multiplied by `factor`."""
-        return CostCurve(self.sizes, tuple(t * factor for t in self.seconds), self.prefix_len)
-
-    def relative(self) -> dict[int, float]:
-        """T(q) / T(1) for each measured q."""
-        return {q: t / self.seconds[0] for q, t in zip(self.sizes, self.seconds)}
 
 
 @dataclass(frozen=True)

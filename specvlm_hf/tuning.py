@@ -1,0 +1,299 @@
+"""The tree a bound draft uses when the caller sets no knobs (`SpeculativeConfig()` is "auto"): an online controller
+that picks depth and width every step from measured costs and the running acceptance.
+
+- **Costs** (`DeviceCosts`): the target's verification time T(q) for q tree tokens (the loop's own `verify`) and the
+  draft's time per level of width k, measured once per (device, target, draft) over a prefix as long as the first
+  prompt (about 0.3 s on 2 CPU cores at testbed scale), kept in memory and on disk (`cache_dir()`), so a new process
+  on the same machine measures nothing.
+- **Acceptance** (`TreeTuner`): per width k and depth j, the probability alpha_j(k) that the target accepts a drafted
+  token at depth j given it accepted its ancestors, estimated from the steps run so far (a Beta estimate whose prior
+  is alpha_{j-1}(k), so depths not yet tried inherit the acceptance above them, which is what makes the controller
+  try them). Widths never run borrow the chain's estimate scaled by the draft's own probability mass in its top k.
+- **Choice**: the shape (depth d, width k, d*k + 1 tree tokens) that maximises expected tokens per second,
+  `E(d, k) / (T(d*k + 1) * s_v + (c(1) + (d - 1) * c(k)) * s_d)`, with `E(d, k) = 1 + sum_i prod_{j<=i} alpha_j(k)`
+  and `s_v`, `s_d` the running ratio of in-loop to isolated times (the loop evicts the draft's weights from the CPU
+  caches, so isolated times run warm).
+
+Any tree is verified losslessly, so the controller changes speed, never output. Explicit knobs (`depth`, `top_k`,
+`total_tokens`) switch it off.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import DynamicCache
+
+from .cache import commit_accepted
+from .configuration import SpeculativeConfig
+from .tree import build_tree
+
+logger = logging.getLogger(__name__)
+
+VERIFY_SIZES = (1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 13, 17, 25, 33, 65)
+WIDTHS = (1, 2, 4, 8)
+MAX_DEPTH = 10
+
+
+@dataclass(frozen=True)
+class CostCurve:
+    """
+    Seconds of one target verification forward of `q` tree tokens (embedding, tree mask, text model, `lm_head`) over
+    a cached prefix of `prefix_len` tokens.
+
+    Attributes:
+        sizes (`tuple[int, ...]`): measured tree sizes q, increasing, starting at 1.
+        seconds (`tuple[float, ...]`): T(q) for each size.
+        prefix_len (`int`): cached tokens before the tree.
+    """
+
+    sizes: tuple[int, ...]
+    seconds: tuple[float, ...]
+    prefix_len: int = 0
+
+    def __post_init__(self):
+        if len(self.sizes) != len(self.seconds) or not self.sizes or self.sizes[0] != 1:
+            raise ValueError(f"a cost curve needs matching sizes and seconds starting at q=1, got {self.sizes}")
+        if any(b <= a for a, b in zip(self.sizes, self.sizes[1:])):
+            raise ValueError(f"cost curve sizes must increase, got {self.sizes}")
+
+    def at(self, q: int) -> float:
+        """T(q), linearly interpolated between measured sizes (extrapolated from the last two beyond them)."""
+        if q > self.sizes[-1] and len(self.sizes) > 1:
+            (q0, q1), (t0, t1) = self.sizes[-2:], self.seconds[-2:]
+            return t1 + (t1 - t0) / (q1 - q0) * (q - q1)
+        return float(np.interp(q, self.sizes, self.seconds))
+
+    def scaled(self, factor: float) -> CostCurve:
+        """The same curve with every T(q) multiplied by `factor`."""
+        return CostCurve(self.sizes, tuple(t * factor for t in self.seconds), self.prefix_len)
+
+    def relative(self) -> dict[int, float]:
+        """T(q) / T(1) for each measured q."""
+        return {q: t / self.seconds[0] for q, t in zip(self.sizes, self.seconds)}
+
+
+def _time(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+@torch.no_grad()
+def measure_verify_curve(adapter, cache, prefix_len: int, sizes=VERIFY_SIZES, repeats: int = 3) -> CostCurve:
+    """
+    T(q) for each q in `sizes` (1 added): the median over `repeats` rounds (after a warm-up round, rounds interleaved
+    across q) of the loop's `verify` of a q-token tree over `cache`, which holds `prefix_len` entries and is cut back
+    to them after each forward.
+    """
+    from .loop import verify  # loop imports drafter, which imports this module's users
+
+    device = adapter.lm_head.weight.device
+    sizes = sorted({1, *sizes})
+    trees = {q: build_tree(torch.zeros(q, dtype=torch.long, device=device), [-1] + [0] * (q - 1)) for q in sizes}
+    timings = {q: [] for q in sizes}
+    for round_ in range(repeats + 1):
+        for q in sizes:
+            seconds = _time(lambda t=trees[q]: verify(adapter, t, cache, prefix_len), device)
+            commit_accepted(cache, prefix_len, [])
+            if round_:
+                timings[q].append(seconds)
+    return CostCurve(tuple(sizes), tuple(float(np.median(timings[q])) for q in sizes), prefix_len)
+
+
+@torch.no_grad()
+def measure_draft_levels(draft, prefix_len: int, widths=WIDTHS, repeats: int = 5) -> dict[int, float]:
+    """Seconds of one draft level of each width k (k rows through the lean draft forward, the shared `lm_head`,
+    log-softmax and top-k) over a draft cache of `prefix_len` entries; mean of `repeats` after a warm-up."""
+    from .draft_step import LeanDraftForward
+    from .tree import causal_attention_mask
+
+    weight = draft.fc.weight
+    device, dtype, hidden = weight.device, weight.dtype, draft.config.hidden_size
+    forward = LeanDraftForward(draft, capacity=prefix_len + max(widths))
+    prefix = torch.randn(1, prefix_len, hidden, device=device, dtype=dtype)
+    forward(prefix, prefix, torch.arange(prefix_len, device=device)[None],
+            causal_attention_mask(prefix_len, 0, dtype, device))  # fmt: skip
+
+    def level(k: int) -> None:
+        rows = prefix[:, :k]
+        mask = torch.zeros(1, 1, k, prefix_len + k, dtype=dtype, device=device)
+        out = forward(rows, rows, torch.full((1, k), prefix_len, device=device), mask)
+        torch.log_softmax(draft.compute_logits(out[0]).float(), dim=-1).topk(k, dim=-1)
+        forward.cache.truncate(prefix_len)
+
+    costs = {}
+    for k in widths:
+        seconds = [_time(lambda k=k: level(k), device) for _ in range(repeats + 1)][1:]
+        costs[k] = float(np.mean(seconds))
+    return costs
+
+
+@dataclass(frozen=True)
+class DeviceCosts:
+    """What one step costs on this device, measured in isolation: T(q), and one draft level per width k."""
+
+    curve: CostCurve
+    draft_level: dict[int, float]
+
+    def to_json(self) -> dict:
+        return {"curve": asdict(self.curve), "draft_level": {str(k): v for k, v in self.draft_level.items()}}
+
+    @classmethod
+    def from_json(cls, data: dict) -> DeviceCosts:
+        curve = data["curve"]
+        return cls(
+            CostCurve(tuple(curve["sizes"]), tuple(curve["seconds"]), curve["prefix_len"]),
+            {int(k): v for k, v in data["draft_level"].items()},
+        )
+
+
+def cache_dir() -> Path:
+    """Where measured costs are kept: `$SPECVLM_HF_CACHE`, else `$HF_HOME/specvlm_hf` (`~/.cache/huggingface`)."""
+    if os.environ.get("SPECVLM_HF_CACHE"):
+        return Path(os.environ["SPECVLM_HF_CACHE"])
+    from huggingface_hub.constants import HF_HOME
+
+    return Path(HF_HOME) / "specvlm_hf"
+
+
+def costs_key(target, draft) -> str:
+    """Identifies (device, threads, target, draft): architecture, dtype, attention kernel and a weight checksum."""
+    device = draft.fc.weight.device
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}"
+    parts = [
+        name,
+        str(draft.fc.weight.dtype),
+        target.config.get_text_config().to_json_string(use_diff=False),
+        str(target.config.get_text_config()._attn_implementation),
+        draft.config.to_json_string(use_diff=False),
+        f"{float(draft.fc.weight.detach().double().sum()):.6e}",
+    ]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
+
+
+_MEMORY: dict[str, DeviceCosts] = {}
+
+
+def device_costs(adapter, draft, prefix_len: int) -> DeviceCosts:
+    """The costs of (this device, target, draft): from memory, else from disk, else measured over a synthetic prefix
+    of `prefix_len` tokens and stored in both."""
+    key = costs_key(adapter.target, draft)
+    if key in _MEMORY:
+        return _MEMORY[key]
+    path = cache_dir() / f"costs-{key}.json"
+    try:
+        costs = DeviceCosts.from_json(json.loads(path.read_text()))
+    except (OSError, ValueError, KeyError, TypeError):
+        costs = None
+    if costs is None:
+        started = time.perf_counter()
+        device = adapter.lm_head.weight.device
+        cache = DynamicCache()
+        tokens = torch.randint(3, adapter.lm_head.weight.shape[0], (1, prefix_len), device=device)
+        with torch.no_grad():
+            adapter.forward(adapter.embed_tokens(tokens), torch.arange(prefix_len, device=device)[None], cache)
+        costs = DeviceCosts(measure_verify_curve(adapter, cache, prefix_len), measure_draft_levels(draft, prefix_len))
+        logger.info("measured tree costs in %.2f s (cached in %s)", time.perf_counter() - started, path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(costs.to_json()))
+        except OSError as error:  # a read-only home only costs a re-measure next process
+            logger.warning("could not cache tree costs in %s: %s", path, error)
+    _MEMORY[key] = costs
+    return costs
+
+
+class TreeTuner:
+    """
+    Chooses the tree shape before each step and learns from its outcome (see the module docstring). One instance per
+    (draft, target, decoding mode) lives across `generate()` calls.
+
+    Args:
+        costs (`DeviceCosts`)
+        prior (`float`): alpha_1 before any step.
+        strength (`float`): pseudo-steps the prior counts for.
+    """
+
+    def __init__(self, costs: DeviceCosts, prior: float = 0.8, strength: float = 4.0, max_depth: int = MAX_DEPTH):
+        self.costs = costs
+        self.prior, self.strength, self.max_depth = prior, strength, max_depth
+        self.widths = tuple(k for k in sorted(costs.draft_level) if k >= 1)
+        # reached[k][j-1]: steps of width k whose depth-j level was drafted with every ancestor accepted;
+        # accepted[k][j-1]: of those, steps where depth j was accepted too.
+        self.reached = {k: np.zeros(max_depth) for k in self.widths}
+        self.accepted = {k: np.zeros(max_depth) for k in self.widths}
+        self.mass = {k: 0.0 for k in self.widths}  # sum over steps of the draft's top-k probability at level 1
+        self.mass_steps = 0
+        self.verify_scale = self.draft_scale = 1.0
+        self.steps = 0
+        # Isolated seconds per width k for d = 1..max_depth: verification of d*k + 1 tokens, and drafting.
+        depths = np.arange(1, max_depth + 1)
+        level = costs.draft_level
+        self._verify = {k: np.array([costs.curve.at(d * k + 1) for d in depths]) for k in self.widths}
+        self._draft = {k: level[1] + (depths - 1) * level[k] for k in self.widths}
+
+    def alphas(self, k: int) -> np.ndarray:
+        """alpha_j(k) for j = 1..max_depth."""
+        if k != 1 and self.reached[k][0] == 0 and self.mass_steps:
+            boost = self.mass[k] / max(self.mass[1], 1e-9)
+            return np.minimum(self.alphas(1) * boost, 0.98)
+        out, prior = np.empty(self.max_depth), self.prior
+        for j in range(self.max_depth):
+            out[j] = (self.accepted[k][j] + self.strength * prior) / (self.reached[k][j] + self.strength)
+            prior = out[j]
+        return out
+
+    def expected_tokens(self, k: int) -> np.ndarray:
+        """E(d, k) for d = 1..max_depth: the bonus token plus the expected accepted drafts."""
+        return 1.0 + np.cumsum(np.cumprod(self.alphas(k)))
+
+    def step_seconds(self, k: int) -> np.ndarray:
+        """Predicted in-loop seconds of a step of width k, for d = 1..max_depth."""
+        return self._verify[k] * self.verify_scale + self._draft[k] * self.draft_scale
+
+    def choose(self) -> SpeculativeConfig:
+        """The shape with the most expected tokens per second."""
+        rates = {k: self.expected_tokens(k) / self.step_seconds(k) for k in self.widths}
+        k = max(self.widths, key=lambda w: rates[w].max())
+        depth = int(rates[k].argmax()) + 1
+        return SpeculativeConfig(depth=depth, top_k=k, total_tokens=depth * k + 1)
+
+    def observe_mass(self, top_probs: torch.Tensor) -> None:
+        """Records the draft's level-1 probabilities, sorted descending, shape `(>= max width,)`."""
+        cumulative = top_probs.cumsum(0).tolist()
+        for k in self.widths:
+            self.mass[k] += cumulative[min(k, len(cumulative)) - 1]
+        self.mass_steps += 1
+
+    def observe(
+        self, shape: SpeculativeConfig, accepted: int, draft_seconds: float, step_seconds: float, finished: bool
+    ) -> None:
+        """
+        Learns from one step of `shape` that accepted `accepted` drafted tokens, spent `draft_seconds` drafting and
+        `step_seconds` in all. A step cut short by a stopping criterion says nothing about acceptance beyond the cut,
+        so only its times count.
+        """
+        k, depth = shape.top_k, shape.depth
+        predicted_draft, predicted_verify = self._draft[k][depth - 1], self._verify[k][depth - 1]
+        rate = 0.2  # exponential moving average of in-loop over isolated time
+        self.draft_scale += rate * (draft_seconds / predicted_draft - self.draft_scale)
+        self.verify_scale += rate * ((step_seconds - draft_seconds) / predicted_verify - self.verify_scale)
+        self.steps += 1
+        if finished or k not in self.reached:
+            return
+        reached = min(accepted + 1, depth)
+        self.reached[k][:reached] += 1
+        self.accepted[k][:accepted] += 1
