@@ -26,7 +26,12 @@ def test_every_reporter_uses_the_same_definitions():
     assert stats.mean_accepted_length == mean_accepted_length(17, 4)
     assert stats.overhead_share == pytest.approx(overhead_share(2.0, 1.2, 0.5))
     assert SpeculativeStats().mean_accepted_length == 0.0 and SpeculativeStats().overhead_share is None
-    assert MethodResult(tokens=list(range(17)), tokens_per_forward=[5, 4, 4, 4], forward_sizes=[9, 6, 6, 6]).mean_accepted_length == 17 / 4
+    assert (
+        MethodResult(
+            tokens=list(range(17)), tokens_per_forward=[5, 4, 4, 4], forward_sizes=[9, 6, 6, 6]
+        ).mean_accepted_length
+        == 17 / 4
+    )
     record = RunRecord("eaglevlm", 0.0, "s", "long", 0, 0, wall_time=1.0, new_tokens=17, target_forwards=4)
     assert record.mean_accepted_length == 17 / 4
     assert RunRecord("eaglevlm", 0.0, "s", "long", 0, 0, error="boom").mean_accepted_length is None

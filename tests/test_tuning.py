@@ -1,0 +1,114 @@
+"""The auto tree (`tuning.py`): the controller's choices on synthetic costs and acceptance, the cost cache, and the
+auto path through `generate()` (still exact)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from tiny import make_inputs
+
+from specvlm_hf import SpeculativeConfig
+from specvlm_hf.adapters import get_adapter
+from specvlm_hf.tuning import CostCurve, DeviceCosts, TreeTuner, cache_dir, costs_key, device_costs
+
+SIZES = (1, 2, 3, 5, 9, 17, 33, 65)
+
+
+def _costs(slope: float, level: float = 0.1) -> DeviceCosts:
+    """T(q) = 1 + slope * (q - 1); one draft level costs `level` whatever its width."""
+    curve = CostCurve(SIZES, tuple(1.0 + slope * (q - 1) for q in SIZES))
+    return DeviceCosts(curve, {1: level, 2: level, 4: level, 8: level})
+
+
+def _run(tuner: TreeTuner, accept, steps: int = 300) -> SpeculativeConfig:
+    """Drives the tuner for `steps` steps where `accept(shape)` gives the accepted drafts; returns its last choice."""
+    for _ in range(steps):
+        shape = tuner.choose()
+        tuner.observe_mass(torch.tensor([0.6, 0.2, 0.1, 0.05, 0.02, 0.01, 0.01, 0.01]))
+        predicted = tuner.step_seconds(shape.top_k)[shape.depth - 1]
+        tuner.observe(shape, accept(shape), predicted * 0.3, predicted, finished=False)
+    return tuner.choose()
+
+
+def test_chain_depth_follows_acceptance_and_costs():
+    rng = np.random.default_rng(0)
+
+    def geometric(alpha):
+        def accept(shape):
+            n = 0
+            while n < shape.depth and rng.random() < alpha:
+                n += 1
+            return n
+
+        return accept
+
+    steep = _costs(slope=0.2)  # verification cost grows fast with the tree: chains
+    high = _run(TreeTuner(steep), geometric(0.95))
+    low = _run(TreeTuner(steep), geometric(0.4))
+    assert high.top_k == low.top_k == 1
+    assert high.depth >= 6 and low.depth <= 3
+    assert high.total_tokens == high.depth + 1
+
+
+def test_flat_verification_cost_buys_width():
+    rng = np.random.default_rng(1)
+
+    def accept(shape):  # a wider level catches the target's token more often
+        alpha = 1 - 0.5 ** (1 + shape.top_k / 2)
+        n = 0
+        while n < shape.depth and rng.random() < alpha:
+            n += 1
+        return n
+
+    flat = _run(TreeTuner(_costs(slope=0.0005)), accept)
+    steep = _run(TreeTuner(_costs(slope=0.3)), accept)
+    assert flat.top_k > 1 and steep.top_k == 1
+
+
+def test_steps_cut_by_a_stopping_criterion_teach_no_acceptance():
+    tuner = TreeTuner(_costs(0.1))
+    shape = SpeculativeConfig(depth=4, top_k=1, total_tokens=5)
+    tuner.observe(shape, 0, 0.1, 1.0, finished=True)
+    assert tuner.reached[1].sum() == 0 and tuner.steps == 1
+    tuner.observe(shape, 2, 0.1, 1.0, finished=False)
+    assert tuner.reached[1][:4].tolist() == [1, 1, 1, 0] and tuner.accepted[1][:3].tolist() == [1, 1, 0]
+
+
+def test_costs_are_measured_once_and_cached_on_disk(target, draft, monkeypatch, tmp_path):
+    monkeypatch.setenv("SPECVLM_HF_CACHE", str(tmp_path))
+    from specvlm_hf import tuning
+
+    monkeypatch.setattr(tuning, "_MEMORY", {})
+    adapter = get_adapter(target)
+    costs = device_costs(adapter, draft, prefix_len=24)
+    assert cache_dir() == tmp_path
+    stored = json.loads((tmp_path / f"costs-{costs_key(target, draft)}.json").read_text())
+    assert DeviceCosts.from_json(stored) == costs
+    assert costs.curve.sizes[0] == 1 and all(t > 0 for t in costs.curve.seconds)
+    assert set(costs.draft_level) == {1, 2, 4, 8}
+
+    monkeypatch.setattr(tuning, "_MEMORY", {})  # a new process: read from disk, nothing measured
+    monkeypatch.setattr(tuning, "measure_verify_curve", lambda *a, **k: pytest.fail("measured again"))
+    assert device_costs(adapter, draft, prefix_len=24) == costs
+
+
+def test_speculative_config_is_auto_until_a_knob_is_set():
+    assert SpeculativeConfig().is_auto
+    assert not SpeculativeConfig(depth=3).is_auto
+    assert SpeculativeConfig(depth=3).fixed() == SpeculativeConfig(depth=3, top_k=8, total_tokens=32)
+    assert SpeculativeConfig().with_overrides(profile=True).is_auto
+
+
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_auto_tree_through_generate_is_exact_and_learns(target, draft, do_sample):
+    inputs = make_inputs(seed=8)
+    kwargs = dict(max_new_tokens=40, do_sample=do_sample, top_k=0)
+    torch.manual_seed(3)
+    plain = target.generate(**inputs, **kwargs)
+    torch.manual_seed(3)
+    out = target.generate(**inputs, **kwargs, assistant_model=draft)
+    if not do_sample:
+        assert torch.equal(out, plain)
+    tuner = draft._tuners[(draft.fc.weight.device, draft.fc.weight.dtype, do_sample)]
+    assert tuner.steps > 0 and sum(r.sum() for r in tuner.reached.values()) > 0
