@@ -8,7 +8,8 @@ that picks depth and width every step from measured costs and the running accept
 - **Acceptance** (`TreeTuner`): per width k and depth j, the probability alpha_j(k) that the target accepts a drafted
   token at depth j given it accepted its ancestors, estimated from the steps run so far (a Beta estimate whose prior
   is alpha_{j-1}(k), so depths not yet tried inherit the acceptance above them, which is what makes the controller
-  try them). Widths never run borrow the chain's estimate scaled by the draft's own probability mass in its top k.
+  try them). For a width k > 1 the prior is the chain's estimate scaled by the draft's own probability mass in its
+  top k. The choice adds half a standard error to each estimate, so a shape unlucky in its first steps is retried.
 - **Choice**: the shape (depth d, width k, d*k + 1 tree tokens) that maximises expected tokens per second,
   `E(d, k) / (T(d*k + 1) * s_v + (c(1) + (d - 1) * c(k)) * s_d)`, with `E(d, k) = 1 + sum_i prod_{j<=i} alpha_j(k)`
   and `s_v`, `s_d` the running ratio of in-loop to isolated times (the loop evicts the draft's weights from the CPU
@@ -225,11 +226,20 @@ class TreeTuner:
         costs (`DeviceCosts`)
         prior (`float`): alpha_1 before any step.
         strength (`float`): pseudo-steps the prior counts for.
+        optimism (`float`): standard errors added to each alpha when choosing, so that a shape that was unlucky in
+            its first steps is tried again.
     """
 
-    def __init__(self, costs: DeviceCosts, prior: float = 0.8, strength: float = 4.0, max_depth: int = MAX_DEPTH):
+    def __init__(
+        self,
+        costs: DeviceCosts,
+        prior: float = 0.8,
+        strength: float = 8.0,
+        optimism: float = 0.5,
+        max_depth: int = MAX_DEPTH,
+    ):
         self.costs = costs
-        self.prior, self.strength, self.max_depth = prior, strength, max_depth
+        self.prior, self.strength, self.optimism, self.max_depth = prior, strength, optimism, max_depth
         self.widths = tuple(k for k in sorted(costs.draft_level) if k >= 1)
         # reached[k][j-1]: steps of width k whose depth-j level was drafted with every ancestor accepted;
         # accepted[k][j-1]: of those, steps where depth j was accepted too.
@@ -245,20 +255,29 @@ class TreeTuner:
         self._verify = {k: np.array([costs.curve.at(d * k + 1) for d in depths]) for k in self.widths}
         self._draft = {k: level[1] + (depths - 1) * level[k] for k in self.widths}
 
-    def alphas(self, k: int) -> np.ndarray:
-        """alpha_j(k) for j = 1..max_depth."""
-        if k != 1 and self.reached[k][0] == 0 and self.mass_steps:
-            boost = self.mass[k] / max(self.mass[1], 1e-9)
-            return np.minimum(self.alphas(1) * boost, 0.98)
+    def alphas(self, k: int, optimism: float = 0.0) -> np.ndarray:
+        """
+        alpha_j(k) for j = 1..max_depth: a Beta estimate per depth whose prior is the chain's estimate scaled by the
+        draft's top-k mass (width k > 1, once observed), else the estimate of the depth above (`prior` at depth 1).
+        `optimism` adds that many standard errors (exploration: shapes seldom tried get tried again).
+        """
+        boosted = None
+        if k != 1 and self.mass_steps:
+            boosted = np.minimum(self.alphas(1) * self.mass[k] / max(self.mass[1], 1e-9), 0.98)
         out, prior = np.empty(self.max_depth), self.prior
         for j in range(self.max_depth):
-            out[j] = (self.accepted[k][j] + self.strength * prior) / (self.reached[k][j] + self.strength)
+            if boosted is not None:
+                prior = boosted[j]
+            n = self.reached[k][j] + self.strength
+            out[j] = (self.accepted[k][j] + self.strength * prior) / n
             prior = out[j]
+        if optimism:
+            out = np.minimum(out + optimism * np.sqrt(out * (1 - out) / (self.reached[k] + self.strength)), 0.99)
         return out
 
-    def expected_tokens(self, k: int) -> np.ndarray:
+    def expected_tokens(self, k: int, optimism: float = 0.0) -> np.ndarray:
         """E(d, k) for d = 1..max_depth: the bonus token plus the expected accepted drafts."""
-        return 1.0 + np.cumsum(np.cumprod(self.alphas(k)))
+        return 1.0 + np.cumsum(np.cumprod(self.alphas(k, optimism)))
 
     def step_seconds(self, k: int) -> np.ndarray:
         """Predicted in-loop seconds of a step of width k, for d = 1..max_depth."""
@@ -266,7 +285,7 @@ class TreeTuner:
 
     def choose(self) -> SpeculativeConfig:
         """The shape with the most expected tokens per second."""
-        rates = {k: self.expected_tokens(k) / self.step_seconds(k) for k in self.widths}
+        rates = {k: self.expected_tokens(k, self.optimism) / self.step_seconds(k) for k in self.widths}
         k = max(self.widths, key=lambda w: rates[w].max())
         depth = int(rates[k].argmax()) + 1
         return SpeculativeConfig(depth=depth, top_k=k, total_tokens=depth * k + 1)

@@ -512,6 +512,8 @@ def test_gpu_check_miniature_runs_on_cpu(tmp_path):
     assert list(costs["cost_curve_relative"])[:2] == [1, 2] and costs["cost_curve_relative"][1] == 1.0
     assert set(costs["loop"]) == {"chain", "tree", "wide"}
     assert all(0 <= loop["overhead_share"] < 1 for loop in costs["loop"].values())
+    assert set(costs["draft_level_seconds"]) == {1, 2, 4, 8} and len(costs["auto_tree"]) == 3
+    assert "auto tree picks" in (tmp_path / "gpu_check.md").read_text()
     assert json.loads((tmp_path / "gpu_check.json").read_text())["tiny"] is True
     assert "# GPU check" in (tmp_path / "gpu_check.md").read_text()
     assert (tmp_path / "benchmark" / "benchmark.json").is_file()

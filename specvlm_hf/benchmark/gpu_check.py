@@ -27,6 +27,7 @@ import torch
 from ..configuration import SpeculativeConfig
 from ..generation import speculative_generate
 from ..modeling_draft import SpecVLMDraftModel
+from ..tuning import DeviceCosts, TreeTuner, measure_draft_levels
 from .calibration import estimate_tree, measure_cost_curve, measure_plain_decoding, profile_loop, replay_context
 from .prompts import Sample
 from .report import environment
@@ -209,6 +210,8 @@ def check_costs(
         "draft_step_seconds": {},
         "loop": {},
     }
+    found["draft_level_seconds"] = measure_draft_levels(draft, curve.prefix_len)
+    found["auto_tree"] = auto_tree_choices(DeviceCosts(curve, found["draft_level_seconds"]))
     for name, tree in TREES.items():
         if deadline.left() <= 0:
             break
@@ -222,6 +225,23 @@ def check_costs(
             "overhead_share": loop.overhead / step,
         }
     return found
+
+
+# The testbed draft's level-1 probability mass in its top 1/2/4/8 tokens at T = 0 (measured by its TreeTuner on the
+# held-out long prompts): the width prior `auto_tree_choices` assumes for a draft of unknown acceptance.
+TESTBED_TOP_K_MASS = {1: 0.874, 2: 0.941, 4: 0.964, 8: 0.974}
+
+
+def auto_tree_choices(costs: DeviceCosts, alphas=(0.6, 0.8, 0.9)) -> dict[str, str]:
+    """What the auto tree (`tuning.TreeTuner`) picks with these costs for a draft whose per-depth acceptance is each
+    of `alphas` (a random-weight draft has none of its own), with the testbed draft's top-k mass as width prior."""
+    choices = {}
+    for alpha in alphas:
+        tuner = TreeTuner(costs, prior=alpha, strength=1e9, optimism=0.0)
+        tuner.mass, tuner.mass_steps = dict(TESTBED_TOP_K_MASS), 1
+        tree = tuner.choose()
+        choices[f"alpha={alpha}"] = f"depth={tree.depth}, top_k={tree.top_k}, total_tokens={tree.total_tokens}"
+    return choices
 
 
 def markdown_summary(report: dict) -> str:
@@ -255,6 +275,9 @@ def markdown_summary(report: dict) -> str:
             f"{costs['cost_curve_seconds'][1] * 1e3:.2f} ms; {curve} x T(1)"
         )
         lines.append(f"- plain decoding {costs['plain_step_seconds'] * 1e3:.2f} ms/token")
+        levels = ", ".join(f"k={k}: {t * 1e3:.2f} ms" for k, t in costs["draft_level_seconds"].items())
+        lines.append(f"- one draft level (isolated): {levels}")
+        lines.append(f"- auto tree picks: {'; '.join(f'{a}: {t}' for a, t in costs['auto_tree'].items())}")
         for name, loop in costs["loop"].items():
             lines.append(
                 f"- {name}: draft {costs['draft_step_seconds'][name] * 1e3:.2f} ms/step (isolated), in loop "
