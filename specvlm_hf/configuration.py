@@ -133,7 +133,8 @@ class SpeculativeConfig:
 
     @property
     def max_nodes(self) -> int:
-        """Nodes the drafter scores before reranking: `top_k` at level 1, `top_k**2` at each deeper level."""
+        """Nodes the drafter scores before reranking: `top_k` at level 1, `top_k**2` at each deeper level (of the
+        fixed tree, `fixed()`; an auto tree's shape changes per step)."""
         tree = self.fixed()
         return tree.top_k + (tree.depth - 1) * tree.top_k**2
 

@@ -69,6 +69,7 @@ class LeanDraftForward:
         config = draft.config
         self.head_dim = config.head_dim
         self.attention = ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager_attention_forward)
+        check_plain_modules(draft)
         weight = draft.fc.weight
         self.fc = (draft.fc.weight, draft.fc.bias)
         # Per layer: the attention module (read by transformers' attention function), the two RMSNorms' (weight,
@@ -116,13 +117,49 @@ class LeanDraftForward:
             value = F.linear(normed, *projections[2]).view(heads).transpose(1, 2)
             query, key = apply_rotary_pos_emb(query, key, cos, sin)
             keys, values = cache.write(index, start, key, value)
-            out, _ = self.attention(attn, query, keys, values, attention_mask, dropout=0.0, scaling=attn.scaling)
+            dropout = attn.attention_dropout if attn.training else 0.0  # as LlamaAttention.forward
+            out, _ = self.attention(attn, query, keys, values, attention_mask, dropout=dropout, scaling=attn.scaling)
             hidden = hidden + F.linear(out.reshape(1, q_len, -1).contiguous(), *projections[3])
             normed = _rms_norm(hidden, *norms[1])
             gated = act(F.linear(normed, *projections[4])) * F.linear(normed, *projections[5])
             hidden = hidden + F.linear(gated, *projections[6])
         cache.length = start + q_len
         return hidden
+
+
+def check_plain_modules(draft) -> None:
+    """Raises a `ValueError` naming the module unless every module the lean path reads the weights of is a plain
+    `nn.Linear` / `LlamaRMSNorm` without hooks or parametrizations (a peft adapter, a quantized layer or an offload
+    hook would be skipped by reading `.weight` directly)."""
+    from torch import nn
+    from torch.nn.utils import parametrize
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    hooks = nn.modules.module
+    if hooks._global_forward_hooks or hooks._global_forward_pre_hooks:
+        raise ValueError("The draft's lean forward does not run global module hooks; remove them before drafting.")
+    expected = {"fc": nn.Linear}
+    for i, layer in enumerate(draft.layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            expected[f"layers.{i}.self_attn.{name}"] = nn.Linear
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            expected[f"layers.{i}.mlp.{name}"] = nn.Linear
+        expected[f"layers.{i}.input_layernorm"] = expected[f"layers.{i}.post_attention_layernorm"] = LlamaRMSNorm
+        expected[f"layers.{i}.self_attn"] = type(attn)
+        expected[f"layers.{i}.mlp"] = type(mlp)
+        expected[f"layers.{i}"] = type(layer)
+    modules = dict(draft.named_modules())
+    for name, kind in expected.items():
+        module = modules.get(name)
+        if type(module) is not kind or module._forward_hooks or module._forward_pre_hooks:
+            raise ValueError(
+                f"The draft's lean forward reads plain {kind.__name__} weights, but `{name}` is "
+                f"{type(module).__name__} or has hooks (a peft adapter, quantization or offloading?); merge or remove "
+                "it before drafting (e.g. peft's merge_and_unload())."
+            )
+        if parametrize.is_parametrized(module):
+            raise ValueError(f"The draft's lean forward reads weights directly; `{name}` is parametrized.")
 
 
 def _rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

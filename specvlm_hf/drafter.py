@@ -96,6 +96,7 @@ class TreeDrafter(Drafter):
         self.tuner = None
         self.shape = self.config
         self._started = self._drafted = 0.0
+        self._prompt_step = False  # the step whose drafting included the draft's pass over the prompt
 
     def begin(self, adapter, do_sample: bool, prompt_len: int) -> None:
         if self.config.is_auto:
@@ -104,11 +105,13 @@ class TreeDrafter(Drafter):
     def observe(self, emitted: int, finished: bool) -> None:
         if self.tuner is not None:
             now = time.perf_counter()
-            self.tuner.observe(self.shape, emitted - 1, self._drafted - self._started, now - self._started, finished)
+            drafted, total = self._drafted - self._started, now - self._started
+            self.tuner.observe(self.shape, emitted - 1, drafted, total, finished, timed=not self._prompt_step)
 
     @torch.no_grad()
     def propose(self, state: DraftState) -> DraftTree:
         self._started = time.perf_counter()
+        self._prompt_step = state.image_mask is not None
         if self.tuner is not None:
             self.shape = self.tuner.choose()
         k, depth = self.shape.top_k, self.shape.depth
@@ -118,7 +121,7 @@ class TreeDrafter(Drafter):
         cache = self.forward.cache
         committed = cache.length + embeds.shape[1]  # cache entries of committed positions after the catch-up
         hidden = self.forward(embeds, features, position_ids, causal_attention_mask(
-            embeds.shape[1], cache.length, embeds.dtype, embeds.device
+            embeds.shape[1], cache.length, self.draft.fc.weight.dtype, embeds.device
         ))  # fmt: skip
         root = state.input_ids[0, -1]
         root_position = state.input_ids.shape[1] - 1

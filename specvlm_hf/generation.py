@@ -197,7 +197,8 @@ def tree_decoding(
               do_sample, batched)  # fmt: skip
     stats.target_forwards += 1
     state = prompt_draft_state(adapter, emitter.input_ids, embeds, features)
-    drafter.begin(adapter, do_sample, prompt_len)
+    if not emitter.finished:
+        drafter.begin(adapter, do_sample, prompt_len)
 
     while not emitter.finished:
         step_start = clock.now()

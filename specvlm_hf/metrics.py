@@ -27,7 +27,8 @@ def free_draft_bound(decoded_tokens: int, verify_seconds, plain_step_seconds: fl
     size q. `None` without forwards.
 
     Args:
-        decoded_tokens (`int`): tokens emitted by verification forwards (all new tokens but the prefill's).
+        decoded_tokens (`int`): tokens emitted by the verification forwards (every forward after the first, which
+            processes the prompt and, in transformers' assisted decoding, also verifies the first candidates).
         verify_seconds (`Sequence[float]`): T(q) of each verification forward.
         plain_step_seconds (`float`): T(1), one plain decoding step.
     """

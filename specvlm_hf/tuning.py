@@ -3,7 +3,7 @@ that picks depth and width every step from measured costs and the running accept
 
 - **Costs** (`DeviceCosts`): the target's verification time T(q) for q tree tokens (the loop's own `verify`) and the
   draft's time per level of width k, measured once per (device, target, draft) over a prefix as long as the first
-  prompt (about 0.3 s on 2 CPU cores at testbed scale), kept in memory and on disk (`cache_dir()`), so a new process
+  prompt (0.5-1 s on 2 CPU cores at testbed scale), kept in memory and on disk (`cache_dir()`), so a new process
   on the same machine measures nothing.
 - **Acceptance** (`TreeTuner`): per width k and depth j, the probability alpha_j(k) that the target accepts a drafted
   token at depth j given it accepted its ancestors, estimated from the steps run so far (a Beta estimate whose prior
@@ -67,10 +67,11 @@ class CostCurve:
             raise ValueError(f"cost curve sizes must increase, got {self.sizes}")
 
     def at(self, q: int) -> float:
-        """T(q), linearly interpolated between measured sizes (extrapolated from the last two beyond them)."""
+        """T(q), linearly interpolated between measured sizes (extrapolated from the last two beyond them, never
+        downwards)."""
         if q > self.sizes[-1] and len(self.sizes) > 1:
             (q0, q1), (t0, t1) = self.sizes[-2:], self.seconds[-2:]
-            return t1 + (t1 - t0) / (q1 - q0) * (q - q1)
+            return t1 + max(t1 - t0, 0.0) / (q1 - q0) * (q - q1)
         return float(np.interp(q, self.sizes, self.seconds))
 
     def scaled(self, factor: float) -> CostCurve:
@@ -82,13 +83,16 @@ class CostCurve:
         return {q: t / self.seconds[0] for q, t in zip(self.sizes, self.seconds)}
 
 
+def _synchronize(device: torch.device) -> None:
+    if device.type != "cpu":
+        getattr(torch, device.type).synchronize()
+
+
 def _time(fn, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    _synchronize(device)
     start = time.perf_counter()
     fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    _synchronize(device)
     return time.perf_counter() - start
 
 
@@ -124,12 +128,13 @@ def measure_draft_levels(draft, prefix_len: int, widths=WIDTHS, repeats: int = 5
     weight = draft.fc.weight
     device, dtype, hidden = weight.device, weight.dtype, draft.config.hidden_size
     forward = LeanDraftForward(draft, capacity=prefix_len + max(widths))
-    prefix = torch.randn(1, prefix_len, hidden, device=device, dtype=dtype)
-    forward(prefix, prefix, torch.arange(prefix_len, device=device)[None],
+    noise = torch.Generator(device=device).manual_seed(0)  # the caller's random stream stays untouched
+    prefix = torch.randn(1, prefix_len + max(widths), hidden, device=device, dtype=dtype, generator=noise)
+    forward(prefix[:, :prefix_len], prefix[:, :prefix_len], torch.arange(prefix_len, device=device)[None],
             causal_attention_mask(prefix_len, 0, dtype, device))  # fmt: skip
 
     def level(k: int) -> None:
-        rows = prefix[:, :k]
+        rows = prefix[:, prefix_len : prefix_len + k]
         mask = torch.zeros(1, 1, k, prefix_len + k, dtype=dtype, device=device)
         out = forward(rows, rows, torch.full((1, k), prefix_len, device=device), mask)
         torch.log_softmax(draft.compute_logits(out[0]).float(), dim=-1).topk(k, dim=-1)
@@ -154,11 +159,17 @@ class DeviceCosts:
 
     @classmethod
     def from_json(cls, data: dict) -> DeviceCosts:
+        """Raises `ValueError` unless `data` holds a curve from q = 1 and a cost for width 1, all finite and > 0."""
         curve = data["curve"]
-        return cls(
-            CostCurve(tuple(curve["sizes"]), tuple(curve["seconds"]), curve["prefix_len"]),
-            {int(k): v for k, v in data["draft_level"].items()},
-        )
+        costs = cls(
+            CostCurve(tuple(int(q) for q in curve["sizes"]), tuple(float(t) for t in curve["seconds"]),
+                      int(curve["prefix_len"])),
+            {int(k): float(v) for k, v in dict(data["draft_level"]).items()},
+        )  # fmt: skip
+        values = [*costs.curve.seconds, *costs.draft_level.values()]
+        if 1 not in costs.draft_level or not all(np.isfinite(v) and v > 0 for v in values):
+            raise ValueError(f"invalid tree costs: {data}")
+        return costs
 
 
 def cache_dir() -> Path:
@@ -170,17 +181,23 @@ def cache_dir() -> Path:
     return Path(HF_HOME) / "specvlm_hf"
 
 
+COSTS_FORMAT = 1  # bump when what is measured changes
+
+
 def costs_key(target, draft) -> str:
-    """Identifies (device, threads, target, draft): architecture, dtype, attention kernel and a weight checksum."""
+    """Identifies what the costs depend on: device (and CPU threads), dtype, the target's and the draft's
+    architecture and attention kernels. Weights do not change costs, so a retrained draft reuses them."""
     device = draft.fc.weight.device
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     parts = [
+        str(COSTS_FORMAT),
         name,
+        f"threads={torch.get_num_threads()}",
         str(draft.fc.weight.dtype),
-        target.config.get_text_config().to_json_string(use_diff=False),
+        target.config.to_json_string(use_diff=False),
         str(target.config.get_text_config()._attn_implementation),
         draft.config.to_json_string(use_diff=False),
-        f"{float(draft.fc.weight.detach().double().sum()):.6e}",
+        str(draft.config._attn_implementation),
     ]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
 
@@ -197,20 +214,25 @@ def device_costs(adapter, draft, prefix_len: int) -> DeviceCosts:
     path = cache_dir() / f"costs-{key}.json"
     try:
         costs = DeviceCosts.from_json(json.loads(path.read_text()))
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # absent or damaged: measure again
         costs = None
     if costs is None:
         started = time.perf_counter()
         device = adapter.lm_head.weight.device
         cache = DynamicCache()
-        tokens = torch.randint(3, adapter.lm_head.weight.shape[0], (1, prefix_len), device=device)
+        noise = torch.Generator(device=device).manual_seed(0)  # the caller's random stream stays untouched
+        vocab = adapter.lm_head.weight.shape[0]
+        tokens = torch.randint(0, vocab, (1, prefix_len), device=device, generator=noise)
+        tokens[tokens == adapter.image_token_id] = 0  # text only: no image slots
         with torch.no_grad():
             adapter.forward(adapter.embed_tokens(tokens), torch.arange(prefix_len, device=device)[None], cache)
         costs = DeviceCosts(measure_verify_curve(adapter, cache, prefix_len), measure_draft_levels(draft, prefix_len))
         logger.info("measured tree costs in %.2f s (cached in %s)", time.perf_counter() - started, path)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(costs.to_json()))
+            partial = path.with_suffix(f".{os.getpid()}.tmp")
+            partial.write_text(json.dumps(costs.to_json()))
+            os.replace(partial, path)  # readers see the old file or the whole new one
         except OSError as error:  # a read-only home only costs a re-measure next process
             logger.warning("could not cache tree costs in %s: %s", path, error)
     _MEMORY[key] = costs
@@ -249,6 +271,7 @@ class TreeTuner:
         self.mass_steps = 0
         self.verify_scale = self.draft_scale = 1.0
         self.steps = 0
+        self._pending_mass = None
         # Isolated seconds per width k for d = 1..max_depth: verification of d*k + 1 tokens, and drafting.
         depths = np.arange(1, max_depth + 1)
         level = costs.draft_level
@@ -291,25 +314,41 @@ class TreeTuner:
         return SpeculativeConfig(depth=depth, top_k=k, total_tokens=depth * k + 1)
 
     def observe_mass(self, top_probs: torch.Tensor) -> None:
-        """Records the draft's level-1 probabilities, sorted descending, shape `(>= max width,)`."""
+        """Records the draft's level-1 probabilities, sorted descending, shape `(>= max width,)`. They are read on
+        the host at the next `observe`, after the step has synchronised anyway."""
+        self._pending_mass = top_probs
+
+    def _take_mass(self) -> None:
+        top_probs, self._pending_mass = self._pending_mass, None
+        if top_probs is None:
+            return
         cumulative = top_probs.cumsum(0).tolist()
         for k in self.widths:
             self.mass[k] += cumulative[min(k, len(cumulative)) - 1]
         self.mass_steps += 1
 
     def observe(
-        self, shape: SpeculativeConfig, accepted: int, draft_seconds: float, step_seconds: float, finished: bool
+        self,
+        shape: SpeculativeConfig,
+        accepted: int,
+        draft_seconds: float,
+        step_seconds: float,
+        finished: bool,
+        timed: bool = True,
     ) -> None:
         """
         Learns from one step of `shape` that accepted `accepted` drafted tokens, spent `draft_seconds` drafting and
         `step_seconds` in all. A step cut short by a stopping criterion says nothing about acceptance beyond the cut,
-        so only its times count.
+        so only its times count; `timed=False` (the first step of a call, whose drafting includes the draft's pass
+        over the prompt) keeps its times out of the scales.
         """
+        self._take_mass()
         k, depth = shape.top_k, shape.depth
-        predicted_draft, predicted_verify = self._draft[k][depth - 1], self._verify[k][depth - 1]
-        rate = 0.2  # exponential moving average of in-loop over isolated time
-        self.draft_scale += rate * (draft_seconds / predicted_draft - self.draft_scale)
-        self.verify_scale += rate * ((step_seconds - draft_seconds) / predicted_verify - self.verify_scale)
+        if timed and draft_seconds > 0 and step_seconds > draft_seconds:
+            predicted_draft, predicted_verify = self._draft[k][depth - 1], self._verify[k][depth - 1]
+            rate = 0.2  # exponential moving average of in-loop over isolated time
+            self.draft_scale += rate * (draft_seconds / predicted_draft - self.draft_scale)
+            self.verify_scale += rate * ((step_seconds - draft_seconds) / predicted_verify - self.verify_scale)
         self.steps += 1
         if finished or k not in self.reached:
             return

@@ -129,3 +129,13 @@ def test_static_cache_grows_keeping_entries_and_truncates():
     cache.length = 7
     cache.truncate(2)
     assert cache.length == 2
+
+
+def test_lean_step_refuses_modules_it_would_skip(target):
+    torch.manual_seed(2)
+    draft = SpecVLMDraftModel.from_target(target)
+    handle = draft.layers[0].mlp.up_proj.register_forward_hook(lambda *args: None)
+    with pytest.raises(ValueError, match=r"layers\.0\.mlp\.up_proj"):
+        LeanDraftForward(draft)
+    handle.remove()
+    LeanDraftForward(draft)

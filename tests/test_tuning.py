@@ -112,3 +112,34 @@ def test_auto_tree_through_generate_is_exact_and_learns(target, draft, do_sample
         assert torch.equal(out, plain)
     tuner = draft._tuners[(draft.fc.weight.device, draft.fc.weight.dtype, do_sample)]
     assert tuner.steps > 0 and sum(r.sum() for r in tuner.reached.values()) > 0
+
+
+@pytest.mark.parametrize("prefix_len", [1, 3])
+def test_costs_of_a_prompt_shorter_than_the_widest_level(target, draft, monkeypatch, tmp_path, prefix_len):
+    monkeypatch.setenv("SPECVLM_HF_CACHE", str(tmp_path))
+    from specvlm_hf import tuning
+
+    monkeypatch.setattr(tuning, "_MEMORY", {})
+    state = torch.get_rng_state()
+    costs = device_costs(get_adapter(target), draft, prefix_len=prefix_len)
+    assert torch.equal(torch.get_rng_state(), state)  # sampling's random stream is untouched
+    assert set(costs.draft_level) == {1, 2, 4, 8} and costs.curve.prefix_len == prefix_len
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        "{not json",
+        '{"curve": {"sizes": [1], "seconds": [-1.0], "prefix_len": 4}, "draft_level": {"1": 0.1}}',
+        '{"curve": 3, "draft_level": []}',
+    ],
+)
+def test_a_damaged_cost_file_is_measured_again(target, draft, monkeypatch, tmp_path, content):
+    monkeypatch.setenv("SPECVLM_HF_CACHE", str(tmp_path))
+    from specvlm_hf import tuning
+
+    monkeypatch.setattr(tuning, "_MEMORY", {})
+    path = tmp_path / f"costs-{costs_key(target, draft)}.json"
+    path.write_text(content)
+    costs = device_costs(get_adapter(target), draft, prefix_len=8)
+    assert DeviceCosts.from_json(json.loads(path.read_text())) == costs

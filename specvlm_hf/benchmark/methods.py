@@ -32,7 +32,7 @@ class MethodResult:
         tokens (`list[int]`): generated token ids (prompt excluded).
         tokens_per_forward (`list[int]`): tokens emitted by each target forward, the first (prefill) included; sums
             to `len(tokens)`.
-        forward_sizes (`list[int]`): tokens each target forward processed (the prompt, then the verified tokens).
+        forward_sizes (`list[int]`): tokens each target forward processed (the first one includes the prompt).
         step_time, verify_time, draft_time (`float`, *optional*): the tree loop's profile (`SpeculativeStats`).
     """
 
@@ -192,6 +192,7 @@ class EagleVLM(Method):
         return (self.draft,)
 
     def tree(self, temperature: float) -> SpeculativeConfig:
+        """The tree chosen for `temperature`, else the draft's own `speculative_config` (auto by default)."""
         return self.trees.get(float(temperature), self.draft.speculative_config)
 
     def _generate(self, target, inputs, config, temperature):
@@ -210,6 +211,12 @@ class EagleVLMDefault(EagleVLM):
 
     def __init__(self, draft):
         super().__init__(draft, {})
+
+    def generate(self, target, inputs: dict, *, temperature: float, max_new_tokens: int) -> MethodResult:
+        # Measure (or load) the device's costs before the timed, forward-counted call; a user pays this once per
+        # machine (`tuning.device_costs`).
+        self.draft.tree_tuner(get_adapter(target), temperature > 0, inputs["input_ids"].shape[1])
+        return super().generate(target, inputs, temperature=temperature, max_new_tokens=max_new_tokens)
 
 
 # The registry. A `specvlm` entry (the same tree loop with the elastic visual compressor inside the draft) slots in

@@ -14,6 +14,7 @@ import torch
 
 from ..configuration import SpeculativeConfig
 from ..modeling_draft import SpecVLMDraftModel
+from ..tuning import VERIFY_SIZES
 from .calibration import TreeCalibration, calibrate_tree, measure_cost_curve, replay_context
 from .config import BenchmarkConfig
 from .methods import EagleVLM, EagleVLMDefault, HFAssisted, Vanilla, build_methods, generation_config
@@ -220,12 +221,14 @@ def bound_curve(config: BenchmarkConfig, resources: Resources, calibration: Sequ
     prompt's greedy continuation (`calibration.measure_cost_curve`)."""
     for found in calibrations.values():
         return found.curve
+    if not calibration:
+        return None
     target, sample = resources.target, calibration[0]
     tokens = min(config.calibration_tokens, config.max_new_tokens)
     with torch.no_grad():
         sequence = target.generate(**sample.inputs, generation_config=generation_config(target, 0.0, tokens))
     context = replay_context(target, sample, sequence)
-    return measure_cost_curve(target, context, sorted({n for r in (1, 2, 4, 8) for n in range(r, 66, r)}))
+    return measure_cost_curve(target, context, VERIFY_SIZES)
 
 
 def _check_load(device: torch.device) -> list[float] | None:
@@ -299,7 +302,7 @@ def run_benchmark(
         environment={**environment(config.torch_device, config.torch_dtype), "load_average_at_start": load_at_start},
         models=resources.info,
         trees=[tree_report(t, trees[t], calibrations.get(t), records, summaries) for t in trees],
-        cost_curve={"sizes": list(curve.sizes), "seconds": list(curve.seconds), "prefix_len": curve.prefix_len},
+        cost_curve=asdict(curve) if curve is not None else {},
         records=records,
         summaries=summaries,
     )

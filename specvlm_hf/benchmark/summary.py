@@ -89,10 +89,10 @@ def paired_speedups(
 
 
 def _bound(runs: Sequence[RunRecord], curve: CostCurve | None) -> float | None:
-    """`metrics.free_draft_bound` over `runs`: every token after the first, against every forward after prefill."""
+    """`metrics.free_draft_bound` over `runs`: the tokens of every forward after the first, against those forwards."""
     if curve is None or not runs or any(r.forward_sizes is None for r in runs):
         return None
-    decoded = sum(r.new_tokens - 1 for r in runs)
+    decoded = sum(sum(r.tokens_per_forward[1:]) for r in runs)
     sizes = [q for r in runs for q in r.forward_sizes[1:]]
     return free_draft_bound(decoded, [curve.at(q) for q in sizes], curve.at(1))
 
