@@ -45,9 +45,10 @@ class Drafter:
     def propose(self, state: DraftState) -> DraftTree:
         raise NotImplementedError
 
-    def observe(self, emitted: int, finished: bool) -> None:
-        """The last proposed tree's outcome: `emitted` tokens (accepted drafts + the target's token); `finished` when
-        a stopping criterion cut the step."""
+    def observe(self, tree: DraftTree, path: list[int], finished: bool) -> None:
+        """The last proposed tree's outcome: `path`, the nodes whose tokens were emitted (root first: the accepted
+        drafts' parents, then the node the target's own token follows); `finished` when a stopping criterion cut the
+        step."""
 
 
 class DraftSource:
@@ -102,11 +103,12 @@ class TreeDrafter(Drafter):
         if self.config.is_auto:
             self.tuner = self.draft.tree_tuner(adapter, do_sample, prompt_len)
 
-    def observe(self, emitted: int, finished: bool) -> None:
+    def observe(self, tree: DraftTree, path: list[int], finished: bool) -> None:
         if self.tuner is not None:
             now = time.perf_counter()
             drafted, total = self._drafted - self._started, now - self._started
-            self.tuner.observe(self.shape, emitted - 1, drafted, total, finished, timed=not self._prompt_step)
+            ranks = [tree.children[tree.parents[node]].index(node) for node in path[1:]]
+            self.tuner.observe(self.shape, ranks, drafted, total, finished, timed=not self._prompt_step)
 
     @torch.no_grad()
     def propose(self, state: DraftState) -> DraftTree:

@@ -210,7 +210,7 @@ def tree_decoding(
         clock.add("verify", verify_start)
         nodes = walk_tree(tree, tree_logits, emitter, logits_processor, do_sample, batched)
         commit_accepted(cache, root_position, nodes)  # the emitted tokens' entries; the last one is the next root
-        drafter.observe(len(nodes), emitter.finished)
+        drafter.observe(tree, nodes, emitter.finished)
         stats.target_forwards += 1
         stats.accepted_lengths.append(len(nodes))
         if not emitter.finished:

@@ -6,7 +6,8 @@ that picks depth and width every step from measured costs and the running accept
   prompt (0.5-1 s on 2 CPU cores at testbed scale), kept in memory and on disk (`cache_dir()`), so a new process
   on the same machine measures nothing.
 - **Acceptance** (`TreeTuner`): per width k and depth j, the probability alpha_j(k) that the target accepts a drafted
-  token at depth j given it accepted its ancestors, estimated from the steps run so far (a Beta estimate whose prior
+  token at depth j given it accepted its ancestors, estimated from the steps run so far (a step of width k also
+  tells what every narrower width would have accepted: the leading drafts that were their siblings' first choices) (a Beta estimate whose prior
   is alpha_{j-1}(k), so depths not yet tried inherit the acceptance above them, which is what makes the controller
   try them). For a width k > 1 the prior is the chain's estimate scaled by the draft's own probability mass in its
   top k. The choice adds half a standard error to each estimate, so a shape unlucky in its first steps is retried.
@@ -330,17 +331,21 @@ class TreeTuner:
     def observe(
         self,
         shape: SpeculativeConfig,
-        accepted: int,
+        ranks: list[int],
         draft_seconds: float,
         step_seconds: float,
         finished: bool,
         timed: bool = True,
     ) -> None:
         """
-        Learns from one step of `shape` that accepted `accepted` drafted tokens, spent `draft_seconds` drafting and
-        `step_seconds` in all. A step cut short by a stopping criterion says nothing about acceptance beyond the cut,
-        so only its times count; `timed=False` (the first step of a call, whose drafting includes the draft's pass
-        over the prompt) keeps its times out of the scales.
+        Learns from one step of `shape`, whose accepted drafts were at `ranks` among their siblings (0 = the draft's
+        first choice), that spent `draft_seconds` drafting and `step_seconds` in all.
+
+        Verification tries a node's children in rank order (greedy: the target's token is one of them; sampling:
+        recursive rejection in that order), so a tree of width w < `shape.top_k` would have accepted exactly the
+        leading drafts of rank < w: one step teaches every width up to its own. A step cut short by a stopping
+        criterion says nothing about acceptance beyond the cut, so only its times count; `timed=False` (the first
+        step of a call, whose drafting includes the draft's pass over the prompt) keeps its times out of the scales.
         """
         self._take_mass()
         k, depth = shape.top_k, shape.depth
@@ -350,8 +355,11 @@ class TreeTuner:
             self.draft_scale += rate * (draft_seconds / predicted_draft - self.draft_scale)
             self.verify_scale += rate * ((step_seconds - draft_seconds) / predicted_verify - self.verify_scale)
         self.steps += 1
-        if finished or k not in self.reached:
+        if finished:
             return
-        reached = min(accepted + 1, depth)
-        self.reached[k][:reached] += 1
-        self.accepted[k][:accepted] += 1
+        for width in self.widths:
+            if width > k:
+                break
+            accepted = next((i for i, rank in enumerate(ranks) if rank >= width), len(ranks))
+            self.reached[width][: min(accepted + 1, depth)] += 1
+            self.accepted[width][:accepted] += 1

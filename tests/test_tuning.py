@@ -22,7 +22,8 @@ def _costs(slope: float, level: float = 0.1) -> DeviceCosts:
 
 
 def _run(tuner: TreeTuner, accept, steps: int = 300) -> SpeculativeConfig:
-    """Drives the tuner for `steps` steps where `accept(shape)` gives the accepted drafts; returns its last choice."""
+    """Drives the tuner for `steps` steps where `accept(shape)` gives the sibling ranks of the accepted drafts;
+    returns its last choice."""
     for _ in range(steps):
         shape = tuner.choose()
         tuner.observe_mass(torch.tensor([0.6, 0.2, 0.1, 0.05, 0.02, 0.01, 0.01, 0.01]))
@@ -39,7 +40,7 @@ def test_chain_depth_follows_acceptance_and_costs():
             n = 0
             while n < shape.depth and rng.random() < alpha:
                 n += 1
-            return n
+            return [0] * n
 
         return accept
 
@@ -54,12 +55,14 @@ def test_chain_depth_follows_acceptance_and_costs():
 def test_flat_verification_cost_buys_width():
     rng = np.random.default_rng(1)
 
-    def accept(shape):  # a wider level catches the target's token more often
-        alpha = 1 - 0.5 ** (1 + shape.top_k / 2)
-        n = 0
-        while n < shape.depth and rng.random() < alpha:
-            n += 1
-        return n
+    def accept(shape):  # the target's token is the draft's r-th choice with probability 2^-(r+1)
+        ranks = []
+        while len(ranks) < shape.depth:
+            rank = int(rng.geometric(0.5)) - 1
+            if rank >= shape.top_k:
+                break
+            ranks.append(rank)
+        return ranks
 
     flat = _run(TreeTuner(_costs(slope=0.0005)), accept)
     steep = _run(TreeTuner(_costs(slope=0.3)), accept)
@@ -69,10 +72,20 @@ def test_flat_verification_cost_buys_width():
 def test_steps_cut_by_a_stopping_criterion_teach_no_acceptance():
     tuner = TreeTuner(_costs(0.1))
     shape = SpeculativeConfig(depth=4, top_k=1, total_tokens=5)
-    tuner.observe(shape, 0, 0.1, 1.0, finished=True)
+    tuner.observe(shape, [], 0.1, 1.0, finished=True)
     assert tuner.reached[1].sum() == 0 and tuner.steps == 1
-    tuner.observe(shape, 2, 0.1, 1.0, finished=False)
+    tuner.observe(shape, [0, 0], 0.1, 1.0, finished=False)
     assert tuner.reached[1][:4].tolist() == [1, 1, 1, 0] and tuner.accepted[1][:3].tolist() == [1, 1, 0]
+
+
+def test_a_wide_step_teaches_every_narrower_width():
+    tuner = TreeTuner(_costs(0.1))
+    tree = SpeculativeConfig(depth=5, top_k=4, total_tokens=21)
+    tuner.observe(tree, [0, 1, 0, 3], 0.1, 1.0, finished=False)
+    assert tuner.accepted[1][:2].tolist() == [1, 0] and tuner.reached[1][:3].tolist() == [1, 1, 0]  # stops at rank 1
+    assert tuner.accepted[2][:4].tolist() == [1, 1, 1, 0] and tuner.reached[2][:5].tolist() == [1, 1, 1, 1, 0]
+    assert tuner.accepted[4][:5].tolist() == [1, 1, 1, 1, 0] and tuner.reached[4][:5].tolist() == [1] * 5
+    assert tuner.reached[8].sum() == 0  # a wider tree might have accepted more: nothing learned
 
 
 def test_costs_are_measured_once_and_cached_on_disk(target, draft, monkeypatch, tmp_path):
