@@ -2,7 +2,8 @@
 
 Hypothesis draws a tiny random LLaVA (hidden size, layers, attention heads with and without GQA, vocabulary, image
 token count, sdpa or eager attention), a prompt with or without an image, a drafter (random trees, an oracle that tells
-the truth for a random number of levels, the real draft class with random weights), a tree shape, and generation
+the truth for a random number of levels, the real draft class with random weights, on a drawn tree shape or the
+auto tree), a tree shape, and generation
 arguments from the README's table: `max_new_tokens` or `max_length`, EOS as an int, a list or a tensor, min new tokens
 and min length, repetition and encoder repetition penalties, no-repeat n-grams, bad words, sequence bias, suppressed
 tokens (always or at the first step), forced EOS, the exponential length penalty, classifier-free guidance with or
@@ -213,6 +214,7 @@ class Case:
     criteria: tuple = ()  # (kind, value) pairs, see make_criterion
     stop_strings: list[str] | None = None
     return_dict: bool = False
+    auto_tree: bool = False  # "real" drafter: the default auto tree instead of `tree`
     output_scores: bool = False
     output_logits: bool = False
     user_cache: bool = False  # pass an empty DynamicCache, which generate() fills in place
@@ -316,14 +318,32 @@ def cases(draw) -> Case:
         "renormalize_logits": st.just(True),
         "remove_invalid_values": st.just(True),
         "prefix_allowed_tokens_fn": st.integers(2, 5),
-        "watermarking_config": st.fixed_dictionaries(
-            dict(
-                bias=st.floats(0.5, 4.0),
-                greenlist_ratio=st.floats(0.1, 0.5),
-                # selfhash tries the 40 best tokens: plain generate() itself fails on a smaller vocabulary.
-                seeding_scheme=st.sampled_from(["lefthash", "selfhash"] if spec.vocab >= 40 else ["lefthash"]),
-                context_width=st.integers(1, 3),
-            )
+        # selfhash tries the 40 best tokens, and plain generate() itself fails on a smaller vocabulary or when none of
+        # them is green (an empty float index tensor): 0.9**40 = 1.5% per step at greenlist_ratio 0.1, 0.7**40 < 1e-6
+        # at 0.3.
+        "watermarking_config": st.one_of(
+            st.fixed_dictionaries(
+                dict(
+                    bias=st.floats(0.5, 4.0),
+                    greenlist_ratio=st.floats(0.1, 0.5),
+                    seeding_scheme=st.just("lefthash"),
+                    context_width=st.integers(1, 3),
+                )
+            ),
+            *(
+                [
+                    st.fixed_dictionaries(
+                        dict(
+                            bias=st.floats(0.5, 4.0),
+                            greenlist_ratio=st.floats(0.3, 0.5),
+                            seeding_scheme=st.just("selfhash"),
+                            context_width=st.integers(1, 3),
+                        )
+                    )
+                ]
+                if spec.vocab >= 40
+                else []
+            ),
         ),
         "logits_processor": st.floats(0.5, 5.0),  # LastTokenPenalty
     }
@@ -358,6 +378,7 @@ def cases(draw) -> Case:
         eos=eos,
         eos_as_tensor=eos_as_tensor,
         processors=processors,
+        auto_tree=draw(st.booleans()),
         criteria=criteria,
         stop_strings=stop_strings,
         return_dict=return_dict,
@@ -421,14 +442,13 @@ def check(case: Case) -> None:
     else:
         source = RandomDraft(case.target.vocab, cfg, case.draft_seed)
     our_kwargs = case.generate_kwargs(prompt_len)
+    fixed_real = case.drafter == "real" and not case.auto_tree
     if case.route == "speculative_generate":
         knobs = dict(depth=cfg.depth, tree_top_k=cfg.top_k, total_tokens=cfg.total_tokens)
-        ours = speculative_generate(
-            target, source, **inputs, **(knobs if case.drafter == "real" else {}), **our_kwargs
-        )
+        ours = speculative_generate(target, source, **inputs, **(knobs if fixed_real else {}), **our_kwargs)
         stats = ours.stats
     else:
-        if case.drafter == "real":
+        if fixed_real:
             source = draft.with_tree(depth=cfg.depth, top_k=cfg.top_k, total_tokens=cfg.total_tokens)
         ours = target.generate(**inputs, assistant_model=source, **our_kwargs)
         stats = ours.speculative_stats if case.return_dict else None
