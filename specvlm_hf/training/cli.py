@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
+import sys
 from pathlib import Path
 
 import torch
@@ -176,8 +178,12 @@ def run(args) -> int:
         from ..modeling_draft import SpecVLMDraftModel
 
         draft = SpecVLMDraftModel.from_pretrained(args.init, target=target)
-    name = "specvlm_hf/testbed" if args.target == TESTBED else args.target  # what the model card names
-    _, summary = train_draft(target, processor, rows, config, eval_prompts=eval_prompts, draft=draft, target_name=name)
+    name = "specvlm_hf testbed" if args.target == TESTBED else args.target  # what the model card names
+    command = shlex.join(["specvlm-hf", *sys.argv[1:]])  # the card records how the draft was trained
+    _, summary = train_draft(
+        target, processor, rows, config, eval_prompts=eval_prompts, draft=draft, target_name=name,
+        training_command=command,
+    )  # fmt: skip
     print(json.dumps({k: v for k, v in summary.items() if k != "curve"}, indent=2))
     for point in summary["curve"]:
         print(f"epoch {point['epoch']:>5}: mean accepted length {point['mean_accepted_length']:.3f}")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from transformers.trainer_utils import get_last_checkpoint
 
-from ..hub import create_model_card
+from ..hub import create_model_card, hub_id_or_none
 from ..modeling_draft import SpecVLMDraftModel
 from .config import DistillationConfig
 from .data import ConversationRow, DistillationCollator, DistillationDataset, RowEncoder
@@ -43,6 +43,7 @@ def train_draft(
     eval_prompts: list[dict] | None = None,
     draft: SpecVLMDraftModel | None = None,
     target_name: str | None = None,
+    training_command: str | None = None,
 ) -> tuple[SpecVLMDraftModel, dict]:
     """
     Trains `draft` (a fresh `SpecVLMDraftModel.from_target(target)` by default) on `rows` against the frozen
@@ -50,7 +51,8 @@ def train_draft(
 
     A checkpoint already in `args.output_dir` (from an interrupted run) is resumed: model, optimizer, scheduler, RNG
     and data position, so nothing is lost beyond the last save. `target_name` is what the model card calls the
-    target (a hub id ideally; the target's `_name_or_path` by default).
+    target (the card's `base_model` when it is a Hub id; the target's `_name_or_path` by default), and
+    `training_command` the command the card records.
     """
     draft = draft if draft is not None else SpecVLMDraftModel.from_target(target)
     if draft.target is not target:
@@ -89,6 +91,12 @@ def train_draft(
     if trainer.is_world_process_zero():
         (Path(args.output_dir) / "training_summary.json").write_text(json.dumps(summary, indent=2))
         target_name = target_name or getattr(target.config, "_name_or_path", "") or target.config.model_type
-        card = create_model_card(args.output_dir, target_name=target_name, repo_id=args.hub_model_id)
+        card = create_model_card(
+            args.output_dir,
+            target_name=target_name,
+            base_model=hub_id_or_none(target_name),
+            repo_id=args.hub_model_id,
+            training_command=training_command,
+        )
         card.save(Path(args.output_dir) / "README.md")
     return draft, summary

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Renders the cards in this folder (run from the repository root); tests/test_hub.py renders the same inputs.
+set -euo pipefail
+specvlm-hf card --draft specvlm_hf/testbed/assets/draft --target-name "specvlm_hf testbed" \
+  --repo-id specvlm-hf/testbed-draft --benchmark results/testbed-cpu/benchmark.json \
+  --training-command "specvlm-hf train --target testbed --data testbed --num-samples 1600 --self-distill --epochs 4 --output runs/draft" \
+  --usage model_cards/testbed-draft/usage.py --output model_cards/testbed-draft/README.md
+cp model_cards/testbed-draft/README.md specvlm_hf/testbed/assets/draft/README.md
