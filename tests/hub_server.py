@@ -129,26 +129,30 @@ class _Handler(BaseHTTPRequestHandler):
             repo.commits[sha], repo.branches["main"] = {".gitattributes": b"*.safetensors filter=lfs\n"}, sha
         self._send(200, {"url": f"{self._base()}/{repo_id}", "name": repo_id})
 
-    def _info(self, repo_id: str, revision: str):
-        repo = self._repo(repo_id)
+    def _snapshot(self, repo_id: str, revision: str, head=False) -> tuple[str, dict[str, bytes]] | None:
+        """The commit `revision` names and its files, or `None` after sending the Hub's error."""
+        repo = self._repo(repo_id, head=head)
         if repo is None:
-            return
+            return None
         sha = repo.resolve(revision)
         if sha is None:
-            return self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}")
-        files = repo.commits[sha]
-        self._send(200, {"id": repo_id, "modelId": repo_id, "sha": sha, "private": False,
-                         "siblings": [{"rfilename": name} for name in sorted(files)]})  # fmt: skip
+            self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}", head=head)
+            return None
+        return sha, repo.commits[sha]
+
+    def _info(self, repo_id: str, revision: str):
+        found = self._snapshot(repo_id, revision)
+        if found is not None:
+            sha, files = found
+            self._send(200, {"id": repo_id, "modelId": repo_id, "sha": sha, "private": False,
+                             "siblings": [{"rfilename": name} for name in sorted(files)]})  # fmt: skip
 
     def _tree(self, repo_id: str, revision: str):
-        repo = self._repo(repo_id)
-        if repo is None:
+        found = self._snapshot(repo_id, revision)
+        if found is None:
             return
-        sha = repo.resolve(revision)
-        if sha is None:
-            return self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}")
         entries = []
-        for name, data in sorted(repo.commits[sha].items()):
+        for name, data in sorted(found[1].items()):
             entry = {"type": "file", "path": name, "size": len(data), "oid": hashlib.sha1(data).hexdigest()}
             if _is_lfs(name):
                 entry["lfs"] = {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}
@@ -205,13 +209,10 @@ class _Handler(BaseHTTPRequestHandler):
         if not match:
             return self._error(404, "NotFound", "no such endpoint", head=head)
         repo_id, revision, name = match.group(1), unquote(match.group(2)), unquote(match.group(3))
-        repo = self._repo(repo_id, head=head)
-        if repo is None:
+        found = self._snapshot(repo_id, revision, head=head)
+        if found is None:
             return
-        sha = repo.resolve(revision)
-        if sha is None:
-            return self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}", head=head)
-        files = repo.commits[sha]
+        sha, files = found
         if name not in files:
             return self._error(404, "EntryNotFound", f"{name} does not exist at {revision}", head=head)
         data = files[name]
