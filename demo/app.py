@@ -316,7 +316,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", 7860)))
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
     args = parser.parse_args(argv)
-    target, processor, draft, examples = load(args.model, args.draft)
+    try:
+        target, processor, draft, examples = load(args.model, args.draft)
+    except (OSError, ValueError) as error:  # a model or draft that cannot be loaded: say which, and why
+        raise SystemExit(
+            f"Could not load model {args.model or 'testbed'!r} / draft {args.draft!r}: {error}"
+        ) from error
     build_demo(target, processor, draft, examples).launch(server_name=args.host, server_port=args.port)
 
 

@@ -159,3 +159,10 @@ def test_demo_in_a_real_browser(testbed_demo):
     # The highlighted pane lays tokens out as separate spans (the browser's text adds spaces between some of them).
     squeeze = lambda text: re.sub(r"\s+", "", text)  # noqa: E731
     assert len(plain.split()) >= 5 and squeeze(plain) in squeeze(spec)
+
+
+def test_a_model_that_cannot_be_loaded_stops_with_a_clear_message(app, tmp_path):
+    with pytest.raises(SystemExit, match="Could not load model"):
+        app.main(["--model", str(tmp_path / "no-such-llava"), "--draft", str(tmp_path / "no-such-draft")])
+    with pytest.raises(SystemExit, match="needs --draft"):
+        app.main(["--model", str(tmp_path / "no-such-llava")])
