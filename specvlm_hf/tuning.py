@@ -35,6 +35,7 @@ import torch
 from transformers import DynamicCache
 
 from .cache import commit_accepted
+from .clock import time_call
 from .configuration import SpeculativeConfig
 from .tree import build_tree
 
@@ -84,19 +85,6 @@ class CostCurve:
         return {q: t / self.seconds[0] for q, t in zip(self.sizes, self.seconds)}
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type != "cpu":
-        getattr(torch, device.type).synchronize()
-
-
-def _time(fn, device: torch.device) -> float:
-    _synchronize(device)
-    start = time.perf_counter()
-    fn()
-    _synchronize(device)
-    return time.perf_counter() - start
-
-
 @torch.no_grad()
 def measure_verify_curve(adapter, cache, prefix_len: int, sizes=VERIFY_SIZES, repeats: int = 3) -> CostCurve:
     """
@@ -112,7 +100,7 @@ def measure_verify_curve(adapter, cache, prefix_len: int, sizes=VERIFY_SIZES, re
     timings = {q: [] for q in sizes}
     for round_ in range(repeats + 1):
         for q in sizes:
-            seconds = _time(lambda t=trees[q]: verify(adapter, t, cache, prefix_len), device)
+            _, seconds = time_call(lambda t=trees[q]: verify(adapter, t, cache, prefix_len), device)
             commit_accepted(cache, prefix_len, [])
             if round_:
                 timings[q].append(seconds)
@@ -143,7 +131,7 @@ def measure_draft_levels(draft, prefix_len: int, widths=WIDTHS, repeats: int = 5
 
     costs = {}
     for k in widths:
-        seconds = [_time(lambda k=k: level(k), device) for _ in range(repeats + 1)][1:]
+        seconds = [time_call(lambda k=k: level(k), device)[1] for _ in range(repeats + 1)][1:]
         costs[k] = float(np.mean(seconds))
     return costs
 
@@ -279,29 +267,42 @@ class TreeTuner:
         self._verify = {k: np.array([costs.curve.at(d * k + 1) for d in depths]) for k in self.widths}
         self._draft = {k: level[1] + (depths - 1) * level[k] for k in self.widths}
 
+    def _beta(self, k: int, chain: np.ndarray | None) -> np.ndarray:
+        """The Beta estimates of width k; their prior is `chain` scaled by the top-k mass, when given."""
+        boosted = None
+        if chain is not None and self.mass_steps:
+            boosted = np.minimum(chain * self.mass[k] / max(self.mass[1], 1e-9), 0.98)
+        out, prior = np.empty(self.max_depth), self.prior
+        for j in range(self.max_depth):
+            if boosted is not None:
+                prior = boosted[j]
+            out[j] = (self.accepted[k][j] + self.strength * prior) / (self.reached[k][j] + self.strength)
+            prior = out[j]
+        return out
+
+    def _all_alphas(self, optimism: float) -> dict[int, np.ndarray]:
+        """`alphas(k, optimism)` for every width, the chain's estimate computed once."""
+        chain = self._beta(1, None)
+        found = {}
+        for k in self.widths:
+            base = chain if k == 1 else self._beta(k, chain)
+            if optimism:
+                spread = np.sqrt(base * (1 - base) / (self.reached[k] + self.strength))
+                base = np.minimum(base + optimism * spread, 0.99)
+            found[k] = base
+        return found
+
     def alphas(self, k: int, optimism: float = 0.0) -> np.ndarray:
         """
         alpha_j(k) for j = 1..max_depth: a Beta estimate per depth whose prior is the chain's estimate scaled by the
         draft's top-k mass (width k > 1, once observed), else the estimate of the depth above (`prior` at depth 1).
         `optimism` adds that many standard errors (exploration: shapes seldom tried get tried again).
         """
-        boosted = None
-        if k != 1 and self.mass_steps:
-            boosted = np.minimum(self.alphas(1) * self.mass[k] / max(self.mass[1], 1e-9), 0.98)
-        out, prior = np.empty(self.max_depth), self.prior
-        for j in range(self.max_depth):
-            if boosted is not None:
-                prior = boosted[j]
-            n = self.reached[k][j] + self.strength
-            out[j] = (self.accepted[k][j] + self.strength * prior) / n
-            prior = out[j]
-        if optimism:
-            out = np.minimum(out + optimism * np.sqrt(out * (1 - out) / (self.reached[k] + self.strength)), 0.99)
-        return out
+        return self._all_alphas(optimism)[k]
 
     def expected_tokens(self, k: int, optimism: float = 0.0) -> np.ndarray:
         """E(d, k) for d = 1..max_depth: the bonus token plus the expected accepted drafts."""
-        return 1.0 + np.cumsum(np.cumprod(self.alphas(k, optimism)))
+        return _expected_tokens(self.alphas(k, optimism))
 
     def step_seconds(self, k: int) -> np.ndarray:
         """Predicted in-loop seconds of a step of width k, for d = 1..max_depth."""
@@ -309,7 +310,8 @@ class TreeTuner:
 
     def choose(self) -> SpeculativeConfig:
         """The shape with the most expected tokens per second."""
-        rates = {k: self.expected_tokens(k, self.optimism) / self.step_seconds(k) for k in self.widths}
+        alphas = self._all_alphas(self.optimism)
+        rates = {k: _expected_tokens(alphas[k]) / self.step_seconds(k) for k in self.widths}
         k = max(self.widths, key=lambda w: rates[w].max())
         depth = int(rates[k].argmax()) + 1
         return SpeculativeConfig(depth=depth, top_k=k, total_tokens=depth * k + 1)
@@ -363,3 +365,8 @@ class TreeTuner:
             accepted = next((i for i, rank in enumerate(ranks) if rank >= width), len(ranks))
             self.reached[width][: min(accepted + 1, depth)] += 1
             self.accepted[width][:accepted] += 1
+
+
+def _expected_tokens(alphas: np.ndarray) -> np.ndarray:
+    """E(d) for d = 1..len(alphas): 1 + sum_{i <= d} prod_{j <= i} alpha_j."""
+    return 1.0 + np.cumsum(np.cumprod(alphas))

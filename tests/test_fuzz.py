@@ -278,6 +278,18 @@ def maybe(strategy, odds: int = 2):
     return st.sampled_from([False] * odds + [True]).flatmap(lambda on: strategy if on else st.none())
 
 
+def _watermark(scheme: str, min_greenlist_ratio: float):
+    """A `watermarking_config` with `seeding_scheme` and a greenlist ratio in [min_greenlist_ratio, 0.5]."""
+    return st.fixed_dictionaries(
+        dict(
+            bias=st.floats(0.5, 4.0),
+            greenlist_ratio=st.floats(min_greenlist_ratio, 0.5),
+            seeding_scheme=st.just(scheme),
+            context_width=st.integers(1, 3),
+        )
+    )
+
+
 @st.composite
 def cases(draw) -> Case:
     spec = draw(target_specs())
@@ -322,28 +334,7 @@ def cases(draw) -> Case:
         # them is green (an empty float index tensor): 0.9**40 = 1.5% per step at greenlist_ratio 0.1, 0.7**40 < 1e-6
         # at 0.3.
         "watermarking_config": st.one_of(
-            st.fixed_dictionaries(
-                dict(
-                    bias=st.floats(0.5, 4.0),
-                    greenlist_ratio=st.floats(0.1, 0.5),
-                    seeding_scheme=st.just("lefthash"),
-                    context_width=st.integers(1, 3),
-                )
-            ),
-            *(
-                [
-                    st.fixed_dictionaries(
-                        dict(
-                            bias=st.floats(0.5, 4.0),
-                            greenlist_ratio=st.floats(0.3, 0.5),
-                            seeding_scheme=st.just("selfhash"),
-                            context_width=st.integers(1, 3),
-                        )
-                    )
-                ]
-                if spec.vocab >= 40
-                else []
-            ),
+            _watermark("lefthash", 0.1), *([_watermark("selfhash", 0.3)] if spec.vocab >= 40 else [])
         ),
         "logits_processor": st.floats(0.5, 5.0),  # LastTokenPenalty
     }

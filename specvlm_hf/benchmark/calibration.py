@@ -26,13 +26,13 @@ import torch
 from transformers import DynamicCache
 
 from ..adapters import get_adapter
+from ..clock import time_call
 from ..configuration import SpeculativeConfig
 from ..loop import prompt_draft_state, step_draft_state
 from ..tree import DraftTree
 from ..tuning import CostCurve, measure_verify_curve
 from .methods import EagleVLM, generation_config
 from .prompts import Sample
-from .timing import time_call
 from .tree_budget import TreeChoice, TreeEstimate, candidate_trees, search_tree, snap
 
 logger = logging.getLogger(__name__)

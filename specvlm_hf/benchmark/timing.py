@@ -1,6 +1,6 @@
 """Wall clock and peak memory of one call, measured the same way for every method.
 
-Time: `time.perf_counter` around the call, with `torch.cuda.synchronize` on both sides on a GPU.
+Time: `time.perf_counter` around the call, the device synchronised on both sides (`clock.py`).
 
 Peak memory of a method = bytes of the weights it uses (`module_bytes`) + the transient peak of the call:
 - CUDA: `torch.cuda.max_memory_allocated` after `reset_peak_memory_stats`, minus what was allocated before.
@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..clock import synchronize
+
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 
@@ -35,11 +37,6 @@ class Measurement:
     value: Any
     seconds: float
     transient_bytes: int | None
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _status_kib(field: str) -> int:
@@ -108,15 +105,6 @@ class Meter:
         synchronize(self.device)
         seconds = time.perf_counter() - start
         return Measurement(value=value, seconds=seconds, transient_bytes=self._peak.stop(before))
-
-
-def time_call(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
-    """`(fn(), seconds)`, synchronised on a GPU; no memory measurement (for calibration loops)."""
-    synchronize(device)
-    start = time.perf_counter()
-    value = fn()
-    synchronize(device)
-    return value, time.perf_counter() - start
 
 
 def module_bytes(*modules: nn.Module | None) -> int:
