@@ -6,3 +6,9 @@ specvlm-hf card --draft specvlm_hf/testbed/assets/draft --target-name "specvlm_h
   --training-command "specvlm-hf train --target testbed --data testbed --num-samples 1600 --self-distill --epochs 4 --output runs/draft" \
   --usage model_cards/testbed-draft/usage.py --output model_cards/testbed-draft/README.md
 cp model_cards/testbed-draft/README.md specvlm_hf/testbed/assets/draft/README.md
+
+specvlm-hf card --draft specvlm_hf/testbed/assets/specvlm-draft --target-name "specvlm_hf testbed" \
+  --repo-id specvlm-hf/testbed-specvlm-draft --benchmark results/testbed-cpu/benchmark.json \
+  --training-command "specvlm-hf train --target testbed --data testbed --num-samples 1600 --self-distill --epochs 4 --compressor elastic --output runs/specvlm-draft" \
+  --usage model_cards/testbed-specvlm-draft/usage.py --output model_cards/testbed-specvlm-draft/README.md
+cp model_cards/testbed-specvlm-draft/README.md specvlm_hf/testbed/assets/specvlm-draft/README.md

@@ -1,13 +1,15 @@
 """specvlm_hf: lossless EAGLE-style tree speculative decoding for vision-language models in Hugging Face generate().
 
-Importing the package registers `SpecVLMDraftConfig`/`SpecVLMDraftModel` with the Auto classes and routes
-`target.generate(..., assistant_model=draft)` to the tree loop for specvlm_hf drafts (other assistants unchanged).
+Importing the package registers the draft and the compressor (`SpecVLMDraftModel`, `SpecVLMCompressor`) with the
+Auto classes and routes `target.generate(..., assistant_model=draft)` to the tree loop for specvlm_hf drafts (other
+assistants unchanged).
 """
 
 from transformers import AutoConfig, AutoModel
 
 from . import integration
 from .adapters import SUPPORTED_MODEL_TYPES
+from .compressor import SpecVLMCompressor, SpecVLMCompressorConfig
 from .configuration import SpeculativeConfig, SpecVLMDraftConfig
 from .drafter import Drafter, DraftSource, DraftState, TreeDrafter
 from .generation import SpeculativeDecoderOutput, SpeculativeOutput, speculative_generate
@@ -20,6 +22,8 @@ __version__ = "0.1.0"
 
 AutoConfig.register(SpecVLMDraftConfig.model_type, SpecVLMDraftConfig, exist_ok=True)
 AutoModel.register(SpecVLMDraftConfig, SpecVLMDraftModel, exist_ok=True)
+AutoConfig.register(SpecVLMCompressorConfig.model_type, SpecVLMCompressorConfig, exist_ok=True)
+AutoModel.register(SpecVLMCompressorConfig, SpecVLMCompressor, exist_ok=True)
 integration.install()
 
 __all__ = [
@@ -29,6 +33,8 @@ __all__ = [
     "DraftState",
     "DraftTree",
     "Drafter",
+    "SpecVLMCompressor",
+    "SpecVLMCompressorConfig",
     "SpecVLMDraftConfig",
     "SpecVLMDraftModel",
     "SpeculativeConfig",

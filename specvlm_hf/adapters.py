@@ -46,6 +46,15 @@ class LlavaAdapter:
             rope_parameters=dict(text.rope_parameters),
         )
 
+    def patch_grid(self) -> tuple[int, int] | None:
+        """`(H, W)` of one image's visual tokens in the prompt, or `None` when they do not form a grid (the CLS
+        token kept by `vision_feature_select_strategy="full"`)."""
+        if self.target.config.vision_feature_select_strategy != "default":
+            return None
+        vision = self.target.config.vision_config
+        side = vision.image_size // vision.patch_size
+        return side, side
+
     def check_attention(self) -> None:
         """Raises a `ValueError` unless the text model's attention can be verified with a tree mask: an SDPA or
         eager kernel, and full attention in every layer."""

@@ -11,6 +11,7 @@ COMMANDS = {
     "testbed": "specvlm_hf.testbed.cli",
     "train": "specvlm_hf.training.cli",
     "bench": "specvlm_hf.benchmark.cli",
+    "compression": "specvlm_hf.benchmark.compression",
     "card": "specvlm_hf.hub",
 }
 

@@ -30,6 +30,9 @@ class SpecVLMDraftConfig(PretrainedConfig):
         fc_bias (`bool`, defaults to `True`): bias of the fusion layer (EAGLE uses one).
         target_model_type (`str`, defaults to `"llava"`): `model_type` of the target this draft was made for.
         image_token_id (`int`, *optional*): the target's image placeholder id (informational, checked on bind).
+        compressor (`dict`, *optional*): the `SpecVLMCompressorConfig` fields (`record()`) of the elastic visual compressor
+            this draft was trained with; its weights are saved with the draft's. `None`: the draft sees every visual
+            token (EagleVLM).
     """
 
     model_type = "specvlm_draft"
@@ -54,6 +57,7 @@ class SpecVLMDraftConfig(PretrainedConfig):
         fc_bias: bool = True,
         target_model_type: str = "llava",
         image_token_id: int | None = None,
+        compressor: dict | None = None,
         **kwargs,
     ):
         if hidden_size % num_attention_heads != 0 and head_dim is None:
@@ -80,6 +84,7 @@ class SpecVLMDraftConfig(PretrainedConfig):
         self.fc_bias = fc_bias
         self.target_model_type = target_model_type
         self.image_token_id = image_token_id
+        self.compressor = compressor.record() if isinstance(compressor, PretrainedConfig) else compressor
         kwargs.setdefault("tie_word_embeddings", False)
         super().__init__(**kwargs)
 

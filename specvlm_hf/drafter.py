@@ -4,7 +4,7 @@ with a `SpecVLMDraftModel` (SpecVLM §1.3) while keeping the draft's own KV cach
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -39,11 +39,17 @@ class Drafter:
     """Proposes a token tree from the decoding state. One instance serves one `generate()` call: `begin` once after
     prefill, then per step `propose` and `observe`."""
 
-    def begin(self, adapter, do_sample: bool, prompt_len: int) -> None:
-        """Called once before the first `propose`."""
+    def begin(self, adapter, do_sample: bool, prompt_len: int, end_tokens: tuple[int, ...] = ()) -> None:
+        """Called once before the first `propose`. `end_tokens` are the ids that end generation (`eos_token_id`):
+        nothing after one of them can be emitted, so a drafter need not draft past them."""
 
     def propose(self, state: DraftState) -> DraftTree:
         raise NotImplementedError
+
+    def describe(self) -> dict:
+        """What this call's drafter saw of the prompt, for `SpeculativeStats` (`compressor_branch`,
+        `draft_visual_tokens`); empty when it has nothing to say."""
+        return {}
 
     def observe(self, tree: DraftTree, path: list[int], finished: bool) -> None:
         """The last proposed tree's outcome: `path`, the nodes whose tokens were emitted (root first: the accepted
@@ -88,6 +94,13 @@ class TreeDrafter(Drafter):
     keep the `total_tokens - 1` best of all scored nodes. The draft runs through `LeanDraftForward`, whose cache holds
     the committed positions followed, during a step, by the tree's levels. With an auto `config` the shape comes from
     the draft's `TreeTuner` each step.
+
+    When the tuner picks a plain step, `propose` returns the root alone (the target's forward is then plain decoding's)
+    and keeps the committed positions to feed at the next step that drafts (the prompt's included).
+
+    A drafted end token (`eos_token_id`) is never expanded: if the target accepts it, generation stops there, and if
+    it does not, the path leaves the tree there, so its children could never be emitted. A chain whose next token is
+    an end token stops growing (short answers then cost one or two draft levels, not `depth`).
     """
 
     def __init__(self, draft, config: SpeculativeConfig):
@@ -98,28 +111,52 @@ class TreeDrafter(Drafter):
         self.shape = self.config
         self._started = self._drafted = 0.0
         self._prompt_step = False  # the step whose drafting included the draft's pass over the prompt
+        self._end_tokens = None  # LongTensor of end-token ids, or None
+        self._levels = 0  # draft levels the last step ran
+        self._pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # not yet fed: (embeds, ...)
+        self._described: dict = {}
 
-    def begin(self, adapter, do_sample: bool, prompt_len: int) -> None:
+    def begin(self, adapter, do_sample: bool, prompt_len: int, end_tokens: tuple[int, ...] = ()) -> None:
         if self.config.is_auto:
             self.tuner = self.draft.tree_tuner(adapter, do_sample, prompt_len)
+            self.tuner.start_call()
+        if end_tokens:
+            self._end_tokens = torch.tensor(end_tokens, device=self.draft.fc.weight.device)
+
+    def describe(self) -> dict:
+        return dict(self._described)
 
     def observe(self, tree: DraftTree, path: list[int], finished: bool) -> None:
-        if self.tuner is not None:
+        if self.tuner is not None and self.shape is not None:
             now = time.perf_counter()
             drafted, total = self._drafted - self._started, now - self._started
             ranks = [tree.children[tree.parents[node]].index(node) for node in path[1:]]
-            self.tuner.observe(self.shape, ranks, drafted, total, finished, timed=not self._prompt_step)
+            shape = replace(self.shape, depth=self._levels)  # as drafted: a chain stops at an end token
+            self.tuner.observe(shape, ranks, drafted, total, finished, timed=not self._prompt_step)
 
     @torch.no_grad()
     def propose(self, state: DraftState) -> DraftTree:
         self._started = time.perf_counter()
-        self._prompt_step = state.image_mask is not None
-        if self.tuner is not None:
-            self.shape = self.tuner.choose()
-        k, depth = self.shape.top_k, self.shape.depth
         embeds, features, position_ids = state.inputs_embeds, state.features, state.position_ids
         if state.image_mask is not None:
             embeds, features, position_ids = self.draft.compressor(embeds, features, position_ids, state.image_mask)
+            text = int((~state.image_mask).sum())
+            self._described = {
+                "compressor_branch": getattr(self.draft.compressor, "last_branch", None),
+                "draft_visual_tokens": embeds.shape[1] - text,
+            }
+        self._pending.append((embeds, features, position_ids))
+        if self.tuner is not None:
+            self.shape = self.tuner.choose()
+            if self.shape is None:  # a plain step: verify the root alone, feed the draft later
+                return build_tree(state.input_ids[0, -1:], [-1])
+        self._prompt_step = self.forward.cache.length == 0  # this step's drafting includes the prompt
+        if len(self._pending) == 1:
+            embeds, features, position_ids = self._pending[0]
+        else:
+            embeds, features, position_ids = (torch.cat(parts, dim=1) for parts in zip(*self._pending))
+        self._pending = []
+        k, depth = self.shape.top_k, self.shape.depth
         cache = self.forward.cache
         committed = cache.length + embeds.shape[1]  # cache entries of committed positions after the catch-up
         hidden = self.forward(embeds, features, position_ids, causal_attention_mask(
@@ -140,13 +177,18 @@ class TreeDrafter(Drafter):
         pool_parents = [torch.full_like(tokens, -1)]
         frontier = torch.arange(k, device=device)  # pool indices of the frontier
         frontier_hidden = hidden[0, -1:].expand(k, -1)  # predicted feature feeding each frontier node
+        scores = self._without_end_tokens(tokens, scores)
         # Tree part of the level mask, over the tree entries fed so far and the frontier's own: every node sees the
         # committed cache, its ancestors and itself. A chain's node sees every entry, so its mask is all zeros.
         eye = torch.eye(k, dtype=torch.bool, device=device)
         tree_allowed = eye
         n_pool = k
 
+        self._levels = 1
         for level in range(1, depth):
+            if self._end_tokens is not None and bool(scores.isinf().all()):
+                break  # every frontier node is an end token: nothing after them can be emitted
+            self._levels = level + 1
             # Feed the frontier (depth `level`) at position root + level - 1.
             mask = torch.zeros(1, 1, k, committed + level * k, dtype=dtype, device=device)
             if k > 1:
@@ -164,14 +206,25 @@ class TreeDrafter(Drafter):
                 tree_allowed = torch.cat([tree_allowed[parent_slot], eye], dim=1)
             frontier = n_pool + best
             frontier_hidden = out[0, parent_slot]
-            tokens, scores = child_tokens.flatten()[best], child_scores.flatten()[best]
+            tokens, scores = (
+                child_tokens.flatten()[best],
+                self._without_end_tokens(child_tokens.flatten()[best], child_scores.flatten()[best]),
+            )
             n_pool += k * k
 
         cache.truncate(committed)  # drop the tree entries, keep the committed prefix
-        selected, tree_parents = rerank_nodes(
-            torch.cat(pool_scores), torch.cat(pool_parents), self.shape.total_tokens - 1
-        )
+        pool = torch.cat(pool_scores)
+        keep = self.shape.total_tokens - 1
+        if self._end_tokens is not None and k > 1:
+            keep = min(keep, int(pool.isfinite().sum()))  # no child of an end token
+        selected, tree_parents = rerank_nodes(pool, torch.cat(pool_parents), keep)
         tree_tokens = torch.cat([root.view(1), torch.cat(pool_tokens)[selected]])
         tree = build_tree(tree_tokens, [-1] + tree_parents.tolist())  # tolist() waits for the device
         self._drafted = time.perf_counter()
         return tree
+
+    def _without_end_tokens(self, tokens: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """Frontier `scores` (shape `(k,)`) with `-inf` at end tokens: their children score `-inf` and are dropped."""
+        if self._end_tokens is None:
+            return scores
+        return scores.masked_fill(torch.isin(tokens, self._end_tokens), float("-inf"))

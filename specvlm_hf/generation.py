@@ -198,7 +198,7 @@ def tree_decoding(
     stats.target_forwards += 1
     state = prompt_draft_state(adapter, emitter.input_ids, embeds, features)
     if not emitter.finished:
-        drafter.begin(adapter, do_sample, prompt_len)
+        drafter.begin(adapter, do_sample, prompt_len, _end_tokens(generation_config))
 
     while not emitter.finished:
         step_start = clock.now()
@@ -221,6 +221,9 @@ def tree_decoding(
         streamer.end()
     sequences = emitter.input_ids
     stats.new_tokens = sequences.shape[1] - prompt_len
+    described = drafter.describe()
+    stats.compressor_branch = described.get("compressor_branch")
+    stats.draft_visual_tokens = described.get("draft_visual_tokens")
     if clock.enabled:
         stats.step_time, stats.verify_time, stats.draft_time = (clock.totals[k] for k in ("step", "verify", "draft"))
     if not generation_config.return_dict_in_generate:
@@ -230,6 +233,16 @@ def tree_decoding(
     )
     setattr(output, CACHE_KWARG, cache)
     return output
+
+
+def _end_tokens(generation_config: GenerationConfig) -> tuple[int, ...]:
+    """The ids that stop generation through `eos_token_id` (`generate()` installs their stopping criterion)."""
+    eos = generation_config.eos_token_id
+    if eos is None:
+        return ()
+    return tuple(
+        int(t) for t in (eos.tolist() if isinstance(eos, torch.Tensor) else eos if isinstance(eos, list) else [eos])
+    )
 
 
 def speculative_generate(

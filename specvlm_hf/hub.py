@@ -14,7 +14,10 @@ logger = logging.getLogger(__name__)
 TEMPLATE = Path(__file__).parent / "templates" / "draft_model_card.md"
 
 
-SPEEDUP_METHODS = ("eaglevlm-default", "eaglevlm")  # the rows a card reports, in this order
+# The benchmark rows a card reports, in this order: a draft's plain `generate(assistant_model=draft)` and the chosen
+# tree, or for a draft with an elastic visual compressor the same two rows of the `specvlm` methods.
+SPEEDUP_METHODS = ("eaglevlm-default", "eaglevlm")
+COMPRESSOR_SPEEDUP_METHODS = ("specvlm-default", "specvlm")
 
 
 def hub_id_or_none(name: str | None) -> str | None:
@@ -24,11 +27,13 @@ def hub_id_or_none(name: str | None) -> str | None:
     return name
 
 
-def benchmark_results(benchmark: dict, *, model_name: str) -> tuple[list[EvalResult], str]:
+def benchmark_results(
+    benchmark: dict, *, model_name: str, methods: tuple[str, ...] = SPEEDUP_METHODS
+) -> tuple[list[EvalResult], str]:
     """
     `model-index` results and a markdown table from a benchmark JSON (`specvlm-hf bench --output`): per temperature,
     tau (median wall-clock speedup over plain `generate()`), sigma (mean accepted length) and the greedy exact-match
-    count, for plain `generate(assistant_model=draft)` and the benchmark's chosen tree, with the hardware named.
+    count, for the benchmark rows `methods`, with the hardware named.
     """
     environment, config = benchmark["environment"], benchmark["config"]
     hardware = (
@@ -37,7 +42,7 @@ def benchmark_results(benchmark: dict, *, model_name: str) -> tuple[list[EvalRes
     dataset = str(config.get("prompts") or "testbed held-out prompts")
     results, rows = [], []
     for summary in benchmark["summary"]:
-        if summary["method"] not in SPEEDUP_METHODS or summary["speedup"] is None:
+        if summary["method"] not in methods or summary["speedup"] is None:
             continue
         t, method = summary["temperature"], summary["method"]
         setting = f"{method}, T={t:g}, {config.get('kind') or 'all'} prompts, {hardware}, {environment.get('dtype')}"
@@ -101,11 +106,13 @@ def create_model_card(
         with safe_open(str(weights), "pt") as handle:
             num_parameters = f"{sum(_numel(handle.get_slice(key).get_shape()) for key in handle.keys()):,}"
     model_name = repo_id or draft_dir.name
+    compressor = json.loads((draft_dir / "config.json").read_text()).get("compressor")
     results, speed_table = None, None
     if benchmark is not None:
         if not isinstance(benchmark, dict):
             benchmark = json.loads(Path(benchmark).read_text())
-        results, speed_table = benchmark_results(benchmark, model_name=model_name)
+        methods = COMPRESSOR_SPEEDUP_METHODS if compressor else SPEEDUP_METHODS
+        results, speed_table = benchmark_results(benchmark, model_name=model_name, methods=methods)
     card_data = ModelCardData(
         library_name="transformers",
         license=license,
@@ -129,6 +136,7 @@ def create_model_card(
         benchmark=speed_table,
         training_command=training_command,
         usage=usage,
+        compressor=compressor,
     )
 
 

@@ -47,6 +47,10 @@ class SpeculativeStats:
         step_time (`float`): seconds inside the draft-verify-accept steps (prefill excluded), when profiled.
         verify_time, draft_time (`float`): of `step_time`, seconds inside target verification forwards and inside
             draft forwards (tree growth included), when profiled.
+        compressor_branch (`str`, *optional*): the elastic visual compressor's branch for this prompt (select
+            mode), when the draft has one and the prompt an image.
+        draft_visual_tokens (`int`, *optional*): visual pairs that reached the draft's cache (every visual token
+            without a compressor), when the draft drafted.
     """
 
     new_tokens: int = 0
@@ -56,6 +60,8 @@ class SpeculativeStats:
     step_time: float | None = None
     verify_time: float | None = None
     draft_time: float | None = None
+    compressor_branch: str | None = None
+    draft_visual_tokens: int | None = None
 
     @property
     def mean_accepted_length(self) -> float:

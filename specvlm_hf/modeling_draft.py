@@ -6,7 +6,8 @@ feature at t (its post-norm last hidden state, the input of `lm_head`). `fc: Lin
 decoder layer (with input RMSNorm, SpecVLM's change to EAGLE) predicts `f_{t+1}`, and the target's own `lm_head` turns
 it into next-token logits. Pairing visual tokens with the target's features at the image positions lets the draft see
 the image directly, not only through the target's text features. The visual part of the draft's prefill passes
-through `self.compressor` (the identity here; the elastic visual compressor replaces it).
+through `self.compressor`: the identity (EagleVLM), or the elastic visual compressor (`compressor.py`, SpecVLM) the
+draft was trained with, named in its config and saved with its weights.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRot
 
 from ._compat import CACHE_KWARG
 from .adapters import get_adapter
+from .compressor import SpecVLMCompressor, SpecVLMCompressorConfig
 from .configuration import SpeculativeConfig, SpecVLMDraftConfig
 from .drafter import DraftSource, TreeDrafter, TreeDraftSpec
 from .tree import causal_attention_mask
@@ -25,24 +27,10 @@ from .tuning import TreeTuner, device_costs
 
 
 class IdentityCompressor(nn.Module):
-    """The draft's visual input, uncompressed: every visual token of the target enters the draft's cache."""
+    """The draft's visual input, uncompressed (EagleVLM): every visual token of the target enters the draft's cache.
+    Same signature as `SpecVLMCompressor.forward`."""
 
-    def forward(
-        self,
-        inputs_embeds: torch.Tensor,
-        features: torch.Tensor,
-        position_ids: torch.Tensor,
-        image_mask: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """
-        Args:
-            inputs_embeds, features (`torch.FloatTensor` of shape `(1, n, hidden_size)`): the draft's prefill inputs.
-            position_ids (`torch.LongTensor` of shape `(1, n)`)
-            image_mask (`torch.BoolTensor` of shape `(n,)`): draft positions whose `inputs_embeds` are visual tokens.
-
-        Returns:
-            The (possibly shortened) `(inputs_embeds, features, position_ids)`; unchanged here.
-        """
+    def forward(self, inputs_embeds, features, position_ids, image_mask):
         return inputs_embeds, features, position_ids
 
 
@@ -64,7 +52,11 @@ class SpecVLMDraftModel(PreTrainedModel, DraftSource):
         self.fc = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=config.fc_bias)
         self.layers = nn.ModuleList([LlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
         self.rotary_emb = LlamaRotaryEmbedding(config)
-        self.compressor = IdentityCompressor()
+        self.compressor = (
+            SpecVLMCompressor(SpecVLMCompressorConfig(**config.compressor))
+            if config.compressor
+            else IdentityCompressor()
+        )
         # Drafting knobs are runtime state, not architecture: never saved with the weights.
         self.speculative_config = SpeculativeConfig()
         self._borrowed: tuple[nn.Module, ...] | None = None  # (target, embed_tokens, lm_head), not registered
@@ -114,9 +106,24 @@ class SpecVLMDraftModel(PreTrainedModel, DraftSource):
             problems.append(f"image_token_id {adapter.image_token_id} != draft's {self.config.image_token_id}")
         if problems:
             raise ValueError("This draft does not fit the target: " + "; ".join(problems) + ".")
+        if isinstance(self.compressor, SpecVLMCompressor):
+            self.compressor.check_fits(self.config.hidden_size, adapter.patch_grid())
         self._borrowed = (target, adapter.embed_tokens, adapter.lm_head)
         self._tuners = {}
         self.to(device=adapter.lm_head.weight.device, dtype=adapter.lm_head.weight.dtype)
+        return self
+
+    def set_compressor(self, compressor: SpecVLMCompressor | None) -> SpecVLMDraftModel:
+        """Makes `compressor` (`None`: none, EagleVLM) this draft's visual input; it is then recorded in the draft's
+        config and saved with its weights. Checked against the bound target's patch grid. Returns `self`."""
+        if compressor is None:
+            self.compressor, self.config.compressor = IdentityCompressor(), None
+            return self
+        grid = get_adapter(self.target).patch_grid() if self.is_bound else None
+        compressor.check_fits(self.config.hidden_size, grid)
+        weight = self.fc.weight
+        self.compressor = compressor.to(device=weight.device, dtype=weight.dtype)
+        self.config.compressor = compressor.config.record()
         return self
 
     @classmethod

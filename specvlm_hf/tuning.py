@@ -11,10 +11,16 @@ that picks depth and width every step from measured costs and the running accept
   is alpha_{j-1}(k), so depths not yet tried inherit the acceptance above them, which is what makes the controller
   try them). For a width k > 1 the prior is the chain's estimate scaled by the draft's own probability mass in its
   top k. The choice adds half a standard error to each estimate, so a shape unlucky in its first steps is retried.
+- **This call**: prompts differ (a text-only question the draft cannot predict, a described image it predicts well),
+  so within a `generate()` call every alpha is scaled by how this call's drafts fare against the running estimate
+  (accepted over expected, with `call_strength` pseudo-drafts on each side): two or three rejected steps are enough
+  to draft less, or not at all.
 - **Choice**: the shape (depth d, width k, d*k + 1 tree tokens) that maximises expected tokens per second,
   `E(d, k) / (T(d*k + 1) * s_v + (c(1) + (d - 1) * c(k)) * s_d)`, with `E(d, k) = 1 + sum_i prod_{j<=i} alpha_j(k)`
   and `s_v`, `s_d` the running ratio of in-loop to isolated times (the loop evicts the draft's weights from the CPU
-  caches, so isolated times run warm).
+  caches, so isolated times run warm). A *plain step* (no draft: one token for T(1)) competes too, so where the draft
+  is not accepted the loop decodes as plain `generate()` does (the draft catches up on those tokens when it drafts
+  again); after `probe_every` plain steps in a row one step drafts again, to notice when acceptance comes back.
 
 Any tree is verified losslessly, so the controller changes speed, never output. Explicit knobs (`depth`, `top_k`,
 `total_tokens`) switch it off.
@@ -239,6 +245,8 @@ class TreeTuner:
         strength (`float`): pseudo-steps the prior counts for.
         optimism (`float`): standard errors added to each alpha when choosing, so that a shape that was unlucky in
             its first steps is tried again.
+        call_strength (`float`): pseudo-drafts on each side of a call's accepted-over-expected ratio.
+        probe_every (`int`): plain steps in a row after which one step drafts again.
     """
 
     def __init__(
@@ -248,14 +256,20 @@ class TreeTuner:
         strength: float = 8.0,
         optimism: float = 0.5,
         max_depth: int = MAX_DEPTH,
+        call_strength: float = 2.0,
+        probe_every: int = 8,
     ):
         self.costs = costs
         self.prior, self.strength, self.optimism, self.max_depth = prior, strength, optimism, max_depth
+        self.call_strength, self.probe_every = call_strength, probe_every
         self.widths = tuple(k for k in sorted(costs.draft_level) if k >= 1)
         # reached[k][j-1]: steps of width k whose depth-j level was drafted with every ancestor accepted;
         # accepted[k][j-1]: of those, steps where depth j was accepted too.
         self.reached = {k: np.zeros(max_depth) for k in self.widths}
         self.accepted = {k: np.zeros(max_depth) for k in self.widths}
+        self.call_reached = {k: np.zeros(max_depth) for k in self.widths}  # the same counts, this call only
+        self.call_accepted = {k: np.zeros(max_depth) for k in self.widths}
+        self.plain_streak = 0  # plain steps in a row, this call
         self.mass = {k: 0.0 for k in self.widths}  # sum over steps of the draft's top-k probability at level 1
         self.mass_steps = 0
         self.verify_scale = self.draft_scale = 1.0
@@ -280,12 +294,25 @@ class TreeTuner:
             prior = out[j]
         return out
 
+    def start_call(self) -> None:
+        """A new `generate()` call: its own counts start empty."""
+        for counts in (self.call_reached, self.call_accepted):
+            for array in counts.values():
+                array[:] = 0
+        self.plain_streak = 0
+
     def _all_alphas(self, optimism: float) -> dict[int, np.ndarray]:
         """`alphas(k, optimism)` for every width, the chain's estimate computed once."""
         chain = self._beta(1, None)
+        # This call against the running estimate: accepted drafts over those the estimate expected, as a Beta-like
+        # ratio with `call_strength` pseudo-drafts, scaling every alpha (a call whose first drafts are rejected is
+        # likely to reject the deeper ones too).
+        expected = float((self.call_reached[1] * chain).sum())
+        ratio = (float(self.call_accepted[1].sum()) + self.call_strength) / (expected + self.call_strength)
         found = {}
         for k in self.widths:
             base = chain if k == 1 else self._beta(k, chain)
+            base = np.minimum(base * ratio, 0.99)
             if optimism:
                 spread = np.sqrt(base * (1 - base) / (self.reached[k] + self.strength))
                 base = np.minimum(base + optimism * spread, 0.99)
@@ -295,8 +322,9 @@ class TreeTuner:
     def alphas(self, k: int, optimism: float = 0.0) -> np.ndarray:
         """
         alpha_j(k) for j = 1..max_depth: a Beta estimate per depth whose prior is the chain's estimate scaled by the
-        draft's top-k mass (width k > 1, once observed), else the estimate of the depth above (`prior` at depth 1).
-        `optimism` adds that many standard errors (exploration: shapes seldom tried get tried again).
+        draft's top-k mass (width k > 1, once observed), else the estimate of the depth above (`prior` at depth 1);
+        scaled by this call's accepted-over-expected ratio. `optimism` adds that many standard errors of the running
+        estimate (exploration: shapes seldom tried get tried again).
         """
         return self._all_alphas(optimism)[k]
 
@@ -308,11 +336,16 @@ class TreeTuner:
         """Predicted in-loop seconds of a step of width k, for d = 1..max_depth."""
         return self._verify[k] * self.verify_scale + self._draft[k] * self.draft_scale
 
-    def choose(self) -> SpeculativeConfig:
-        """The shape with the most expected tokens per second."""
+    def choose(self) -> SpeculativeConfig | None:
+        """The shape with the most expected tokens per second, or `None` for a plain step (no draft)."""
         alphas = self._all_alphas(self.optimism)
         rates = {k: _expected_tokens(alphas[k]) / self.step_seconds(k) for k in self.widths}
         k = max(self.widths, key=lambda w: rates[w].max())
+        plain_rate = 1.0 / (self.costs.curve.at(1) * self.verify_scale)
+        if plain_rate > rates[k].max() and self.plain_streak < self.probe_every:
+            self.plain_streak += 1
+            return None
+        self.plain_streak = 0
         depth = int(rates[k].argmax()) + 1
         return SpeculativeConfig(depth=depth, top_k=k, total_tokens=depth * k + 1)
 
@@ -363,8 +396,9 @@ class TreeTuner:
             if width > k:
                 break
             accepted = next((i for i, rank in enumerate(ranks) if rank >= width), len(ranks))
-            self.reached[width][: min(accepted + 1, depth)] += 1
-            self.accepted[width][:accepted] += 1
+            for reached, accepted_counts in ((self.reached, self.accepted), (self.call_reached, self.call_accepted)):
+                reached[width][: min(accepted + 1, depth)] += 1
+                accepted_counts[width][:accepted] += 1
 
 
 def _expected_tokens(alphas: np.ndarray) -> np.ndarray:

@@ -14,7 +14,7 @@ from tiny import VOCAB, make_inputs
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import specvlm_hf
-from specvlm_hf import SpeculativeConfig, speculative_generate
+from specvlm_hf import SpeculativeConfig, SpecVLMDraftModel, speculative_generate
 from specvlm_hf.benchmark import BenchmarkConfig, run_benchmark
 from specvlm_hf.benchmark.calibration import replay, replay_context
 from specvlm_hf.benchmark.methods import METHOD_NAMES, Method, UnknownMethodError, Vanilla, check_method_names
@@ -33,6 +33,7 @@ from specvlm_hf.benchmark.tree_budget import (
     predict_speedup,
     search_tree,
 )
+from specvlm_hf.compressor import compressor_for
 
 METRIC_DIR = Path(specvlm_hf.__file__).parent / "metrics_hub" / "speculative_decoding"
 
@@ -69,7 +70,9 @@ def test_tiny_run_writes_the_json_schema(target, draft, assistant, tmp_path):
         output=str(tmp_path),
         device="cpu",
     )
-    resources = Resources(target, None, draft, assistant, info={"target": {"source": "tiny"}})
+    specvlm_draft = SpecVLMDraftModel.from_target(target)
+    specvlm_draft.set_compressor(compressor_for("elastic", 64, (4, 4), ["pool:4", "resampler:2", "text"]))
+    resources = Resources(target, None, draft, assistant, specvlm_draft, info={"target": {"source": "tiny"}})
     result = run_benchmark(config, resources=resources, samples=tiny_samples())
     data = json.loads((tmp_path / "benchmark.json").read_text())
 
@@ -366,6 +369,9 @@ def test_testbed_prompt_sources_split_shapes_from_cards():
     ]
     assert len({p.id for p in cards}) == len(cards) == len(heldout_prompts(cards=True)) - len(shapes)
     assert all("digit" in p.reference or "word" in p.reference for p in cards if p.kind == "long")
+    text = load_prompts("testbed-text")
+    assert [(p.question, p.kind) for p in text] == [(p.question, p.kind) for p in shapes]
+    assert all(p.image is None and p.chat()[0]["content"] == [{"type": "text", "text": p.question}] for p in text)
 
 
 def test_tree_calibration_prefers_long_answers():

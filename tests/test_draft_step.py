@@ -139,3 +139,36 @@ def test_lean_step_refuses_modules_it_would_skip(target):
         LeanDraftForward(draft)
     handle.remove()
     LeanDraftForward(draft)
+
+
+def _prompt_state(target, seed=4):
+    from specvlm_hf.loop import prefill, prompt_draft_state
+
+    adapter = get_adapter(target)
+    inputs = make_inputs(seed=seed)
+    embeds, features = prefill(adapter, inputs["input_ids"], adapter.image_features(inputs), DynamicCache())
+    first = adapter.logits(features[:, -1]).argmax(-1, keepdim=True)
+    return adapter, prompt_draft_state(adapter, torch.cat([inputs["input_ids"], first], 1), embeds, features)
+
+
+def test_a_drafted_end_token_is_never_expanded(target, draft):
+    adapter, state = _prompt_state(target)
+    chain = SpeculativeConfig(depth=5, top_k=1, total_tokens=6)
+    free = TreeDrafter(draft, chain)
+    free.begin(adapter, False, state.input_ids.shape[1] - 1)
+    tokens = free.propose(state).tokens.tolist()  # root + 5 drafted tokens
+    assert len(tokens) == 6
+    ended = TreeDrafter(draft, chain)
+    ended.begin(adapter, False, state.input_ids.shape[1] - 1, end_tokens=(tokens[2],))
+    assert ended.propose(state).tokens.tolist() == tokens[:3]  # the chain stops at the end token
+
+    wide = SpeculativeConfig(depth=4, top_k=3, total_tokens=16)
+    free = TreeDrafter(draft, wide)
+    free.begin(adapter, False, state.input_ids.shape[1] - 1)
+    level_one = free.propose(state).tokens[1:4].tolist()
+    tree_drafter = TreeDrafter(draft, wide)
+    tree_drafter.begin(adapter, False, state.input_ids.shape[1] - 1, end_tokens=(level_one[0],))
+    tree = tree_drafter.propose(state)
+    ends = [i for i in range(1, tree.num_nodes) if int(tree.tokens[i]) == level_one[0]]
+    assert ends and all(not tree.children[i] for i in ends)  # present, childless
+    assert tree.num_nodes > 4  # the other branches still grow

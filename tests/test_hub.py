@@ -90,22 +90,27 @@ def test_card_command_writes_the_card(target, tmp_path):
 
 
 def test_shipped_testbed_cards_are_what_the_renderer_makes_today(tmp_path, monkeypatch):
-    """model_cards/render.sh's inputs, rendered now, give both shipped cards byte for byte."""
+    """Each `specvlm-hf card` command of model_cards/render.sh, rendered now, gives its card and the copy shipped
+    beside the draft byte for byte."""
     monkeypatch.chdir(REPO)
     script = (REPO / "model_cards" / "render.sh").read_text()
-    command = shlex.split(
-        script[script.index("specvlm-hf card") :].split("\n\n")[0].split("\ncp ")[0].replace("\\\n", " ")
-    )
-    out = tmp_path / "README.md"
-    command[command.index("--output") + 1] = str(out)
-    assert cli_main(command[1:]) == 0
-    rendered = out.read_text()
-    assert rendered == (REPO / "model_cards" / "testbed-draft" / "README.md").read_text()
-    assert rendered == (REPO / "specvlm_hf" / "testbed" / "assets" / "draft" / "README.md").read_text()
+    blocks = [b for b in script.split("\n\n") if "specvlm-hf card" in b]
+    assert len(blocks) == 2
+    for block in blocks:
+        card, copy = block[block.index("specvlm-hf card") :].split("\ncp ")
+        command = shlex.split(card.replace("\\\n", " "))
+        out = tmp_path / "README.md"
+        shipped = command[command.index("--output") + 1]
+        command[command.index("--output") + 1] = str(out)
+        assert cli_main(command[1:]) == 0
+        rendered = out.read_text()
+        assert rendered == (REPO / shipped).read_text()
+        assert rendered == (REPO / shlex.split(copy)[1]).read_text()
 
 
-def test_testbed_card_usage_snippet_runs(monkeypatch):
+@pytest.mark.parametrize("card", ["testbed-draft", "testbed-specvlm-draft"])
+def test_testbed_card_usage_snippet_runs(monkeypatch, card):
     monkeypatch.chdir(REPO)
     namespace = {}
-    exec((REPO / "model_cards" / "testbed-draft" / "usage.py").read_text(), namespace)
+    exec((REPO / "model_cards" / card / "usage.py").read_text(), namespace)
     assert namespace["output"].shape[1] > namespace["inputs"]["input_ids"].shape[1]

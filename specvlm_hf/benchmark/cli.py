@@ -28,6 +28,7 @@ _FLAGS = {
     "--methods": ("methods", _methods),
     "--target": ("target", str),
     "--draft": ("draft", str),
+    "--specvlm-draft": ("specvlm_draft", str),
     "--assistant": ("assistant", str),
     "--prompts": ("prompts", str),
     "--image-root": ("image_root", str),

@@ -32,6 +32,9 @@ class BenchmarkConfig:
         target (`str`): "testbed" or a directory with a LLaVA checkpoint and its processor.
         draft (`str`, *optional*): directory of a trained `SpecVLMDraftModel`; without it a randomly initialised draft
             runs (low acceptance; the JSON says so).
+        specvlm_draft (`str`, *optional*): directory of a trained draft with an elastic visual compressor, for the
+            `specvlm` method; default the shipped one on the shipped testbed, else a random draft with SpecVLM's
+            compressor.
         assistant (`str`, *optional*): directory of the `hf-assisted` language model; by default a cached one built
             for the target's tokenizer (`assistant_lm.py`), built on first use.
         prompts (`str`, *optional*): prompt source (`prompts.load_prompts`); default the testbed's held-out set.
@@ -64,6 +67,13 @@ class BenchmarkConfig:
             "help": "Trained draft directory; default: the shipped one on the shipped testbed, else a random one."
         },
     )
+    specvlm_draft: str | None = field(
+        default=None,
+        metadata={
+            "help": "Trained draft-with-compressor directory for 'specvlm'; default: the shipped one on the shipped "
+            "testbed, else a random one."
+        },
+    )
     assistant: str | None = field(
         default=None,
         metadata={
@@ -74,8 +84,9 @@ class BenchmarkConfig:
     prompts: str | None = field(
         default=None,
         metadata={
-            "help": "JSONL file, saved dataset dir, datasets:NAME[:SPLIT] or testbed-cards (the testbed's held-out "
-            "digit and word cards); without it the testbed's held-out shape scenes."
+            "help": "JSONL file, saved dataset dir, datasets:NAME[:SPLIT], testbed-cards (the testbed's held-out "
+            "digit and word cards) or testbed-text (its questions without images); without it the testbed's "
+            "held-out shape scenes."
         },
     )
     image_root: str | None = field(

@@ -7,6 +7,8 @@ recorded, not fatal. Writes `gpu_check.json` and `gpu_check.md` under `--out`.
 2. The quick benchmark on the testbed (float32, so T = 0 outputs must match), with `--draft` when given.
 3. Costs at 7B scale (LLaVA-1.5-7B architecture, random bfloat16 weights made on the GPU): T(q)/T(1) at a ~700-token
    prefix, the draft's step cost, plain decoding's step, and the loop's overhead share (random draft: costs only).
+4. The elastic visual compressor at 7B scale: the draft's prefill time and visual KV bytes for 576 / 2,880 / 11,520
+   visual tokens with each compressor branch and without (`compression.scaling_study`, random bfloat16 weights).
 
     python -m specvlm_hf.benchmark.gpu_check --out gpu_check            # on a GPU
     python -m specvlm_hf.benchmark.gpu_check --out /tmp/gc --device cpu --tiny   # miniature, seconds
@@ -29,6 +31,7 @@ from ..generation import speculative_generate
 from ..modeling_draft import SpecVLMDraftModel
 from ..tuning import DeviceCosts, TreeTuner, measure_draft_levels
 from .calibration import estimate_tree, measure_cost_curve, measure_plain_decoding, profile_loop, replay_context
+from .compression import scaling_markdown, scaling_study
 from .prompts import Sample
 from .report import environment
 from .stats import first_mismatch
@@ -152,7 +155,7 @@ def check_benchmark(device, *, tiny: bool, draft_dir: str | None, assistant_dir:
     from .config import BenchmarkConfig
     from .runner import Resources, run_benchmark
 
-    methods = ("vanilla", "prompt-lookup", "eaglevlm") + (("hf-assisted",) if assistant_dir else ())
+    methods = ("vanilla", "prompt-lookup", "eaglevlm", "specvlm") + (("hf-assisted",) if assistant_dir else ())
     overrides = dict(
         device=str(device), dtype="float32", methods=methods, draft=draft_dir, assistant=assistant_dir, output=str(out)
     )
@@ -240,7 +243,11 @@ def auto_tree_choices(costs: DeviceCosts, alphas=(0.6, 0.8, 0.9)) -> dict[str, s
         tuner = TreeTuner(costs, prior=alpha, strength=1e9, optimism=0.0)
         tuner.mass, tuner.mass_steps = dict(TESTBED_TOP_K_MASS), 1
         tree = tuner.choose()
-        choices[f"alpha={alpha}"] = f"depth={tree.depth}, top_k={tree.top_k}, total_tokens={tree.total_tokens}"
+        choices[f"alpha={alpha}"] = (
+            "plain steps"
+            if tree is None
+            else f"depth={tree.depth}, top_k={tree.top_k}, total_tokens={tree.total_tokens}"
+        )
     return choices
 
 
@@ -284,6 +291,11 @@ def markdown_summary(report: dict) -> str:
                 f"verify {loop['verify_seconds'] * 1e3:.2f} / draft {loop['draft_seconds'] * 1e3:.2f} / other "
                 f"{loop['overhead_seconds'] * 1e3:.2f} ms per step, overhead share {loop['overhead_share']:.1%}"
             )
+    compression = report.get("compression", {})
+    lines += ["", "## The compressor: draft prefill vs visual tokens (random weights)", ""]
+    lines.append(
+        scaling_markdown(compression["rows"]) if "rows" in compression else f"failed: {compression.get('error')}"
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -296,7 +308,8 @@ def run_check(
     assistant_dir: str | None = None,
     budget_s: float = 480.0,
 ) -> dict:
-    """Runs the three parts (lossless 20%, benchmark 45%, costs 35% of `budget_s`) and writes the report."""
+    """Runs the four parts (lossless 20%, benchmark 40%, costs 30%, compressor 10% of `budget_s`) and writes the
+    report."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(device)
@@ -315,7 +328,7 @@ def run_check(
     )
     report["benchmark"] = _part(
         "benchmark",
-        0.45 * budget_s,
+        0.4 * budget_s,
         lambda d: check_benchmark(
             device, tiny=tiny, draft_dir=draft_dir, assistant_dir=assistant_dir, out=out / "benchmark"
         ),
@@ -323,7 +336,7 @@ def run_check(
     costs_dtype = torch.float32 if tiny and device.type == "cpu" else torch.bfloat16
     report["costs"] = _part(
         "costs",
-        0.35 * budget_s,
+        0.3 * budget_s,
         lambda d: check_costs(
             device,
             scale="tiny" if tiny else "7b",
@@ -333,6 +346,16 @@ def run_check(
             deadline=d,
         ),
     )
+    report["compression"] = _part(
+        "compression",
+        0.1 * budget_s,
+        lambda d: {
+            "rows": scaling_study(
+                ("testbed",) if tiny else ("llava-1.5-7b",), (81,) if tiny else (576, 2880, 11520), device=device,
+                dtype=costs_dtype, max_seconds=5.0,
+            )
+        },
+    )  # fmt: skip
     (out / "gpu_check.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     (out / "gpu_check.md").write_text(markdown_summary(report))
     return report
@@ -362,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         assistant_dir=args.assistant or (None if args.tiny or assistant is None else str(assistant)),
         budget_s=args.budget_s,
     )
-    failed = [name for name in ("lossless", "benchmark", "costs") if "error" in report[name]]
+    failed = [name for name in ("lossless", "benchmark", "costs", "compression") if "error" in report[name]]
     logger.info("wrote %s/gpu_check.{json,md}%s", args.out, f"; failed parts: {failed}" if failed else "")
     return 1 if failed else 0
 

@@ -219,9 +219,27 @@ class EagleVLMDefault(EagleVLM):
         return super().generate(target, inputs, temperature=temperature, max_new_tokens=max_new_tokens)
 
 
-# The registry. A `specvlm` entry (the same tree loop with the elastic visual compressor inside the draft) slots in
-# here as an `EagleVLM` over a draft whose `compressor` is not the identity, once the compressor lands.
-METHOD_NAMES = (Vanilla.name, HFAssisted.name, PromptLookup.name, EagleVLM.name, EagleVLMDefault.name)
+class SpecVLM(EagleVLM):
+    """SpecVLM: the tree loop with a draft that sees the image through its elastic visual compressor
+    (`compressor.py`), with the tree chosen for `eaglevlm` (so the two differ only in the draft)."""
+
+    name = "specvlm"
+
+
+class SpecVLMDefault(EagleVLMDefault):
+    """SpecVLM as a user gets it: `generate(assistant_model=draft)` with no knobs (the auto tree), the draft with its
+    compressor."""
+
+    name = "specvlm-default"
+
+
+METHOD_NAMES = (
+    Vanilla.name, HFAssisted.name, PromptLookup.name, EagleVLM.name, EagleVLMDefault.name, SpecVLM.name,
+    SpecVLMDefault.name,
+)  # fmt: skip
+DRAFT_METHODS = (EagleVLM.name, EagleVLMDefault.name)  # the methods that run `draft`
+COMPRESSOR_METHODS = (SpecVLM.name, SpecVLMDefault.name)  # the methods that run `specvlm_draft`
+TREE_METHODS = (EagleVLM.name, SpecVLM.name)  # the methods that run the benchmark's chosen tree
 
 
 def check_method_names(names: Sequence[str]) -> tuple[str, ...]:
@@ -240,6 +258,7 @@ def build_methods(
     names: Sequence[str],
     *,
     draft=None,
+    specvlm_draft=None,
     assistant: nn.Module | None = None,
     trees: Mapping[float, SpeculativeConfig] | None = None,
     prompt_lookup_tokens: int = 10,
@@ -255,6 +274,12 @@ def build_methods(
             methods[name] = HFAssisted(assistant)
         elif name == PromptLookup.name:
             methods[name] = PromptLookup(prompt_lookup_tokens)
+        elif name in COMPRESSOR_METHODS:
+            if specvlm_draft is None:
+                raise ValueError(f"method {name!r} needs a draft with a compressor")
+            methods[name] = (
+                SpecVLM(specvlm_draft, trees or {}) if name == SpecVLM.name else SpecVLMDefault(specvlm_draft)
+            )
         else:
             if draft is None:
                 raise ValueError(f"method {name!r} needs a draft model")

@@ -104,7 +104,8 @@ def load_prompts(source: str | None = None, *, image_root: str | Path | None = N
     """
     Args:
         source (`str`, *optional*): `None` or "testbed" (the testbed's held-out shape scenes), "testbed-cards"
-            (its held-out digit and word cards), a `.jsonl` file, a folder holding a dataset saved with
+            (its held-out digit and word cards), "testbed-text" (the shape scenes' questions without their images:
+            text-only prompts, whose answers the testbed never learned to give), a `.jsonl` file, a folder holding a dataset saved with
             `save_to_disk`, or `"datasets:NAME[:SPLIT]"` (`datasets.load_dataset`).
         image_root (`str` or `Path`, *optional*): folder JSONL image paths are relative to (default: the file's).
 
@@ -113,6 +114,8 @@ def load_prompts(source: str | None = None, *, image_root: str | Path | None = N
     """
     if source in (None, "testbed", "testbed-cards"):
         return heldout_set(cards=source == "testbed-cards")
+    if source == "testbed-text":  # the same questions without their images: text-only prompts
+        return [Prompt(f"{p.id}:text", p.question, None, p.kind, None) for p in heldout_set()]
     if source.startswith(DATASET_PREFIX):
         name, _, split = source[len(DATASET_PREFIX) :].partition(":")
         from datasets import load_dataset

@@ -12,12 +12,23 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from ..adapters import get_adapter
+from ..compressor import compressor_for
 from ..configuration import SpeculativeConfig
 from ..modeling_draft import SpecVLMDraftModel
 from ..tuning import VERIFY_SIZES
 from .calibration import TreeCalibration, calibrate_tree, measure_cost_curve, replay_context
 from .config import BenchmarkConfig
-from .methods import EagleVLM, EagleVLMDefault, HFAssisted, Vanilla, build_methods, generation_config
+from .methods import (
+    COMPRESSOR_METHODS,
+    DRAFT_METHODS,
+    TREE_METHODS,
+    EagleVLM,
+    HFAssisted,
+    Vanilla,
+    build_methods,
+    generation_config,
+)
 from .prompts import Prompt, Sample, load_prompts, prepare_samples, select_prompts
 from .report import BenchmarkResult, environment
 from .summary import MethodSummary, summarize
@@ -36,6 +47,7 @@ class Resources:
     processor: object | None = None
     draft: SpecVLMDraftModel | None = None
     assistant: torch.nn.Module | None = None
+    specvlm_draft: SpecVLMDraftModel | None = None
     info: dict = field(default_factory=dict)
 
 
@@ -67,6 +79,7 @@ def load_resources(config: BenchmarkConfig) -> Resources:
         config = dataclasses.replace(
             config,
             draft=config.draft or _str(shipped_companion("draft", testbed_dir)),
+            specvlm_draft=config.specvlm_draft or _str(shipped_companion("specvlm-draft", testbed_dir)),
             assistant=config.assistant or _str(shipped_companion("assistant", testbed_dir)),
         )
     else:
@@ -76,18 +89,30 @@ def load_resources(config: BenchmarkConfig) -> Resources:
         target = target.to(device).eval()
         processor = AutoProcessor.from_pretrained(config.target)
     resources = Resources(target, processor, info={"target": _describe(target, source)})
-    if {EagleVLM.name, EagleVLMDefault.name} & set(config.methods):
-        if config.draft is None:
-            logger.warning("no --draft given: a randomly initialised draft runs (expect sigma near 1)")
-            resources.draft = SpecVLMDraftModel.from_target(target)
-            source = "random init (untrained)"
-        else:
-            resources.draft = SpecVLMDraftModel.from_pretrained(config.draft, target=target)
-            source = config.draft
+    if set(DRAFT_METHODS) & set(config.methods):
+        resources.draft, source = _draft(config.draft, target, "--draft")
         resources.info["draft"] = _describe(resources.draft, source)
+    if set(COMPRESSOR_METHODS) & set(config.methods):
+        resources.specvlm_draft, source = _draft(config.specvlm_draft, target, "--specvlm-draft", compressor=True)
+        resources.info["specvlm-draft"] = _describe(
+            resources.specvlm_draft, source, compressor=resources.specvlm_draft.config.compressor
+        )
     if HFAssisted.name in config.methods:
         resources.assistant, resources.info["assistant"] = _assistant(config, target, processor)
     return resources
+
+
+def _draft(path: str | None, target, flag: str, compressor: bool = False):
+    """`(draft, source)`: the draft saved at `path`, else a randomly initialised one (with SpecVLM's elastic
+    compressor when `compressor`), with a warning."""
+    if path is not None:
+        return SpecVLMDraftModel.from_pretrained(path, target=target), path
+    logger.warning("no %s given: a randomly initialised draft runs (expect sigma near 1)", flag)
+    draft = SpecVLMDraftModel.from_target(target)
+    if compressor:
+        grid = get_adapter(target).patch_grid()
+        draft.set_compressor(compressor_for("elastic", draft.config.hidden_size, grid))
+    return draft, "random init (untrained)"
 
 
 def _assistant(config: BenchmarkConfig, target, processor):
@@ -137,7 +162,7 @@ def choose_trees(config: BenchmarkConfig, resources: Resources, calibration: Seq
     for temperature in config.temperatures:
         found = calibrate_tree(
             resources.target,
-            resources.draft,
+            resources.draft if resources.draft is not None else resources.specvlm_draft,
             calibration,
             temperature=temperature,
             max_new_tokens=min(config.calibration_tokens, config.max_new_tokens),
@@ -272,11 +297,12 @@ def run_benchmark(
     elif calibration is None:
         calibration, overlap = samples[: config.calibration_samples], True
     trees, calibrations = {}, {}
-    if EagleVLM.name in config.methods:
+    if set(TREE_METHODS) & set(config.methods):  # calibrated on the EagleVLM draft, run by both
         trees, calibrations = choose_trees(config, resources, calibration)
     methods = build_methods(
         config.methods,
         draft=resources.draft,
+        specvlm_draft=resources.specvlm_draft,
         assistant=resources.assistant,
         trees=trees,
         prompt_lookup_tokens=config.prompt_lookup_tokens,
@@ -294,6 +320,10 @@ def run_benchmark(
             seed=config.seed,
             warmup_tokens=config.warmup_tokens,
         )
+    if resources.specvlm_draft is not None and hasattr(resources.specvlm_draft.compressor, "branch_counts"):
+        # the compressor's choice per input over the whole run (warm-up runs included)
+        chosen = dict(resources.specvlm_draft.compressor.branch_counts)
+        resources.info.setdefault("specvlm-draft", {})["branches_chosen"] = chosen
     curve = bound_curve(config, resources, calibration, calibrations)
     summaries = summarize(records, curve)
     run_config = {**asdict(config), "calibration_overlaps_benchmark": overlap, "samples": [s.id for s in samples]}

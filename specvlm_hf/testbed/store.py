@@ -25,6 +25,8 @@ ENV_VAR = "SPECVLM_TESTBED_DIR"
 SHIPPED_DIR = Path(__file__).parent / "assets" / "testbed"
 SHIPPED_DRAFT_DIR = Path(__file__).parent / "assets" / "draft"  # trained by `specvlm-hf train` on SHIPPED_DIR
 SHIPPED_ASSISTANT_DIR = Path(__file__).parent / "assets" / "assistant"  # the hf-assisted baseline's assistant
+# trained like SHIPPED_DRAFT_DIR, jointly with the elastic visual compressor (`specvlm-hf train --compressor elastic`)
+SHIPPED_SPECVLM_DRAFT_DIR = Path(__file__).parent / "assets" / "specvlm-draft"
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "quality.json")
 
 
@@ -145,9 +147,12 @@ def resolve(path: str | Path | None = None) -> tuple[Path, str]:
 
 
 def shipped_companion(kind: str, testbed_dir: str | Path) -> Path | None:
-    """The shipped trained draft (`kind="draft"`) or hf-assisted assistant (`"assistant"`) for the testbed at
-    `testbed_dir`: only the shipped testbed has them (a rebuilt testbed needs its own), so None otherwise."""
-    directory = {"draft": SHIPPED_DRAFT_DIR, "assistant": SHIPPED_ASSISTANT_DIR}[kind]
+    """The shipped trained draft (`kind="draft"`), draft with the elastic visual compressor (`"specvlm-draft"`) or
+    hf-assisted assistant (`"assistant"`) for the testbed at `testbed_dir`: only the shipped testbed has them (a
+    rebuilt testbed needs its own), so None otherwise."""
+    directory = {
+        "draft": SHIPPED_DRAFT_DIR, "specvlm-draft": SHIPPED_SPECVLM_DRAFT_DIR, "assistant": SHIPPED_ASSISTANT_DIR
+    }[kind]  # fmt: skip
     same = Path(testbed_dir).absolute() == SHIPPED_DIR.absolute()
     return directory if same and (directory / "config.json").is_file() else None
 

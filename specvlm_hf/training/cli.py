@@ -47,6 +47,21 @@ def register(subparsers) -> None:
     )
     p.add_argument("--output", required=True, help="Directory for checkpoints, the trained draft and the curve.")
     p.add_argument("--init", default=None, help="Start from this saved draft instead of a fresh one.")
+    p.add_argument(
+        "--compressor",
+        default="none",
+        choices=["none", "elastic", "prune", "prune_importance", "pool", "conv", "resampler", "text"],
+        help="Elastic visual compressor trained jointly with the draft: SpecVLM's selector (elastic), one primitive, "
+        "or none (EagleVLM: the draft sees every visual token).",
+    )
+    p.add_argument(
+        "--compressor-branches",
+        default=None,
+        help="Comma-separated branches replacing the preset's, e.g. 'pool:3' or 'prune:5,pool:5,conv:5'.",
+    )
+    p.add_argument(
+        "--compressor-mode", default="select", choices=["select", "weight", "concat"], help="How branches combine."
+    )
     p.add_argument("--epochs", type=float, default=4.0)
     p.add_argument("--max-steps", type=int, default=-1, help="Stop after this many steps (overrides --epochs).")
     p.add_argument("--batch-size", type=int, default=16)
@@ -102,6 +117,26 @@ def _testbed_rows(output: Path, n: int, seed: int):
                 rows.append(ConversationRow(str(image), [(turn.question, turn.answer)], f"testbed {index}"))
         write_llava_jsonl(rows, path)
     return read_llava_jsonl(path)
+
+
+def _initial_draft(args, target, resuming: bool):
+    """The draft to train: `--init`'s or a fresh one, with `--compressor`'s compressor (a resumed run restores its
+    own from the checkpoint's config)."""
+    from ..adapters import get_adapter
+    from ..compressor import compressor_for
+    from ..modeling_draft import SpecVLMDraftModel
+
+    branches = args.compressor_branches.split(",") if args.compressor_branches else None
+    if args.init and not resuming:
+        draft = SpecVLMDraftModel.from_pretrained(args.init, target=target)
+    else:
+        draft = SpecVLMDraftModel.from_target(target)
+    compressor = compressor_for(
+        args.compressor, draft.config.hidden_size, get_adapter(target).patch_grid(), branches, args.compressor_mode
+    )
+    if compressor is not None or args.compressor_branches:
+        draft.set_compressor(compressor)
+    return draft
 
 
 def run(args) -> int:
@@ -173,11 +208,7 @@ def run(args) -> int:
         eval_at_start=not args.no_eval_at_start,
         hub_model_id=args.hub_model_id,
     )
-    draft = None
-    if args.init and not get_last_checkpoint(str(output)):
-        from ..modeling_draft import SpecVLMDraftModel
-
-        draft = SpecVLMDraftModel.from_pretrained(args.init, target=target)
+    draft = _initial_draft(args, target, resuming=bool(get_last_checkpoint(str(output))))
     name = "specvlm_hf testbed" if args.target == TESTBED else args.target  # what the model card names
     command = shlex.join(["specvlm-hf", *sys.argv[1:]])  # the card records how the draft was trained
     _, summary = train_draft(

@@ -88,6 +88,8 @@ def train_draft(
         "curve": [p.__dict__ for p in callback.points],
         "resumed_from": last,
     }
+    if trainer.branch_totals or trainer._branches:
+        summary["compressor_branches"] = dict(trainer.branch_totals + trainer._branches)
     if trainer.is_world_process_zero():
         (Path(args.output_dir) / "training_summary.json").write_text(json.dumps(summary, indent=2))
         target_name = target_name or getattr(target.config, "_name_or_path", "") or target.config.model_type

@@ -3,15 +3,20 @@
 Each step the target runs under `no_grad` on the batch (visual tokens, features = the `lm_head` input, logits); the
 draft is teacher-forced with EAGLE's one-token shift (position t reads `(e_{t+1}, f_t)` and predicts `f_{t+1}`) and
 learns from `lambda_logit * CE + lambda_feat * SmoothL1` on the positions whose next token is an assistant token.
-Nothing is precomputed or stored. Only the draft has trainable parameters.
+The draft's elastic visual compressor, if it has one, is trained jointly: the draft's input passes through it as in
+decoding (`draft_input`). Nothing is precomputed or stored. Only the draft has trainable parameters.
 """
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
+import torch.nn.functional as F
 from transformers import Trainer
 
 from ..adapters import get_adapter
+from ..compressor import SpecVLMCompressor
 from .config import DistillationConfig
 from .losses import distillation_loss
 
@@ -34,6 +39,8 @@ class DistillationTrainer(Trainer):
         self.target = target.to(self.args.device).eval().requires_grad_(False)
         self.adapter = get_adapter(target)
         self._parts = {"logit_ce": 0.0, "feature_l1": 0.0, "top1": 0.0, "n": 0}
+        self._branches: Counter = Counter()  # compressor branches chosen since the last log
+        self.branch_totals: Counter = Counter()  # ... over the whole run
 
     @torch.no_grad()
     def target_pass(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None):
@@ -51,16 +58,65 @@ class DistillationTrainer(Trainer):
         positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         return embeds, self.adapter.forward(embeds, positions)
 
+    def draft_input(self, model, input_ids: torch.Tensor, loss_mask: torch.Tensor, embeds, features):
+        """
+        The draft's teacher-forced input, built as the decoding loop builds it (`loop.prompt_draft_state`): position
+        t pairs the target's input embedding at t+1 with its feature at t, and the draft's compressor (if any)
+        compresses each row's visual pairs with the prompt (the positions before the first answer token) as its
+        context, sampling its choice as training does (`SpecVLMCompressor.compress_row`).
+
+        Returns:
+            `(inputs_embeds, features, position_ids, source, branches)`: `(B, L, h)` twice and `(B, L)` twice,
+            right-padded (`source` = the uncompressed position of each entry, `-1` at visual pairs and padding), and
+            the branch chosen per row (`None` without a select-mode compressor).
+        """
+        inputs_embeds, draft_features = embeds[:, 1:], features[:, :-1]
+        batch, length = input_ids.shape[0], input_ids.shape[1] - 1
+        positions = torch.arange(length, device=input_ids.device).expand(batch, -1)
+        compressor = self.accelerator.unwrap_model(model).compressor  # the model may be wrapped (DDP)
+        if not isinstance(compressor, SpecVLMCompressor):
+            return inputs_embeds, draft_features, positions, positions, [None] * batch
+        image_mask = input_ids[:, 1:] == self.adapter.image_token_id
+        rows = []
+        for b in range(batch):
+            answer = loss_mask[b].nonzero()
+            prompt_len = int(answer[0, 0]) if answer.numel() else length
+            rows.append(compressor.compress_row(
+                inputs_embeds[b], draft_features[b], positions[b], image_mask[b], prompt_len, sample=model.training
+            ))  # fmt: skip
+        width = max(row.source.shape[0] for row in rows)
+
+        def pad(tensors, value):
+            return torch.stack(
+                [F.pad(t, (0, 0) * (t.dim() - 1) + (0, width - t.shape[0]), value=value) for t in tensors]
+            )
+
+        return (
+            pad([r.inputs_embeds for r in rows], 0.0),
+            pad([r.features for r in rows], 0.0),
+            pad([r.position_ids for r in rows], 0),
+            pad([r.source for r in rows], -1),
+            [r.branch for r in rows],
+        )
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         input_ids, loss_mask = inputs["input_ids"], inputs["loss_mask"]
         embeds, features = self.target_pass(input_ids, inputs.get("pixel_values"))
-        draft_input = features[:, :-1]
+        noisy = features  # EAGLE's feature noise: on the draft's input only, never on what it learns to predict
         if self.args.feature_noise > 0:
-            draft_input = draft_input + (torch.rand_like(draft_input) * 2 - 1) * self.args.feature_noise
-        positions = torch.arange(input_ids.shape[1] - 1, device=input_ids.device).expand(input_ids.shape[0], -1)
-        hidden = model(embeds[:, 1:], draft_input, positions)  # [B, T-1, h]: predicted f_{t+1}
-        selected = loss_mask[:, 1:]  # position t+1 holds an assistant token
-        predicted, true = hidden[selected], features[:, 1:][selected]
+            noisy = features + (torch.rand_like(features) * 2 - 1) * self.args.feature_noise
+        draft_embeds, draft_features, positions, source, branches = self.draft_input(
+            model, input_ids, loss_mask, embeds, noisy
+        )
+        hidden = model(draft_embeds, draft_features, positions)  # [B, L, h]: predicted f_{t+1} at entry source = t
+        # Entry j predicts position source[j] + 1; train where that position holds an assistant token.
+        next_position = (source + 1).clamp(max=input_ids.shape[1] - 1)
+        selected = (source >= 0) & loss_mask.gather(1, next_position)
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(source)
+        predicted, true = hidden[selected], features[rows[selected], next_position[selected]]
+        for branch in branches:
+            if branch is not None:
+                self._branches[branch] += 1
         lm_head = self.adapter.lm_head
         with torch.no_grad():
             target_logits = lm_head(true)
@@ -78,4 +134,9 @@ class DistillationTrainer(Trainer):
             n = self._parts.pop("n")
             logs.update({key: round(value / n, 4) for key, value in self._parts.items()})
             self._parts = {"logit_ce": 0.0, "feature_l1": 0.0, "top1": 0.0, "n": 0}
+        if self._branches and "loss" in logs:  # the share of inputs each compressor branch was chosen for
+            total = sum(self._branches.values())
+            logs.update({f"gate/{name}": round(count / total, 3) for name, count in sorted(self._branches.items())})
+            self.branch_totals.update(self._branches)
+            self._branches = Counter()
         super().log(logs, start_time)
