@@ -287,14 +287,15 @@ def build_demo(target, processor, draft, examples: list[list] | None = None) -> 
 
 
 def load(model: str | None, draft_id: str | None):
-    """The testbed (default) or a LLaVA checkpoint with its draft, on the GPU when there is one."""
+    """The testbed with its shipped SpecVLM draft (default) or a LLaVA checkpoint with its draft, on the GPU when
+    there is one."""
     if not model:
         from specvlm_hf.testbed import heldout_prompts, load_testbed
         from specvlm_hf.testbed.store import resolve, shipped_companion
 
         target, processor = load_testbed()
         draft = SpecVLMDraftModel.from_pretrained(
-            str(draft_id or shipped_companion("draft", resolve()[0])), target=target
+            str(draft_id or shipped_companion("specvlm-draft", resolve()[0])), target=target
         )
         examples = [[p.image, p.question] for p in heldout_prompts("long", n=3) + heldout_prompts("short", n=2)]
         return target, processor, draft, examples

@@ -389,14 +389,16 @@ class SpecVLMCompressor(PreTrainedModel):
         if problems:
             raise ValueError("This compressor was made for another target: " + "; ".join(problems) + ".")
 
-    def gate_logits(self, features: torch.Tensor, visual: torch.Tensor, prompt_len: int) -> torch.Tensor:
-        """The gate's branch logits, shape `(num_branches,)`, from the prompt's features `(n, h)` (`visual`: `(n,)`
-        bool, the visual positions; only positions `< prompt_len` are read)."""
-        text = ~visual[:prompt_len]
+    def gate_logits(self, features: torch.Tensor, spans: list[tuple[int, int]], prompt_len: int) -> torch.Tensor:
+        """The gate's branch logits, shape `(num_branches,)`, from the prompt's features `(n, h)`: the mean over its
+        text positions and the mean over its visual ones (`spans`: each image's `[start, end)`, inside the
+        prompt)."""
         prompt = features[:prompt_len].to(self.gate[0].weight.dtype)
-        text_mean = prompt[text].mean(0) if bool(text.any()) else prompt.new_zeros(prompt.shape[-1])
-        visual_mean = prompt[~text].mean(0)
-        return self.gate(torch.cat([text_mean, visual_mean]))
+        visual_sum = sum(prompt[start:end].sum(0) for start, end in spans)
+        n_visual = sum(end - start for start, end in spans)
+        n_text = prompt_len - n_visual
+        text_mean = (prompt.sum(0) - visual_sum) / max(n_text, 1)
+        return self.gate(torch.cat([text_mean, visual_sum / n_visual]))
 
     def _choose(self, logits: torch.Tensor | None, sample: bool) -> tuple[list[int], torch.Tensor | None]:
         """Branches to run and their weights (a tensor with gradients in training; `None` = weight 1)."""
@@ -436,29 +438,15 @@ class SpecVLMCompressor(PreTrainedModel):
         """
         n, hidden = inputs_embeds.shape
         prompt_len = n if prompt_len is None else prompt_len
-        visual = image_mask.nonzero()[:, 0]
-        height, width = self.config.grid
-        per_image = height * width
-        if visual.numel() == 0:
+        spans = self._image_spans(image_mask, prompt_len)  # host-side bookkeeping: one read of the mask
+        if not spans:
             return CompressedInput(inputs_embeds, features, position_ids, torch.arange(n, device=position_ids.device))
-        if visual.numel() % per_image:
-            raise ValueError(
-                f"The prompt has {visual.numel()} visual tokens, not a whole number of images of {height}x{width} "
-                f"= {per_image} tokens (the compressor's patch grid): the number of images does not match the image "
-                "tokens, or the compressor was made for another vision tower."
-            )
-        starts = visual[::per_image]
-        if not bool(
-            (visual.view(-1, per_image) == starts[:, None] + torch.arange(per_image, device=visual.device)).all()
-        ):
-            raise ValueError("An image's visual tokens are not contiguous in the prompt; build it with the processor.")
-        if int(visual[-1]) >= prompt_len:
-            raise ValueError(f"Visual tokens at position {int(visual[-1])} lie outside the prompt ({prompt_len}).")
-        pairs = torch.cat([inputs_embeds[visual], features[visual].to(inputs_embeds.dtype)], -1)
-        grid = pairs.view(-1, height, width, 2 * hidden)
-        where = position_ids[visual].view(-1, height, width)
+        height, width = self.config.grid
+        row = torch.cat([inputs_embeds, features.to(inputs_embeds.dtype)], -1)  # [n, 2h]: the pairs
+        grid = torch.stack([row[start:end] for start, end in spans]).view(-1, height, width, 2 * hidden)
+        where = torch.stack([position_ids[start:end] for start, end in spans]).view(-1, height, width)
         query = features[prompt_len - 1]
-        logits = self.gate_logits(features, image_mask, prompt_len) if self.gate is not None else None
+        logits = self.gate_logits(features, spans, prompt_len) if self.gate is not None else None
         chosen, weights = self._choose(logits, sample)
         outputs, out_positions = [], []
         for index in chosen:
@@ -479,24 +467,45 @@ class SpecVLMCompressor(PreTrainedModel):
                 self.branch_counts[branch] += 1
 
         # Splice: text before image i, image i's pairs, ..., text after the last image.
-        ends = starts + per_image
-        text_spans = list(zip([0] + ends.tolist(), starts.tolist() + [n]))
-        index = torch.arange(n, device=position_ids.device)
-        embeds_parts, feature_parts, position_parts, source_parts = [], [], [], []
-        for i, (lo, hi) in enumerate(text_spans):
-            embeds_parts.append(inputs_embeds[lo:hi])
-            feature_parts.append(features[lo:hi])
-            position_parts.append(position_ids[lo:hi])
-            source_parts.append(index[lo:hi])
-            if i < len(starts):
-                embeds_parts.append(out[i, :, :hidden])
-                feature_parts.append(out[i, :, hidden:].to(features.dtype))
-                position_parts.append(pos[i])
-                source_parts.append(index.new_full((out.shape[1],), -1))
+        bounds = [0] + [b for span in spans for b in span] + [n]
+        texts = list(zip(bounds[0::2], bounds[1::2]))  # the text spans around the images
+        pieces, piece_positions, source = [row[texts[0][0] : texts[0][1]]], [position_ids[: texts[0][1]]], []
+        source += range(*texts[0])
+        m = out.shape[1]
+        for i, (start, end) in enumerate(texts[1:]):
+            pieces += [out[i].to(row.dtype), row[start:end]]
+            piece_positions += [pos[i], position_ids[start:end]]
+            source += [-1] * m
+            source += range(start, end)
+        spliced = torch.cat(pieces)
         return CompressedInput(
-            torch.cat(embeds_parts), torch.cat(feature_parts), torch.cat(position_parts), torch.cat(source_parts),
-            branch,
+            spliced[:, :hidden], spliced[:, hidden:].to(features.dtype), torch.cat(piece_positions),
+            torch.tensor(source, device=position_ids.device), branch,
         )  # fmt: skip
+
+    def _image_spans(self, image_mask: torch.Tensor, prompt_len: int) -> list[tuple[int, int]]:
+        """Each image's `[start, end)` in the row, checked: whole images of the patch grid, inside the prompt."""
+        height, width = self.config.grid
+        per_image = height * width
+        flags = image_mask.tolist()
+        runs, start = [], None
+        for i, flag in enumerate(flags + [False]):
+            if flag and start is None:
+                start = i
+            elif not flag and start is not None:
+                runs.append((start, i))
+                start = None
+        total = sum(end - start for start, end in runs)
+        if total % per_image or any((end - start) % per_image for start, end in runs):
+            raise ValueError(
+                f"The prompt has {total} visual tokens, not a whole number of images of {height}x{width} "
+                f"= {per_image} tokens (the compressor's patch grid): the number of images does not match the image "
+                "tokens, or the compressor was made for another vision tower."
+            )
+        if runs and runs[-1][1] > prompt_len:
+            raise ValueError(f"Visual tokens at position {runs[-1][1] - 1} lie outside the prompt ({prompt_len}).")
+        # adjacent images form one run: split it into images
+        return [(s + k * per_image, s + (k + 1) * per_image) for s, e in runs for k in range((e - s) // per_image)]
 
     def forward(
         self,
