@@ -230,8 +230,9 @@ class _Pool(nn.Module):
         super().__init__()
         self.window = tuple(window)
 
-    def forward(self, x, positions, query):
-        """x `(images, H, W, 2h)`, positions `(images, H, W)` -> `(images, m, 2h)`, `(images, m)`."""
+    def forward(self, x, positions, query, sample=False):
+        """x `(images, H, W, 2h)`, positions `(images, H, W)` -> `(images, m, 2h)`, `(images, m)`. Every branch
+        takes the prompt's last feature `query` `(2h / 2,)` and `sample` (training's random draws) too."""
         pooled = F.avg_pool2d(x.permute(0, 3, 1, 2), self.window, ceil_mode=True)
         where = F.avg_pool2d(positions[:, None].to(x.dtype), self.window, ceil_mode=True)
         return pooled.flatten(2).transpose(1, 2), where.flatten(1).floor().long()
@@ -246,7 +247,7 @@ class _Conv(nn.Module):
         self.window = tuple(window)
         self.conv = nn.Conv2d(channels, channels, self.window, stride=self.window, groups=channels, bias=False)
 
-    def forward(self, x, positions, query):
+    def forward(self, x, positions, query, sample=False):
         kh, kw = self.window
         grid = x.permute(0, 3, 1, 2)
         pad_h, pad_w = -grid.shape[2] % kh, -grid.shape[3] % kw
@@ -298,7 +299,7 @@ class _Resampler(nn.Module):
             self.key.weight.normal_(0.0, std)
             self.norm.reset_parameters()
 
-    def forward(self, x, positions, query):
+    def forward(self, x, positions, query, sample=False):
         images, n, channels = x.shape[0], x.shape[1] * x.shape[2], x.shape[-1]
         flat = x.reshape(images, n, channels)
         heads, q = self.heads, self.queries.shape[0]
@@ -316,7 +317,7 @@ class _Resampler(nn.Module):
 class _Text(nn.Module):
     """The text-only branch: no visual pair reaches the draft."""
 
-    def forward(self, x, positions, query):
+    def forward(self, x, positions, query, sample=False):
         return x[:, :0].reshape(x.shape[0], 0, x.shape[-1]), positions.reshape(x.shape[0], -1)[:, :0]
 
 
@@ -451,7 +452,7 @@ class SpecVLMCompressor(PreTrainedModel):
         outputs, out_positions = [], []
         for index in chosen:
             module = self.branches[index]
-            out, pos = module(grid, where, query, sample) if isinstance(module, _Prune) else module(grid, where, query)
+            out, pos = module(grid, where, query, sample)
             if weights is not None:
                 out = out * weights[index].to(out.dtype)
             outputs.append(out)

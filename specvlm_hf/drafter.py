@@ -186,8 +186,8 @@ class TreeDrafter(Drafter):
 
         self._levels = 1
         for level in range(1, depth):
-            if self._end_tokens is not None and bool(scores.isinf().all()):
-                break  # every frontier node is an end token: nothing after them can be emitted
+            if k == 1 and self._end_tokens is not None and bool(scores.isinf().all()):
+                break  # the chain's last token is an end token: nothing after it can be emitted
             self._levels = level + 1
             # Feed the frontier (depth `level`) at position root + level - 1.
             mask = torch.zeros(1, 1, k, committed + level * k, dtype=dtype, device=device)

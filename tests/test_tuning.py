@@ -177,3 +177,34 @@ def test_a_call_the_draft_cannot_predict_decodes_plainly_and_probes():
     assert choices[-9:].count(None) >= 8
     tuner.start_call()  # the next call starts from the running estimate again, which still trusts the draft
     assert tuner.choose() is not None
+
+
+def test_plain_steps_and_the_drafts_catch_up_keep_the_output(target, monkeypatch):
+    """A tuner that expects nothing to be accepted takes plain steps; the draft catches up on the skipped positions
+    at each probe. The output is plain generate()'s, and the draft's cache holds every committed position."""
+    from specvlm_hf import SpecVLMDraftModel, speculative_generate
+    from specvlm_hf.drafter import TreeDrafter
+
+    torch.manual_seed(0)
+    draft = SpecVLMDraftModel.from_target(target)
+    inputs = make_inputs(seed=7)
+    tuner = draft.tree_tuner(get_adapter(target), False, inputs["input_ids"].shape[1])
+    tuner.prior, tuner.probe_every = 0.01, 3  # drafting never looks worth it: plain steps, a probe every 3
+    made = []
+    original = draft.new_drafter
+    draft.new_drafter = lambda t, c=None: made.append(original(t, c)) or made[-1]
+    roots = []  # the root's position at every step
+    propose = TreeDrafter.propose
+
+    def recording(self, state):
+        roots.append(state.input_ids.shape[1] - 1)
+        return propose(self, state)
+
+    monkeypatch.setattr(TreeDrafter, "propose", recording)
+    out = speculative_generate(target, draft, **inputs, max_new_tokens=20)
+    assert torch.equal(out.sequences, target.generate(**inputs, max_new_tokens=20, do_sample=False))
+    drafter = made[0]
+    assert isinstance(drafter, TreeDrafter) and out.stats.target_forwards >= 15  # mostly one token per forward
+    # every position before the last proposed root went into the draft's cache or waits to, none twice
+    fed = drafter.forward.cache.length + sum(p[0].shape[1] for p in drafter._pending)
+    assert fed == roots[-1] and len(roots) == out.stats.target_forwards - 1
