@@ -13,6 +13,7 @@ COMMANDS = {
     "bench": "specvlm_hf.benchmark.cli",
     "compression": "specvlm_hf.benchmark.compression",
     "card": "specvlm_hf.hub",
+    "export": "specvlm_hf.export_cli",
 }
 
 
