@@ -159,8 +159,60 @@ ADAPTERS = (LlavaAdapter,)
 SUPPORTED_MODEL_TYPES = tuple(t for adapter in ADAPTERS for t in adapter.model_types)
 
 
+def unwrap_peft(target: nn.Module) -> nn.Module:
+    """
+    The transformers model inside a peft wrapper (`PeftModel`, `PeftMixedModel`), or `target` itself.
+
+    Tuner adapters (LoRA, IA3, LoHa, ...) are layers inside that model's modules and read the wrapper's active
+    adapters on every call, so the loop's direct module calls compute what the wrapper's `forward` computes, for
+    whichever adapters are active (one, several, or none inside `disable_adapter()`). Prompt-learning adapters
+    (prefix, prompt and p-tuning) instead change the inputs and the cache the wrapper hands the model, which the loop
+    would bypass: they are refused.
+    """
+    if not (hasattr(target, "peft_config") and callable(getattr(target, "get_base_model", None))):
+        return target
+    prompt_learning = sorted(
+        name for name, config in target.peft_config.items() if getattr(config, "is_prompt_learning", False)
+    )
+    if prompt_learning:
+        raise ValueError(
+            f"The target carries peft prompt-learning adapters ({', '.join(prompt_learning)}: prefix, prompt or "
+            "p-tuning), which work by changing the model's inputs and cache outside its modules; tree speculative "
+            "decoding runs the modules directly and would skip them. Use a tuner adapter such as LoRA, or decode "
+            "this model without assistant_model."
+        )
+    return target.get_base_model()
+
+
+def check_no_adapter_routing(target: nn.Module) -> None:
+    """
+    Raises a `ValueError` if peft routes inputs to adapters by row (`generate(..., adapter_names=[...])`, its
+    mixed-batch inference): it does so with forward pre-hooks on its adapter layers that expect one name per row, and
+    the loop's tree forwards are shaped differently.
+
+    peft removes those hooks after `generate()` returns but not when it raises, so they are removed here before
+    raising: the model is left as it was before the call.
+    """
+    routed = []
+    for name, module in target.named_modules():
+        if not hasattr(module, "base_layer"):
+            continue
+        for key, hook in list(module._forward_pre_hooks.items()):
+            if getattr(getattr(hook, "func", None), "__name__", "") == "_adapter_names_pre_forward_hook":
+                routed.append(name)
+                del module._forward_pre_hooks[key]
+                module._forward_pre_hooks_with_kwargs.pop(key, None)
+    if routed:
+        raise ValueError(
+            f"peft routes rows to adapters by hooks (e.g. on {routed[0]}): tree speculative decoding does not support "
+            "generate(adapter_names=...). Activate the adapter with `set_adapter(name)` instead."
+        )
+
+
 def get_adapter(target: nn.Module) -> LlavaAdapter:
-    """The adapter for `target`, or a `ValueError` naming the supported model types."""
+    """The adapter for `target` (or for the model inside its peft wrapper), or a `ValueError` naming the supported
+    model types."""
+    target = unwrap_peft(target)
     model_type = getattr(getattr(target, "config", None), "model_type", None)
     for adapter in ADAPTERS:
         if model_type in adapter.model_types:

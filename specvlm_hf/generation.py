@@ -17,7 +17,7 @@ from transformers.generation.stopping_criteria import StoppingCriteriaList
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from ._compat import CACHE_KWARG
-from .adapters import get_adapter
+from .adapters import check_no_adapter_routing, get_adapter
 from .cache import check_cache, commit_accepted
 from .drafter import DraftSource
 from .loop import Emitter, prefill, prompt_draft_state, step_draft_state, verify, walk_tree
@@ -180,6 +180,13 @@ def tree_decoding(
         `torch.LongTensor` of shape `(1, seq_len)`, or `SpeculativeDecoderOutput` if `return_dict_in_generate`. The
         returned cache holds every position but the last, as plain decoding's does.
     """
+    if "prepare_inputs_for_generation" in vars(target):  # peft's prompt learning swaps it in for generate()
+        raise ValueError(
+            "The target's prepare_inputs_for_generation is replaced on the instance (a peft prompt-learning adapter "
+            "does this to inject its virtual tokens); tree speculative decoding does not call it, so it would skip "
+            "what it adds. Use a tuner adapter such as LoRA, or decode without assistant_model."
+        )
+    check_no_adapter_routing(target)
     adapter = get_adapter(target)
     adapter.check_attention()
     _check_request(input_ids, generation_config, model_kwargs)

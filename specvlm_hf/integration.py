@@ -37,6 +37,12 @@ _route_error: str | None = "specvlm_hf.integration.install() has not run"
 
 def _validate_generation_mode(self, generation_mode, generation_config, generation_mode_kwargs):
     draft = generation_mode_kwargs.get("assistant_model")
+    if callable(getattr(draft, "get_base_model", None)) and isinstance(draft.get_base_model(), DraftSource):
+        raise ValueError(
+            "assistant_model is a peft-wrapped specvlm_hf draft; a draft drafts with plain weights. Merge the adapter "
+            "first: `draft = specvlm_hf.lora.merged_draft(peft_draft)` (or `peft_draft.merge_and_unload()`), or load "
+            "the adapter folder with `SpecVLMDraftModel.from_pretrained(adapter_dir, target=target)`."
+        )
     if not isinstance(draft, DraftSource):
         return getattr(GenerationMixin, _STOCK_VALIDATE)(
             self, generation_mode, generation_config, generation_mode_kwargs

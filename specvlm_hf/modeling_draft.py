@@ -12,13 +12,15 @@ draft was trained with, named in its config and saved with its weights.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
 from ._compat import CACHE_KWARG
-from .adapters import get_adapter
+from .adapters import get_adapter, unwrap_peft
 from .compressor import SpecVLMCompressor, SpecVLMCompressorConfig
 from .configuration import SpeculativeConfig, SpecVLMDraftConfig
 from .drafter import DraftSource, TreeDrafter, TreeDraftSpec
@@ -91,8 +93,10 @@ class SpecVLMDraftModel(PreTrainedModel, DraftSource):
     def bind(self, target: nn.Module) -> SpecVLMDraftModel:
         """
         Borrows `target`'s token embedding and `lm_head` (frozen, not saved) after checking that this draft was made
-        for it, and moves the draft to the target's device and dtype. Returns `self`.
+        for it, and moves the draft to the target's device and dtype. A peft-wrapped target binds as the model inside
+        the wrapper, which is what `generate()` decodes with (`adapters.unwrap_peft`). Returns `self`.
         """
+        target = unwrap_peft(target)
         adapter = get_adapter(target)
         text_config = adapter.text_config
         problems = []
@@ -145,7 +149,13 @@ class SpecVLMDraftModel(PreTrainedModel, DraftSource):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, target: nn.Module | None = None, **kwargs):
-        """`PreTrainedModel.from_pretrained`, then `bind(target)` when a target is given."""
+        """`PreTrainedModel.from_pretrained`, then `bind(target)` when a target is given. A local folder holding a LoRA
+        adapter of a draft (`specvlm-hf train --lora`) loads as its base draft with the adapter merged
+        (`lora.load_lora_draft`)."""
+        from .lora import LORA_RECORD, load_lora_draft
+
+        if (Path(str(pretrained_model_name_or_path)) / LORA_RECORD).exists():
+            return load_lora_draft(pretrained_model_name_or_path, target)
         draft = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         return draft.bind(target) if target is not None else draft
 
@@ -156,7 +166,7 @@ class SpecVLMDraftModel(PreTrainedModel, DraftSource):
         return TreeDraftSpec(self, self.speculative_config.with_overrides(**knobs))
 
     def new_drafter(self, target: nn.Module, speculative_config: SpeculativeConfig | None = None) -> TreeDrafter:
-        if self.target is not target:
+        if self.target is not unwrap_peft(target):
             raise ValueError(
                 "This draft is bound to another target model; bind it to this one with `draft.bind(target)`."
             )

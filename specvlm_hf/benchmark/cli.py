@@ -27,6 +27,7 @@ def _methods(text: str) -> tuple[str, ...]:
 _FLAGS = {
     "--methods": ("methods", _methods),
     "--target": ("target", str),
+    "--target-adapter": ("target_adapter", str),
     "--draft": ("draft", str),
     "--specvlm-draft": ("specvlm_draft", str),
     "--assistant": ("assistant", str),

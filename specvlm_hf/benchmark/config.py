@@ -30,6 +30,8 @@ class BenchmarkConfig:
     Args:
         methods (`tuple[str, ...]`): methods to compare (`methods.METHOD_NAMES`); "vanilla" is always added.
         target (`str`): "testbed" or a directory with a LLaVA checkpoint and its processor.
+        target_adapter (`str`, *optional*): a peft adapter folder applied to the target (every method decodes the
+            adapted target; a draft may be a LoRA adapter folder of a draft, `lora.py`).
         draft (`str`, *optional*): directory of a trained `SpecVLMDraftModel`; without it a randomly initialised draft
             runs (low acceptance; the JSON says so).
         specvlm_draft (`str`, *optional*): directory of a trained draft with an elastic visual compressor, for the
@@ -61,6 +63,10 @@ class BenchmarkConfig:
 
     methods: tuple[str, ...] = field(default=METHOD_NAMES, metadata={"help": "Comma-separated methods to compare."})
     target: str = field(default="testbed", metadata={"help": "'testbed' or a LLaVA checkpoint directory."})
+    target_adapter: str | None = field(
+        default=None,
+        metadata={"help": "A peft adapter folder applied to the target (a fine-tune, e.g. a LoRA)."},
+    )
     draft: str | None = field(
         default=None,
         metadata={

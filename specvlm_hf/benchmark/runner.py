@@ -88,6 +88,11 @@ def load_resources(config: BenchmarkConfig) -> Resources:
         target = LlavaForConditionalGeneration.from_pretrained(config.target, dtype=dtype, attn_implementation="sdpa")
         target = target.to(device).eval()
         processor = AutoProcessor.from_pretrained(config.target)
+    if config.target_adapter is not None:
+        from peft import PeftModel
+
+        target = PeftModel.from_pretrained(target, config.target_adapter).eval()
+        source = f"{source} + peft adapter {config.target_adapter}"
     resources = Resources(target, processor, info={"target": _describe(target, source)})
     if set(DRAFT_METHODS) & set(config.methods):
         resources.draft, source = _draft(config.draft, target, "--draft")

@@ -43,6 +43,24 @@ def register(subparsers) -> None:
     report.add_argument("--json", type=Path, default=None, help="also write the report to this file")
     report.set_defaults(func=_report)
 
+    finetune = commands.add_parser(
+        "finetune",
+        help="LoRA fine-tune the testbed target to another description style (a fine-tune for draft adaptation)",
+        description="Writes OUTPUT/adapter (the target's LoRA adapter), OUTPUT/data/data.jsonl (rows in the "
+        "fine-tune's style, for `specvlm-hf train --target-adapter OUTPUT/adapter --data ...`) and "
+        "OUTPUT/finetune.json.",
+    )
+    finetune.add_argument("--output", type=Path, required=True)
+    finetune.add_argument("--rows", type=int, default=1500, help="conversations drawn for the fine-tune")
+    finetune.add_argument("--data-rows", type=int, default=4000, help="conversations written for draft training")
+    finetune.add_argument("--steps", type=int, default=300)
+    finetune.add_argument("--batch-size", type=int, default=8)
+    finetune.add_argument("--lr", type=float, default=2e-3)
+    finetune.add_argument("--lora-r", type=int, default=8)
+    finetune.add_argument("--lora-alpha", type=int, default=16)
+    finetune.add_argument("--seed", type=int, default=0)
+    finetune.set_defaults(func=_finetune)
+
     path = commands.add_parser("path", help="print the directory `load_testbed()` would load from")
     path.set_defaults(func=_path)
 
@@ -74,6 +92,17 @@ def _report(args: argparse.Namespace) -> int:
     print(format_report(report))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from .finetune import build_finetune
+
+    record = build_finetune(
+        args.output, rows=args.rows, data_rows=args.data_rows, steps=args.steps, batch_size=args.batch_size,
+        lr=args.lr, r=args.lora_r, alpha=args.lora_alpha, seed=args.seed,
+    )  # fmt: skip
+    print(json.dumps(record, indent=2))
     return 0
 
 

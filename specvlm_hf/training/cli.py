@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from ..lora import DEFAULT_LORA_MODULES
+
 TESTBED = "testbed"
 
 
@@ -46,7 +48,27 @@ def register(subparsers) -> None:
         help="Replace every answer with the target's own greedy answer before training (cached in --output).",
     )
     p.add_argument("--output", required=True, help="Directory for checkpoints, the trained draft and the curve.")
-    p.add_argument("--init", default=None, help="Start from this saved draft instead of a fresh one.")
+    p.add_argument(
+        "--target-adapter",
+        default=None,
+        help="A peft adapter folder (e.g. a LoRA fine-tune of the target) applied to --target; the draft is "
+        "distilled against the adapted target.",
+    )
+    p.add_argument(
+        "--init-draft", "--init", dest="init", default=None, help="Start from this saved draft instead of a fresh one."
+    )
+    p.add_argument(
+        "--lora",
+        action="store_true",
+        help="Train only a LoRA adapter on --init-draft (saved alone, small) instead of the whole draft.",
+    )
+    p.add_argument("--lora-r", type=int, default=16, help="LoRA rank (with --lora).")
+    p.add_argument("--lora-alpha", type=int, default=32, help="LoRA alpha (with --lora).")
+    p.add_argument(
+        "--lora-modules",
+        default=",".join(DEFAULT_LORA_MODULES),
+        help="Comma-separated names of the draft's linear layers that get LoRA (with --lora).",
+    )
     p.add_argument(
         "--compressor",
         default="none",
@@ -66,6 +88,12 @@ def register(subparsers) -> None:
     p.add_argument("--max-steps", type=int, default=-1, help="Stop after this many steps (overrides --epochs).")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument(
+        "--global-batch-size",
+        type=int,
+        default=None,
+        help="Rows per optimizer step over all processes; sets --grad-accum (batch-size x processes x grad-accum).",
+    )
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup-ratio", type=float, default=0.03)
     p.add_argument("--lambda-logit", type=float, default=0.1)
@@ -85,14 +113,22 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def _load_target(name: str):
+def _load_target(name: str, adapter: str | None = None):
+    """The target (with the peft adapter at `adapter` applied, if given) and its processor."""
     if name == TESTBED:
         from ..testbed import load_testbed
 
-        return load_testbed()
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+        target, processor = load_testbed()
+    else:
+        from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    return AutoModelForImageTextToText.from_pretrained(name, dtype=torch.float32), AutoProcessor.from_pretrained(name)
+        target = AutoModelForImageTextToText.from_pretrained(name, dtype=torch.float32)
+        processor = AutoProcessor.from_pretrained(name)
+    if adapter is not None:
+        from peft import PeftModel
+
+        target = PeftModel.from_pretrained(target, adapter).eval()
+    return target, processor
 
 
 def _testbed_rows(output: Path, n: int, seed: int):
@@ -120,13 +156,18 @@ def _testbed_rows(output: Path, n: int, seed: int):
 
 
 def _initial_draft(args, target, resuming: bool):
-    """The draft to train: `--init`'s or a fresh one, with `--compressor`'s compressor (a resumed run restores its
-    own from the checkpoint's config)."""
+    """The draft to train: `--init-draft`'s or a fresh one, with `--compressor`'s compressor (a resumed run restores
+    its own from the checkpoint's config); with `--lora`, `--init-draft`'s wrapped in a fresh LoRA adapter."""
     from ..adapters import get_adapter
     from ..compressor import compressor_for
     from ..modeling_draft import SpecVLMDraftModel
 
     branches = args.compressor_branches.split(",") if args.compressor_branches else None
+    if args.lora:  # the base draft always loads: a checkpoint holds the adapter alone
+        from ..lora import add_lora
+
+        draft = SpecVLMDraftModel.from_pretrained(args.init, target=target)
+        return add_lora(draft, args.lora_r, args.lora_alpha, args.lora_modules.split(","))
     if args.init and not resuming:
         draft = SpecVLMDraftModel.from_pretrained(args.init, target=target)
     else:
@@ -140,33 +181,39 @@ def _initial_draft(args, target, resuming: bool):
 
 
 def run(args) -> int:
-    from transformers.trainer_utils import get_last_checkpoint
+    from accelerate import PartialState
 
     from .config import DistillationConfig
     from .data import load_rows, read_llava_jsonl
-    from .pipeline import eval_inputs, train_draft
+    from .pipeline import eval_inputs, last_complete_checkpoint, train_draft
     from .selfdistill import regenerate_answers, write_llava_jsonl
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    if args.lora and not args.init:
+        raise SystemExit("--lora adapts an existing draft: give it with --init-draft DIR.")
+    if args.lora and (args.compressor != "none" or args.compressor_branches):
+        raise SystemExit("--lora keeps the base draft's compressor frozen; drop --compressor / --compressor-branches.")
     if args.threads:
         torch.set_num_threads(args.threads)
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
-    target, processor = _load_target(args.target)
+    target, processor = _load_target(args.target, args.target_adapter)
 
-    rows, problems = (
-        _testbed_rows(output, args.num_samples, args.data_seed)
-        if args.data == TESTBED
-        else load_rows(args.data, args.image_folder)
-    )
-    if problems:
-        print(f"unparsable data rows: {dict(problems)}")
-    if args.self_distill:
-        cached = output / "self_distill" / "data.jsonl"
-        if not cached.exists():
-            rows = regenerate_answers(target, processor, rows, max_new_tokens=args.eval_max_new_tokens * 3)
-            write_llava_jsonl(rows, cached)
-        rows, _ = read_llava_jsonl(cached)
+    state = PartialState(cpu=not torch.cuda.is_available())  # as DistillationConfig(use_cpu=...) sets it up
+    with state.main_process_first():  # one process writes the rows (and their cached answers); the others read them
+        rows, problems = (
+            _testbed_rows(output, args.num_samples, args.data_seed)
+            if args.data == TESTBED
+            else load_rows(args.data, args.image_folder)
+        )
+        if problems and state.is_main_process:
+            print(f"unparsable data rows: {dict(problems)}")
+        if args.self_distill:
+            cached = output / "self_distill" / "data.jsonl"
+            if not cached.exists():
+                rows = regenerate_answers(target, processor, rows, max_new_tokens=args.eval_max_new_tokens * 3)
+                write_llava_jsonl(rows, cached)
+            rows, _ = read_llava_jsonl(cached)
 
     if args.eval_data:
         eval_rows, _ = read_llava_jsonl(args.eval_data)
@@ -178,45 +225,52 @@ def run(args) -> int:
     else:
         eval_prompts = []
 
-    config = DistillationConfig(
-        output_dir=str(output),
-        num_train_epochs=args.epochs,
-        max_steps=args.max_steps,
-        per_device_train_batch_size=args.batch_size,
-        gradient_accumulation_steps=args.grad_accum,
-        learning_rate=args.lr,
-        lr_scheduler_type="cosine",
-        warmup_steps=args.warmup_ratio,
-        weight_decay=0.0,
-        adam_beta1=0.9,
-        adam_beta2=0.95,
-        max_grad_norm=0.5,
-        bf16=args.precision == "bf16",
-        use_cpu=not torch.cuda.is_available(),
-        save_steps=args.save_steps,
-        save_total_limit=2,
-        logging_steps=10,
-        report_to=[],
-        seed=args.seed,
-        dataloader_num_workers=0,
-        lambda_logit=args.lambda_logit,
-        lambda_feat=args.lambda_feat,
-        feature_noise=args.feature_noise,
-        fail_fast=args.fail_fast,
-        eval_prompts=args.eval_prompts,
-        eval_max_new_tokens=args.eval_max_new_tokens,
-        eval_at_start=not args.no_eval_at_start,
-        hub_model_id=args.hub_model_id,
-    )
-    draft = _initial_draft(args, target, resuming=bool(get_last_checkpoint(str(output))))
+    try:
+        config = DistillationConfig(
+            output_dir=str(output),
+            num_train_epochs=args.epochs,
+            max_steps=args.max_steps,
+            per_device_train_batch_size=args.batch_size,
+            gradient_accumulation_steps=args.grad_accum,
+            global_batch_size=args.global_batch_size,
+            learning_rate=args.lr,
+            lr_scheduler_type="cosine",
+            warmup_steps=args.warmup_ratio,
+            weight_decay=0.0,
+            adam_beta1=0.9,
+            adam_beta2=0.95,
+            max_grad_norm=0.5,
+            bf16=args.precision == "bf16",
+            use_cpu=not torch.cuda.is_available(),
+            save_steps=args.save_steps,
+            save_total_limit=2,
+            logging_steps=10,
+            report_to=[],
+            seed=args.seed,
+            dataloader_num_workers=0,
+            lambda_logit=args.lambda_logit,
+            lambda_feat=args.lambda_feat,
+            feature_noise=args.feature_noise,
+            fail_fast=args.fail_fast,
+            eval_prompts=args.eval_prompts,
+            eval_max_new_tokens=args.eval_max_new_tokens,
+            eval_at_start=not args.no_eval_at_start,
+            hub_model_id=args.hub_model_id,
+        )
+    except ValueError as err:  # e.g. a global batch that does not divide: say which, without a traceback
+        raise SystemExit(f"specvlm-hf train: {err}") from None
+    draft = _initial_draft(args, target, resuming=bool(last_complete_checkpoint(output)))
     name = "specvlm_hf testbed" if args.target == TESTBED else args.target  # what the model card names
+    if args.target_adapter:
+        name += f" + adapter {args.target_adapter}"
     command = shlex.join(["specvlm-hf", *sys.argv[1:]])  # the card records how the draft was trained
     _, summary = train_draft(
         target, processor, rows, config, eval_prompts=eval_prompts, draft=draft, target_name=name,
         training_command=command,
     )  # fmt: skip
-    print(json.dumps({k: v for k, v in summary.items() if k != "curve"}, indent=2))
-    for point in summary["curve"]:
-        print(f"epoch {point['epoch']:>5}: mean accepted length {point['mean_accepted_length']:.3f}")
-    print(f"draft saved to {output}; curve: {output / 'acceptance_curve.png'}")
+    if state.is_main_process:
+        print(json.dumps({k: v for k, v in summary.items() if k != "curve"}, indent=2))
+        for point in summary["curve"]:
+            print(f"epoch {point['epoch']:>5}: mean accepted length {point['mean_accepted_length']:.3f}")
+        print(f"draft saved to {output}; curve: {output / 'acceptance_curve.png'}")
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -13,6 +14,7 @@ import torch
 from transformers import TrainerCallback
 
 from ..generation import speculative_generate
+from ..lora import as_draft
 from ..metrics import mean_accepted_length
 from .config import DistillationConfig
 
@@ -37,12 +39,13 @@ def measure_acceptance(target, draft, prompts: list[dict], args: DistillationCon
     sigma = all new tokens / all target forwards."""
     was_training = draft.training
     draft.eval()
+    drafting = as_draft(draft)  # a LoRA-wrapped draft drafts merged
     new_tokens = forwards = 0
     with torch.no_grad():
         for inputs in prompts:
             inputs = {k: v.to(draft.device) if hasattr(v, "to") else v for k, v in inputs.items()}
             out = speculative_generate(
-                target, draft, **inputs, max_new_tokens=args.eval_max_new_tokens, do_sample=False,
+                target, drafting, **inputs, max_new_tokens=args.eval_max_new_tokens, do_sample=False,
                 depth=args.eval_depth, tree_top_k=args.eval_top_k, total_tokens=args.eval_total_tokens,
             )  # fmt: skip
             new_tokens += out.stats.new_tokens
@@ -68,9 +71,19 @@ def plot_curve(points: list[CurvePoint], path: Path) -> None:
     plt.close(fig)
 
 
+def draft_is_sharded(args: DistillationConfig) -> bool:
+    """Whether each process holds only a shard of the draft's weights (DeepSpeed ZeRO-3, FSDP), so that one process
+    cannot run the draft alone."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    fsdp = bool(args.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
+    return fsdp or is_deepspeed_zero3_enabled()
+
+
 class AcceptanceCallback(TrainerCallback):
     """Measures the accepted length at the start (epoch 0) and after every epoch; survives resumption through its
-    JSON file in the output directory."""
+    JSON file in the output directory. Under several processes the main process measures alone (the others go on
+    to the next step and wait for it there); with a sharded draft (ZeRO-3, FSDP) nothing is measured."""
 
     def __init__(self, target, prompts: list[dict], args: DistillationConfig):
         self.target, self.prompts, self.args = target, prompts, args
@@ -86,7 +99,10 @@ class AcceptanceCallback(TrainerCallback):
         done = [p for p in self.points if p.step <= state.global_step]
         self.points = done
         self._train_offset = max((p.train_seconds for p in done), default=0.0)
-        if self.args.eval_at_start and state.global_step == 0 and self.prompts:
+        if self.prompts and draft_is_sharded(args):
+            logger.warning("the draft is sharded (ZeRO-3 or FSDP): no accepted-length curve; `specvlm-hf bench` it")
+            self.prompts = []
+        if self.args.eval_at_start and state.global_step == 0 and self.prompts and state.is_world_process_zero:
             self._record(model, epoch=0.0, step=0)
 
     def on_epoch_end(self, args, state, control, model=None, **kwargs):

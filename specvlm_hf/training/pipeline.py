@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from pathlib import Path
 
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_callback import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from ..adapters import unwrap_peft
 from ..hub import create_model_card, hub_id_or_none
+from ..lora import is_peft_model, write_adapter_card, write_record
 from ..modeling_draft import SpecVLMDraftModel
 from .config import DistillationConfig
 from .data import ConversationRow, DistillationCollator, DistillationDataset, RowEncoder
@@ -34,6 +38,27 @@ def eval_inputs(processor, rows: list[ConversationRow]) -> list[dict]:
     return prompts
 
 
+def last_complete_checkpoint(output_dir: str | Path) -> str | None:
+    """
+    The newest `checkpoint-<step>` folder in `output_dir` that a resume can use, or None. The main process writes a
+    checkpoint's `trainer_state.json` last, after the weights, optimizer and scheduler, so a folder without a readable
+    one is the remains of a killed save (`kill -9`, preemption) and is passed over with a warning.
+    """
+    steps = {}
+    for folder in Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+        match = re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", folder.name)
+        if match and folder.is_dir():
+            steps[folder] = int(match[1])
+    for folder in sorted(steps, key=steps.get, reverse=True):
+        try:
+            json.loads((folder / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            logger.warning("skipping %s: incomplete (no readable trainer_state.json)", folder)
+            continue
+        return str(folder)
+    return None
+
+
 def train_draft(
     target,
     processor,
@@ -44,18 +69,22 @@ def train_draft(
     draft: SpecVLMDraftModel | None = None,
     target_name: str | None = None,
     training_command: str | None = None,
+    callbacks: list[TrainerCallback] | None = None,
 ) -> tuple[SpecVLMDraftModel, dict]:
     """
     Trains `draft` (a fresh `SpecVLMDraftModel.from_target(target)` by default) on `rows` against the frozen
-    `target`, saves it to `args.output_dir` with `save_pretrained`, and returns it with a summary.
+    `target`, saves it to `args.output_dir` with `save_pretrained`, and returns it with a summary. A draft wrapped
+    with a LoRA adapter (`lora.add_lora`) trains and saves the adapter alone, with the record `lora.load_lora_draft`
+    checks. The target may be peft-wrapped (a fine-tune).
 
     A checkpoint already in `args.output_dir` (from an interrupted run) is resumed: model, optimizer, scheduler, RNG
-    and data position, so nothing is lost beyond the last save. `target_name` is what the model card calls the
-    target (the card's `base_model` when it is a Hub id; the target's `_name_or_path` by default), and
-    `training_command` the command the card records.
+    and data position, so nothing is lost beyond the last complete save (`last_complete_checkpoint`). `target_name`
+    is what the model card calls the target (the card's `base_model` when it is a Hub id; the target's
+    `_name_or_path` by default), `training_command` the command the card records, and `callbacks` are added to the
+    trainer's.
     """
     draft = draft if draft is not None else SpecVLMDraftModel.from_target(target)
-    if draft.target is not target:
+    if draft.target is not unwrap_peft(target):
         draft.bind(target)
     max_length = args.max_length or target.config.get_text_config().max_position_embeddings
     dataset = DistillationDataset(rows, RowEncoder(processor, max_length), fail_fast=args.fail_fast)
@@ -66,9 +95,9 @@ def train_draft(
         args=args,
         train_dataset=dataset,
         data_collator=DistillationCollator(processor.tokenizer.pad_token_id),
-        callbacks=[callback],
+        callbacks=[callback, *(callbacks or [])],
     )
-    last = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
+    last = last_complete_checkpoint(args.output_dir)
     if last:
         logger.warning("resuming from %s", last)
     start = time.perf_counter()
@@ -93,6 +122,11 @@ def train_draft(
     if trainer.is_world_process_zero():
         (Path(args.output_dir) / "training_summary.json").write_text(json.dumps(summary, indent=2))
         target_name = target_name or getattr(target.config, "_name_or_path", "") or target.config.model_type
+        if is_peft_model(draft):  # only the adapter was trained and saved
+            base = draft.get_base_model().name_or_path
+            record = write_record(draft, args.output_dir, str(Path(base).resolve()) if Path(base).exists() else base)
+            write_adapter_card(args.output_dir, record, summary, target_name, training_command)
+            return draft, summary
         card = create_model_card(
             args.output_dir,
             target_name=target_name,

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer
 
-from ..adapters import get_adapter
+from ..adapters import get_adapter, unwrap_peft
 from ..compressor import SpecVLMCompressor
 from .config import DistillationConfig
 from .losses import distillation_loss
@@ -26,15 +26,26 @@ class DistillationTrainer(Trainer):
     A `transformers.Trainer` whose model is the draft (`SpecVLMDraftModel`, bound to `target`).
 
     Args:
-        model (`SpecVLMDraftModel`): the draft to train.
-        target (`PreTrainedModel`): the frozen target; moved to the training device, never updated.
+        model (`SpecVLMDraftModel`, or a `PeftModel` around one from `lora.add_lora`): the draft to train.
+        target (`PreTrainedModel`, or a `PeftModel` around one): the frozen target; moved to the training device, never updated.
         args (`DistillationConfig`)
         other arguments: as `transformers.Trainer` (`train_dataset`, `data_collator`, `callbacks`, ...).
+
+    Under several processes (`accelerate launch`, torchrun) each process holds the whole frozen target and trains on
+    its share of each global batch; the loss is the mean over the global batch's supervised positions, so a run
+    trains as one process with the whole global batch would, up to float rounding (`get_batch_samples`).
     """
 
+    # `compute_loss` divides by the supervised positions of the whole step (all micro-batches), not per micro-batch.
+    loss_is_scaled_for_ga = True
+
     def __init__(self, model, target, args: DistillationConfig, **kwargs):
-        if model.target is not target:
+        if model.target is not unwrap_peft(target):
             raise ValueError("The draft must be bound to the target it is trained against (`draft.bind(target)`).")
+        if args.ddp_find_unused_parameters is None:
+            # A select-mode compressor trains only the branches chosen for a step's rows, so DDP must look for
+            # parameters without a gradient; without one every parameter is used and the search is wasted work.
+            args.ddp_find_unused_parameters = isinstance(getattr(model, "compressor", None), SpecVLMCompressor)
         super().__init__(model=model, args=args, **kwargs)
         self.target = target.to(self.args.device).eval().requires_grad_(False)
         self.adapter = get_adapter(target)
@@ -99,6 +110,18 @@ class DistillationTrainer(Trainer):
             [r.branch for r in rows],
         )
 
+    def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device):
+        """
+        The step's micro-batches, and the number of supervised positions (whose next token is an answer token) in
+        them summed over all processes (with `average_tokens_across_devices`, the default).
+        """
+        batch_samples, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+        count = sum(batch["loss_mask"][:, 1:].sum() for batch in batch_samples)
+        count = torch.as_tensor(count, device=device)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            count = self.accelerator.reduce(count, "sum")
+        return batch_samples, count
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         input_ids, loss_mask = inputs["input_ids"], inputs["loss_mask"]
         embeds, features = self.target_pass(input_ids, inputs.get("pixel_values"))
@@ -127,9 +150,17 @@ class DistillationTrainer(Trainer):
         self._parts["feature_l1"] += float(loss.feature)
         self._parts["top1"] += float(loss.top1)
         self._parts["n"] += 1
-        return (loss.total, hidden) if return_outputs else loss.total
+        total = loss.total
+        if num_items_in_batch is not None:
+            # sum over this micro-batch's positions / positions in the global batch; DDP (and DeepSpeed, FSDP) then
+            # average the gradients over processes, which the factor undoes.
+            processes = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
+            total = total * selected.sum() / num_items_in_batch * processes
+        return (total, hidden) if return_outputs else total
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self.args.world_size > 1:
+            self._gather_parts()  # every process logs the training loss, so all of them get here
         if self._parts["n"] and "loss" in logs:
             n = self._parts.pop("n")
             logs.update({key: round(value / n, 4) for key, value in self._parts.items()})
@@ -140,3 +171,14 @@ class DistillationTrainer(Trainer):
             self.branch_totals.update(self._branches)
             self._branches = Counter()
         super().log(logs, start_time)
+
+    def _gather_parts(self) -> None:
+        """The loss parts and compressor choices since the last log, summed over all processes (so the logged
+        means are over the global batches, as the logged loss is)."""
+        from accelerate.utils import gather_object
+
+        keys = ("logit_ce", "feature_l1", "top1", "n")
+        parts = torch.tensor([float(self._parts[key]) for key in keys], dtype=torch.float64, device=self.args.device)
+        self._parts = dict(zip(keys, self.accelerator.reduce(parts, "sum").tolist()))
+        self._parts["n"] = int(self._parts["n"])
+        self._branches = sum((Counter(b) for b in gather_object([dict(self._branches)])), Counter())
