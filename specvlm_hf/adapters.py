@@ -3,6 +3,8 @@ images, how to run the text model with a tree mask, and where its features are. 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -11,6 +13,40 @@ from ._compat import CACHE_KWARG
 # Attention kernels that take a float additive 4-D mask (a tree mask). Flash-attention only takes padding masks, and
 # flex-attention's tensor-mask path crashed on CPU in testing, so both are refused rather than silently mis-masked.
 TREE_MASK_ATTENTION = ("sdpa", "eager")
+
+
+@dataclass(frozen=True)
+class PromptLayout:
+    """
+    One prompt as the target decodes it: its positions and its visual tokens (`adapter.layout`). Everything the loop
+    writes about the target's positions goes through it, so a position scheme other than 0, 1, 2, ... (M-RoPE) is the
+    adapter's business alone.
+
+    Attributes:
+        positions (`torch.LongTensor`): the prompt's position ids, shaped as the adapter's `forward` takes them:
+            `(1, prompt_len)` for 1-D rotary positions.
+        offset (`torch.LongTensor`): the position ids of sequence index `s >= prompt_len - 1` (the last prompt token
+            and every generated one) are `s + offset`; shaped to broadcast against `(n,)` indices: `(1, 1)`.
+        visual_mask (`torch.BoolTensor` of shape `(prompt_len,)`): the slots that hold a visual token.
+        visual_features (`torch.FloatTensor` of shape `(num_visual_tokens, hidden_size)`, *optional*): the visual
+            tokens, in slot order.
+    """
+
+    positions: torch.Tensor
+    offset: torch.Tensor
+    visual_mask: torch.Tensor
+    visual_features: torch.Tensor | None
+
+    def positions_at(self, index: torch.Tensor) -> torch.Tensor:
+        """Position ids of sequence indices `index` (`(n,)`, each `>= prompt_len - 1`), shaped like `positions`."""
+        return index + self.offset
+
+    def continued(self, length: int) -> torch.Tensor:
+        """Position ids of sequence indices `0, ..., length - 1` (the prompt, then its continuation), shaped like
+        `positions`."""
+        prompt_len = self.positions.shape[-1]
+        after = torch.arange(prompt_len, max(length, prompt_len), device=self.positions.device)
+        return torch.cat([self.positions, self.positions_at(after)], dim=-1)[..., :length]
 
 
 class LlavaAdapter:
@@ -80,6 +116,34 @@ class LlavaAdapter:
                 "full attention in every layer (e.g. text_config.sliding_window=None) if its answers fit the window."
             )
 
+    def sequence_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The target's position ids of right-padded sequences `input_ids` (`(batch, seq_len)`), each a prompt
+        followed by its continuation, shaped as `forward` takes them: `(batch, seq_len)`, 0, 1, 2, ... per row."""
+        return torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+
+    def visual_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Where `input_ids` (any shape) hold the target's visual placeholder token."""
+        return input_ids == self.image_token_id
+
+    def layout(self, input_ids: torch.Tensor, model_kwargs: dict) -> PromptLayout:
+        """
+        The prompt `input_ids` (`(1, prompt_len)`) with the arguments `generate()` hands the decoding method. A
+        `position_ids` other than the default numbering is refused: the loop continues the default one.
+        """
+        positions = self.sequence_positions(input_ids)
+        given = model_kwargs.get("position_ids")
+        if given is not None and not torch.equal(given.to(positions.device), positions):
+            raise ValueError(
+                "Tree speculative decoding numbers the prompt's positions 0, 1, ...; custom position_ids are not "
+                "supported (drop them, or drop assistant_model)."
+            )
+        return PromptLayout(
+            positions=positions,
+            offset=positions.new_zeros(1, 1),
+            visual_mask=self.visual_mask(input_ids[0]),
+            visual_features=self.image_features(model_kwargs),
+        )
+
     def image_features(self, model_kwargs: dict) -> torch.Tensor | None:
         """Projected visual tokens, shape `(num_image_tokens, hidden_size)`, computed once by `generate()`."""
         encoded = (model_kwargs.get("mm_encoder_outputs") or {}).get("image")
@@ -110,7 +174,7 @@ class LlavaAdapter:
             `torch.FloatTensor` of shape `(1, seq_len, hidden_size)`.
         """
         embeds = self.embed_tokens(input_ids)
-        image_slots = input_ids == self.image_token_id
+        image_slots = self.visual_mask(input_ids)
         n_slots = int(image_slots.sum())
         if image_features is None:
             if n_slots:

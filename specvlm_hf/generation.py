@@ -121,14 +121,6 @@ def _check_request(input_ids, generation_config: GenerationConfig, model_kwargs:
     mask = model_kwargs.get("attention_mask")
     if mask is not None and not bool((mask == 1).all()):
         raise ValueError("Tree speculative decoding does not support padded inputs (attention_mask with zeros).")
-    positions = model_kwargs.get("position_ids")
-    if positions is not None and not torch.equal(
-        positions, torch.arange(input_ids.shape[1], device=positions.device)[None]
-    ):
-        raise ValueError(
-            "Tree speculative decoding numbers the prompt's positions 0, 1, ...; custom position_ids are not "
-            "supported (drop them, or drop assistant_model)."
-        )
     for flag in ("output_attentions", "output_hidden_states"):
         if getattr(generation_config, flag, False):
             raise ValueError(f"Tree speculative decoding does not return {flag.split('_', 1)[1]}; unset `{flag}`.")
@@ -199,11 +191,12 @@ def tree_decoding(
     stats = SpeculativeStats()
     prompt_len = input_ids.shape[1]
 
-    embeds, features = prefill(adapter, input_ids, adapter.image_features(model_kwargs), cache)
+    layout = adapter.layout(input_ids, model_kwargs)
+    embeds, features = prefill(adapter, input_ids, layout, cache)
     walk_tree(build_tree(input_ids[0, -1:], [-1]), adapter.logits(features[:, -1]), emitter, logits_processor,
               do_sample, batched)  # fmt: skip
     stats.target_forwards += 1
-    state = prompt_draft_state(adapter, emitter.input_ids, embeds, features)
+    state = prompt_draft_state(adapter, emitter.input_ids, embeds, features, layout.visual_mask)
     if not emitter.finished:
         drafter.begin(adapter, do_sample, prompt_len, _end_tokens(generation_config))
 
@@ -213,7 +206,7 @@ def tree_decoding(
         clock.add("draft", step_start)
         root_position = emitter.input_ids.shape[1] - 1  # = the cache's length; the root is not cached yet
         verify_start = clock.now()
-        tree_features, tree_logits = verify(adapter, tree, cache, root_position)
+        tree_features, tree_logits = verify(adapter, tree, cache, root_position, layout)
         clock.add("verify", verify_start)
         nodes = walk_tree(tree, tree_logits, emitter, logits_processor, do_sample, batched)
         commit_accepted(cache, root_position, nodes)  # the emitted tokens' entries; the last one is the next root

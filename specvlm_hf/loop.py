@@ -11,58 +11,63 @@ from __future__ import annotations
 import torch
 from transformers.generation.stopping_criteria import StoppingCriteriaList
 
+from .adapters import PromptLayout
 from .drafter import DraftState
 from .tree import DraftTree, tree_attention_mask
 from .verify import accept_greedy, accept_node, accept_sampling
 
 
-def prefill(adapter, input_ids: torch.Tensor, image_features: torch.Tensor | None, cache):
+def prefill(adapter, input_ids: torch.Tensor, layout: PromptLayout, cache):
     """
-    The target's forward over the prompt, visual tokens scattered into its `<image>` slots.
+    The target's forward over the prompt, its visual tokens scattered into their slots, at the layout's positions.
 
     Args:
         input_ids (`torch.LongTensor` of shape `(1, prompt_len)`)
-        image_features (`torch.FloatTensor` of shape `(num_image_tokens, hidden_size)`, *optional*)
+        layout (`PromptLayout`): `adapter.layout(input_ids, ...)`.
         cache (`transformers.DynamicCache`): empty; holds the prompt afterwards.
 
     Returns:
         `(embeds, features)`, both `(1, prompt_len, hidden_size)`: the text model's input embeddings and features.
     """
-    embeds = adapter.embed(input_ids, image_features)
-    positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
-    return embeds, adapter.forward(embeds, positions, cache)
+    embeds = adapter.embed(input_ids, layout.visual_features)
+    return embeds, adapter.forward(embeds, layout.positions, cache)
 
 
-def verify(adapter, tree: DraftTree, cache, root_position: int) -> tuple[torch.Tensor, torch.Tensor]:
+def verify(
+    adapter, tree: DraftTree, cache, root_position: int, layout: PromptLayout
+) -> tuple[torch.Tensor, torch.Tensor]:
     """
-    The target's forward over a tree whose root sits at `root_position` (= the cache's length): each node sees the
-    cached prefix and its own ancestors, at position `root_position + depth`. The cache is extended by every node;
-    `commit_accepted` cuts it back to the emitted ones.
+    The target's forward over a tree whose root sits at sequence index `root_position` (= the cache's length): each
+    node sees the cached prefix and its own ancestors, at the position plain decoding gives index
+    `root_position + depth` (`layout.positions_at`). The cache is extended by every node; `commit_accepted` cuts it
+    back to the emitted ones.
 
     Returns:
         `(features, logits)`: `(1, num_nodes, hidden_size)` and `(num_nodes, vocab_size)` in float32.
     """
     embeds = adapter.embed_tokens(tree.tokens)[None]
     mask = tree_attention_mask(tree.mask, root_position, embeds.dtype)
-    features = adapter.forward(embeds, (root_position + tree.depths)[None], cache, mask)
+    features = adapter.forward(embeds, layout.positions_at(root_position + tree.depths), cache, mask)
     return features, adapter.logits(features[0])
 
 
-def prompt_draft_state(adapter, input_ids: torch.Tensor, embeds: torch.Tensor, features: torch.Tensor) -> DraftState:
+def prompt_draft_state(
+    adapter, input_ids: torch.Tensor, embeds: torch.Tensor, features: torch.Tensor, visual_mask: torch.Tensor
+) -> DraftState:
     """
-    The draft's view after prefill.
+    The draft's view after prefill. The draft numbers its own positions 0, 1, 2, ... whatever the target's scheme.
 
     Args:
         input_ids (`torch.LongTensor` of shape `(1, prompt_len + 1)`): the prompt and the first emitted token.
         embeds, features (`torch.FloatTensor` of shape `(1, prompt_len, hidden_size)`): from `prefill`.
+        visual_mask (`torch.BoolTensor` of shape `(prompt_len,)`): the prompt's visual slots (`PromptLayout`).
     """
-    image_slots = input_ids[0, :-1] == adapter.image_token_id
     return DraftState(
         input_ids=input_ids,
         inputs_embeds=torch.cat([embeds[:, 1:], adapter.embed_tokens(input_ids[:, -1:])], dim=1),
         features=features,
         position_ids=torch.arange(features.shape[1], device=features.device)[None],
-        image_mask=torch.cat([image_slots[1:], image_slots.new_zeros(1)]),
+        image_mask=torch.cat([visual_mask[1:], visual_mask.new_zeros(1)]),
     )
 
 

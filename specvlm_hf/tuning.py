@@ -92,11 +92,11 @@ class CostCurve:
 
 
 @torch.no_grad()
-def measure_verify_curve(adapter, cache, prefix_len: int, sizes=VERIFY_SIZES, repeats: int = 3) -> CostCurve:
+def measure_verify_curve(adapter, cache, prefix_len: int, layout, sizes=VERIFY_SIZES, repeats: int = 3) -> CostCurve:
     """
     T(q) for each q in `sizes` (1 added): the median over `repeats` rounds (after a warm-up round, rounds interleaved
-    across q) of the loop's `verify` of a q-token tree over `cache`, which holds `prefix_len` entries and is cut back
-    to them after each forward.
+    across q) of the loop's `verify` of a q-token tree over `cache`, which holds `prefix_len` entries of a sequence
+    whose prompt has `layout` (`adapters.PromptLayout`), and is cut back to them after each forward.
     """
     from .loop import verify  # loop imports drafter, which imports this module's users
 
@@ -106,7 +106,7 @@ def measure_verify_curve(adapter, cache, prefix_len: int, sizes=VERIFY_SIZES, re
     timings = {q: [] for q in sizes}
     for round_ in range(repeats + 1):
         for q in sizes:
-            _, seconds = time_call(lambda t=trees[q]: verify(adapter, t, cache, prefix_len), device)
+            _, seconds = time_call(lambda t=trees[q]: verify(adapter, t, cache, prefix_len, layout), device)
             commit_accepted(cache, prefix_len, [])
             if round_:
                 timings[q].append(seconds)
@@ -203,6 +203,8 @@ _MEMORY: dict[str, DeviceCosts] = {}
 def device_costs(adapter, draft, prefix_len: int) -> DeviceCosts:
     """The costs of (this device, target, draft): from memory, else from disk, else measured over a synthetic prefix
     of `prefix_len` tokens and stored in both."""
+    from .loop import prefill  # loop imports drafter, which imports this module's users
+
     key = costs_key(adapter.target, draft)
     if key in _MEMORY:
         return _MEMORY[key]
@@ -218,10 +220,13 @@ def device_costs(adapter, draft, prefix_len: int) -> DeviceCosts:
         noise = torch.Generator(device=device).manual_seed(0)  # the caller's random stream stays untouched
         vocab = adapter.lm_head.weight.shape[0]
         tokens = torch.randint(0, vocab, (1, prefix_len), device=device, generator=noise)
-        tokens[tokens == adapter.image_token_id] = 0  # text only: no image slots
+        tokens[adapter.visual_mask(tokens)] = 0  # text only: no visual slots
+        layout = adapter.layout(tokens, {})
         with torch.no_grad():
-            adapter.forward(adapter.embed_tokens(tokens), torch.arange(prefix_len, device=device)[None], cache)
-        costs = DeviceCosts(measure_verify_curve(adapter, cache, prefix_len), measure_draft_levels(draft, prefix_len))
+            prefill(adapter, tokens, layout, cache)
+        costs = DeviceCosts(
+            measure_verify_curve(adapter, cache, prefix_len, layout), measure_draft_levels(draft, prefix_len)
+        )
         logger.info("measured tree costs in %.2f s (cached in %s)", time.perf_counter() - started, path)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -89,9 +89,12 @@ def test_importance_pruning_keeps_the_pairs_closest_to_the_question():
 def test_identity_ratio_reproduces_eaglevlm_input(target, spec):
     inputs = make_inputs(seed=2)
     adapter = get_adapter(target)
-    embeds, features = prefill(adapter, inputs["input_ids"], adapter.image_features(inputs), DynamicCache())
+    layout = adapter.layout(inputs["input_ids"], inputs)
+    embeds, features = prefill(adapter, inputs["input_ids"], layout, DynamicCache())
     first = torch.tensor([[5]])
-    state = prompt_draft_state(adapter, torch.cat([inputs["input_ids"], first], 1), embeds, features)
+    state = prompt_draft_state(
+        adapter, torch.cat([inputs["input_ids"], first], 1), embeds, features, layout.visual_mask
+    )
     got = compressor([spec])(state.inputs_embeds, state.features, state.position_ids, state.image_mask)
     assert torch.equal(got[0], state.inputs_embeds) and torch.equal(got[1], state.features)
     assert torch.equal(got[2], state.position_ids)
@@ -187,9 +190,11 @@ def test_training_builds_the_decoding_loops_draft_input(tiny_testbed, tmp_path):
     for b in range(len(examples)):  # every row has an image
         prompt_len = int(batch["loss_mask"][b].nonzero()[0, 0])
         ids = batch["input_ids"][b : b + 1, :prompt_len]
-        image = adapter.image_features({"pixel_values": batch["pixel_values"][b : b + 1]})
-        p_embeds, p_features = prefill(adapter, ids, image, DynamicCache())
-        state = prompt_draft_state(adapter, batch["input_ids"][b : b + 1, : prompt_len + 1], p_embeds, p_features)
+        layout = adapter.layout(ids, {"pixel_values": batch["pixel_values"][b : b + 1]})
+        p_embeds, p_features = prefill(adapter, ids, layout, DynamicCache())
+        state = prompt_draft_state(
+            adapter, batch["input_ids"][b : b + 1, : prompt_len + 1], p_embeds, p_features, layout.visual_mask
+        )
         want = draft.compressor(state.inputs_embeds, state.features, state.position_ids, state.image_mask)
         n = want[0].shape[1]
         torch.testing.assert_close(got[0][b, :n], want[0][0], atol=1e-5, rtol=1e-5)

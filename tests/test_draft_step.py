@@ -146,9 +146,13 @@ def _prompt_state(target, seed=4):
 
     adapter = get_adapter(target)
     inputs = make_inputs(seed=seed)
-    embeds, features = prefill(adapter, inputs["input_ids"], adapter.image_features(inputs), DynamicCache())
+    layout = adapter.layout(inputs["input_ids"], inputs)
+    embeds, features = prefill(adapter, inputs["input_ids"], layout, DynamicCache())
     first = adapter.logits(features[:, -1]).argmax(-1, keepdim=True)
-    return adapter, prompt_draft_state(adapter, torch.cat([inputs["input_ids"], first], 1), embeds, features)
+    state = prompt_draft_state(
+        adapter, torch.cat([inputs["input_ids"], first], 1), embeds, features, layout.visual_mask
+    )
+    return adapter, state
 
 
 def test_a_drafted_end_token_is_never_expanded(target, draft):

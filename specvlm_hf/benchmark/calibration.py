@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
-from ..adapters import get_adapter
+from ..adapters import PromptLayout, get_adapter
 from ..clock import time_call
 from ..configuration import SpeculativeConfig
 from ..loop import prompt_draft_state, step_draft_state
@@ -55,14 +55,14 @@ class ReplayContext:
         prompt_len (`int`)
         embeds (`torch.FloatTensor` of shape `(1, seq_len, hidden_size)`): the text model's input embeddings.
         features (`torch.FloatTensor` of shape `(1, seq_len, hidden_size)`): its features (one causal forward).
-        image_slots (`torch.BoolTensor` of shape `(prompt_len,)`): `<image>` positions of the prompt.
+        layout (`PromptLayout`): the prompt's positions and visual slots.
     """
 
     input_ids: torch.Tensor
     prompt_len: int
     embeds: torch.Tensor
     features: torch.Tensor
-    image_slots: torch.Tensor
+    layout: PromptLayout
 
 
 @dataclass(frozen=True)
@@ -136,12 +136,12 @@ def replay_context(target, sample: Sample, sequence: torch.Tensor) -> ReplayCont
     adapter = get_adapter(target)
     prompt_len = sample.prompt_len
     prompt_ids = sequence[:, :prompt_len]
-    image = adapter.image_features({k: v for k, v in sample.inputs.items() if k == "pixel_values"})
+    layout = adapter.layout(prompt_ids, {k: v for k, v in sample.inputs.items() if k == "pixel_values"})
     # The continuation is plain text even where a token equals the image placeholder id.
-    embeds = torch.cat([adapter.embed(prompt_ids, image), adapter.embed_tokens(sequence[:, prompt_len:])], dim=1)
-    positions = torch.arange(sequence.shape[1], device=sequence.device)[None]
-    features = adapter.forward(embeds, positions, DynamicCache())
-    return ReplayContext(sequence, prompt_len, embeds, features, prompt_ids[0] == adapter.image_token_id)
+    prompt_embeds = adapter.embed(prompt_ids, layout.visual_features)
+    embeds = torch.cat([prompt_embeds, adapter.embed_tokens(sequence[:, prompt_len:])], dim=1)
+    features = adapter.forward(embeds, layout.continued(sequence.shape[1]), DynamicCache())
+    return ReplayContext(sequence, prompt_len, embeds, features, layout)
 
 
 def matched_path_length(tree: DraftTree, continuation: Sequence[int]) -> int:
@@ -172,7 +172,7 @@ def replay(draft, target, context: ReplayContext, tree: SpeculativeConfig) -> tu
     device = target.device
     ids, p, embeds, features = context.input_ids, context.prompt_len, context.embeds, context.features
     total = ids.shape[1]
-    state = prompt_draft_state(adapter, ids[:, : p + 1], embeds[:, :p], features[:, :p])
+    state = prompt_draft_state(adapter, ids[:, : p + 1], embeds[:, :p], features[:, :p], context.layout.visual_mask)
     root, emitted, seconds = p, [], []
     continuation = ids[0].tolist()
     while root < total - 1:
@@ -205,8 +205,8 @@ def measure_cost_curve(target, context: ReplayContext, sizes: Sequence[int], rep
     adapter = get_adapter(target)
     prefix = context.prompt_len + (context.input_ids.shape[1] - context.prompt_len) // 2
     cache = DynamicCache()
-    adapter.forward(context.embeds[:, :prefix], torch.arange(prefix, device=target.device)[None], cache)
-    return measure_verify_curve(adapter, cache, prefix, sizes, repeats)
+    adapter.forward(context.embeds[:, :prefix], context.layout.continued(prefix), cache)
+    return measure_verify_curve(adapter, cache, prefix, context.layout, sizes, repeats)
 
 
 def profile_loop(

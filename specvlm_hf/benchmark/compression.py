@@ -220,9 +220,10 @@ def ablation(output: Path, steps: int, prompts: int, max_new_tokens: int, only: 
     rows, _ = read_llava_jsonl(cached)
     samples = [dict(p.inputs(processor)) for p in heldout_prompts(kind="long", n=prompts)]
     first = samples[0]
-    embeds, features = prefill(adapter, first["input_ids"], adapter.image_features(first), DynamicCache())
+    layout = adapter.layout(first["input_ids"], first)
+    embeds, features = prefill(adapter, first["input_ids"], layout, DynamicCache())
     state = prompt_draft_state(
-        adapter, torch.cat([first["input_ids"], first["input_ids"][:, -1:]], 1), embeds, features
+        adapter, torch.cat([first["input_ids"], first["input_ids"][:, -1:]], 1), embeds, features, layout.visual_mask
     )
 
     results = []

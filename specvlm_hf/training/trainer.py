@@ -66,8 +66,7 @@ class DistillationTrainer(Trainer):
         if pixel_values is not None:
             image_features = self.adapter.image_features({"pixel_values": pixel_values})
         embeds = self.adapter.embed(input_ids, image_features)
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-        return embeds, self.adapter.forward(embeds, positions)
+        return embeds, self.adapter.forward(embeds, self.adapter.sequence_positions(input_ids))
 
     def draft_input(self, model, input_ids: torch.Tensor, loss_mask: torch.Tensor, embeds, features):
         """
@@ -87,7 +86,7 @@ class DistillationTrainer(Trainer):
         compressor = self.accelerator.unwrap_model(model).compressor  # the model may be wrapped (DDP)
         if not isinstance(compressor, SpecVLMCompressor):
             return inputs_embeds, draft_features, positions, positions, [None] * batch
-        image_mask = input_ids[:, 1:] == self.adapter.image_token_id
+        image_mask = self.adapter.visual_mask(input_ids[:, 1:])
         rows = []
         for b in range(batch):
             answer = loss_mask[b].nonzero()
