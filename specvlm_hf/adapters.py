@@ -57,6 +57,8 @@ class LlavaAdapter:
     """
 
     model_types = ("llava",)
+    # generate() arguments of this architecture beyond the loop's own, all consumed before decoding starts
+    model_kwargs: frozenset[str] = frozenset()
 
     def __init__(self, target: nn.Module):
         self.target = target
@@ -219,7 +221,112 @@ class LlavaAdapter:
         return self.lm_head(features).float()
 
 
-ADAPTERS = (LlavaAdapter,)
+_NOT_YET = (
+    "Training, calibrating or benchmarking a draft on image or video rows of a Qwen2-VL target is not supported yet; "
+    "tree decoding with generate(assistant_model=draft) and speculative_generate is."
+)
+
+
+class Qwen2VLAdapter(LlavaAdapter):
+    """
+    Glue for `Qwen2VLForConditionalGeneration` and `Qwen2_5_VLForConditionalGeneration`: images and videos, 3-axis
+    rotary positions (M-RoPE).
+
+    Positions: `generate()` computes the prompt's `(4, 1, L)` position ids once (a text row, then the temporal,
+    height and width rows) and gives every later token the previous token's position + 1 on each axis. The loop
+    follows that rule through `PromptLayout.offset` (per axis), never `rope_deltas`, which differs from it for
+    Qwen2.5-VL videos with `second_per_grid_ts != 1`. The text model takes the three rotary rows, `(3, 1, q)`.
+    """
+
+    model_types = ("qwen2_vl", "qwen2_5_vl")
+    model_kwargs = frozenset({"mm_token_type_ids", "second_per_grid_ts"})
+
+    def __init__(self, target: nn.Module):
+        super().__init__(target)
+        self.video_token_id = target.config.video_token_id
+
+    def decoder_shape(self) -> dict:
+        shape = super().decoder_shape()  # the draft is a 1-D rotary Llama layer: no M-RoPE sections
+        shape["rope_parameters"] = {k: v for k, v in shape["rope_parameters"].items() if k != "mrope_section"}
+        return shape
+
+    def patch_grid(self) -> None:
+        """`None`: each image has its own grid (`image_grid_thw`), so no fixed-grid compressor fits."""
+        return None
+
+    def visual_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return (input_ids == self.image_token_id) | (input_ids == self.video_token_id)
+
+    def sequence_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """`(3, batch, seq_len)` for text-only rows; rows with visual tokens need their grids (`layout`)."""
+        if bool(self.visual_mask(input_ids).any()):
+            raise ValueError(_NOT_YET)
+        return super().sequence_positions(input_ids)[None].expand(3, -1, -1)
+
+    def image_features(self, model_kwargs: dict) -> torch.Tensor | None:
+        """Refused: Qwen2-VL's visual tokens come with their grids and positions through `layout`."""
+        raise ValueError(_NOT_YET)
+
+    def layout(self, input_ids: torch.Tensor, model_kwargs: dict) -> PromptLayout:
+        """
+        From what `generate()` hands the decoding method (`position_ids` of shape `(4, 1, L)`, `mm_encoder_outputs`),
+        or from the processor's outputs (`mm_token_type_ids`, `pixel_values[_videos]`, `image_grid_thw`,
+        `video_grid_thw`, `second_per_grid_ts`) as `generate()` would use them.
+        """
+        length = input_ids.shape[1]
+        positions = model_kwargs.get("position_ids")
+        if positions is None and model_kwargs.get("mm_token_type_ids") is not None:
+            positions, _ = self.target.model.get_rope_index(
+                input_ids, model_kwargs["mm_token_type_ids"], image_grid_thw=model_kwargs.get("image_grid_thw"),
+                video_grid_thw=model_kwargs.get("video_grid_thw"),
+                **({"second_per_grid_ts": model_kwargs["second_per_grid_ts"]}
+                   if model_kwargs.get("second_per_grid_ts") is not None else {}),
+            )  # fmt: skip
+        if positions is None:  # generate()'s own default without mm_token_type_ids: 0, 1, 2, ... on every axis
+            positions = torch.arange(length, device=input_ids.device)[None]
+        positions = positions.to(input_ids.device)
+        positions = positions[-3:] if positions.dim() == 3 else positions[None].expand(3, -1, -1)
+        visual_mask = self.visual_mask(input_ids[0])
+        return PromptLayout(
+            positions=positions,
+            offset=positions[:, :, -1:] - (length - 1),
+            visual_mask=visual_mask,
+            visual_features=self._visual_features(input_ids[0], visual_mask, model_kwargs),
+        )
+
+    def _visual_features(self, input_ids, visual_mask, model_kwargs) -> torch.Tensor | None:
+        """The image and video tokens in slot order, `(num_visual_tokens, hidden_size)`: images fill the image slots
+        in order and videos the video slots, as the model's own forward scatters them."""
+        encoded = model_kwargs.get("mm_encoder_outputs") or {}
+        parts = {}
+        for kind, pixels, grid, encode in (
+            ("image", "pixel_values", "image_grid_thw", self.target.model.get_image_features),
+            ("video", "pixel_values_videos", "video_grid_thw", self.target.model.get_video_features),
+        ):
+            out = encoded.get(kind)
+            if out is None and model_kwargs.get(pixels) is not None:
+                out = encode(model_kwargs[pixels], model_kwargs.get(grid))
+            if out is not None:
+                parts[kind] = torch.cat(list(out.pooler_output), dim=0)
+        if not parts:
+            return None
+        slots = input_ids[visual_mask]
+        hidden = next(iter(parts.values())).shape[-1]
+        features = next(iter(parts.values())).new_zeros(slots.shape[0], hidden)
+        for kind, token in (("image", self.image_token_id), ("video", self.video_token_id)):
+            n_slots = int((slots == token).sum())
+            found = parts[kind].shape[0] if kind in parts else 0
+            if n_slots != found:
+                raise ValueError(
+                    f"The prompt has {n_slots} {kind} tokens but the {kind}s give {found} features; build the prompt "
+                    "with the target's processor."
+                )
+            if found:
+                features[slots == token] = parts[kind].to(features.dtype)
+        return features
+
+
+ADAPTERS = (LlavaAdapter, Qwen2VLAdapter)
 SUPPORTED_MODEL_TYPES = tuple(t for adapter in ADAPTERS for t in adapter.model_types)
 
 

@@ -111,11 +111,11 @@ def check_decoding_options(generation_config: GenerationConfig) -> None:
         raise ValueError("Tree speculative decoding returns one sequence per prompt; num_return_sequences must be 1.")
 
 
-def _check_request(input_ids, generation_config: GenerationConfig, model_kwargs: dict) -> None:
+def _check_request(adapter, input_ids, generation_config: GenerationConfig, model_kwargs: dict) -> None:
     check_decoding_options(generation_config)
     if input_ids.shape[0] != 1:
         raise ValueError(f"Tree speculative decoding supports batch size 1, got a batch of {input_ids.shape[0]}.")
-    unknown = sorted(set(model_kwargs) - _KNOWN_MODEL_KWARGS)
+    unknown = sorted(set(model_kwargs) - _KNOWN_MODEL_KWARGS - adapter.model_kwargs)
     if unknown:
         raise ValueError(f"Tree speculative decoding does not support these generate() arguments: {unknown}.")
     mask = model_kwargs.get("attention_mask")
@@ -181,7 +181,7 @@ def tree_decoding(
     check_no_adapter_routing(target)
     adapter = get_adapter(target)
     adapter.check_attention()
-    _check_request(input_ids, generation_config, model_kwargs)
+    _check_request(adapter, input_ids, generation_config, model_kwargs)
     cache = _target_cache(model_kwargs)
     drafter = draft_source.new_drafter(target)
     clock = _Clock(draft_source.speculative_config.profile, input_ids.device)

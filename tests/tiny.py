@@ -73,3 +73,67 @@ def make_inputs(seed: int = 0, text_len: int = 6, image: bool = True, vocab: int
     if image:
         inputs["pixel_values"] = torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g)
     return inputs
+
+
+# ------------------------------------------------------------------------------------------------ Qwen2-VL family
+QWEN_IMAGE, QWEN_VIDEO, QWEN_START, QWEN_END = 4, 5, 3, 6
+QWEN_PATCH = 3 * 14 * 14 * 2  # channels x patch x patch x temporal patch
+
+
+def make_qwen_target(kind: str = "qwen2_vl", seed: int = 0, attn_implementation: str = "sdpa", logit_scale=6.0):
+    """A random tiny Qwen2-VL (`kind="qwen2_vl"`) or Qwen2.5-VL (`"qwen2_5_vl"`): 2 text layers 32 wide with M-RoPE
+    sections (2, 1, 1), a one-block vision tower with 2x2 spatial merging; float32."""
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+    )
+
+    qwen25 = kind == "qwen2_5_vl"
+    config_class = Qwen2_5_VLConfig if qwen25 else Qwen2VLConfig
+    vision = dict(depth=1, embed_dim=32, hidden_size=32, num_heads=4, patch_size=14, spatial_merge_size=2,
+                  temporal_patch_size=2, **({"out_hidden_size": 32, "intermediate_size": 32} if qwen25 else {}))  # fmt: skip
+    config = config_class(
+        text_config=dict(
+            hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=VOCAB, max_position_embeddings=512, bos_token_id=0, eos_token_id=1, pad_token_id=2,
+            rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 10000.0},
+        ),
+        vision_config=vision, image_token_id=QWEN_IMAGE, video_token_id=QWEN_VIDEO,
+        vision_start_token_id=QWEN_START, vision_end_token_id=QWEN_END, attn_implementation=attn_implementation,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model_class = Qwen2_5_VLForConditionalGeneration if qwen25 else Qwen2VLForConditionalGeneration
+    model = model_class(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(logit_scale)
+    model.generation_config.pad_token_id = 2
+    model.generation_config.eos_token_id = None
+    return model
+
+
+def make_qwen_inputs(segments, seed: int = 0, seconds_per_grid: float | None = None) -> dict:
+    """A Qwen2-VL prompt from `segments`: `("text", n)`, `("image", (t, h, w))` or `("video", (t, h, w))` in patches
+    (a visual item becomes start + t*h*w/4 placeholders + end), with `mm_token_type_ids`, random pixels and grids."""
+    g = torch.Generator().manual_seed(seed)
+    ids, types, grids = [], [], {"image": [], "video": []}
+    for kind, size in segments:
+        if kind == "text":
+            ids += torch.randint(10, VOCAB, (size,), generator=g).tolist()
+            types += [0] * size
+            continue
+        n = size[0] * size[1] * size[2] // 4
+        token, code = (QWEN_IMAGE, 1) if kind == "image" else (QWEN_VIDEO, 2)
+        ids += [QWEN_START] + [token] * n + [QWEN_END]
+        types += [0] + [code] * n + [0]
+        grids[kind].append(list(size))
+    inputs = {"input_ids": torch.tensor([ids]), "mm_token_type_ids": torch.tensor([types])}
+    for kind, pixels in (("image", "pixel_values"), ("video", "pixel_values_videos")):
+        if grids[kind]:
+            grid = torch.tensor(grids[kind])
+            inputs[f"{kind}_grid_thw"] = grid
+            inputs[pixels] = torch.randn(int(grid.prod(-1).sum()), QWEN_PATCH, generator=g)
+    if seconds_per_grid is not None:
+        inputs["second_per_grid_ts"] = torch.tensor([seconds_per_grid] * len(grids["video"]))
+    return inputs

@@ -1,0 +1,116 @@
+"""Qwen2-VL and Qwen2.5-VL targets (3-axis M-RoPE): tree decoding through generate() equals plain greedy decoding with
+one image, several images, a video (Qwen2.5-VL's with 2 s per temporal grid, where `rope_deltas` would be wrong),
+and text only; over random drafts (mostly rejected), an oracle drafter (long paths accepted, EOS inside them) and the
+auto tree; sdpa and eager."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from drafters import OracleDraft, RandomDraft
+from tiny import VOCAB, make_qwen_inputs, make_qwen_target
+
+from specvlm_hf import SpeculativeConfig, SpecVLMDraftModel, speculative_generate
+from specvlm_hf.adapters import get_adapter
+
+PROMPTS = {
+    "image": [("text", 3), ("image", (1, 4, 6)), ("text", 3)],
+    "two images": [("text", 2), ("image", (1, 4, 4)), ("text", 2), ("image", (1, 2, 6)), ("text", 2)],
+    "video": [("text", 2), ("video", (4, 2, 2)), ("text", 3)],
+    "text": [("text", 7)],
+}
+TREES = [dict(depth=3, tree_top_k=3, total_tokens=8), dict(depth=5, tree_top_k=1, total_tokens=5), {}]
+
+
+@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
+def qwen(request):
+    target = make_qwen_target(request.param)
+    torch.manual_seed(0)
+    return target, SpecVLMDraftModel.from_target(target)
+
+
+def plain(target, inputs, n=20, **kwargs):
+    return target.generate(**inputs, max_new_tokens=n, do_sample=False, **kwargs)
+
+
+@pytest.mark.parametrize("prompt", list(PROMPTS))
+@pytest.mark.parametrize("tree", range(len(TREES)))
+def test_greedy_equals_plain_generate(qwen, prompt, tree):
+    target, draft = qwen
+    for seed in range(2):
+        inputs = make_qwen_inputs(PROMPTS[prompt], seed=seed)
+        expected = plain(target, inputs)
+        knobs = TREES[tree]
+        routed = target.generate(**inputs, max_new_tokens=20, do_sample=False, assistant_model=draft.with_tree(
+            depth=knobs["depth"], top_k=knobs["tree_top_k"], total_tokens=knobs["total_tokens"]
+        ) if knobs else draft)  # fmt: skip
+        assert torch.equal(routed, expected)
+        spec = speculative_generate(target, draft, **inputs, max_new_tokens=20, do_sample=False, **knobs)
+        assert torch.equal(spec.sequences, expected)
+
+
+def test_qwen2_5_video_seconds_per_grid(qwen):
+    """Two seconds per temporal grid: the temporal axis runs past the text after the video, so the next position is
+    not `cache length + rope_deltas`; the loop must continue generate()'s own numbering."""
+    target, draft = qwen
+    inputs = make_qwen_inputs([("text", 2), ("video", (2, 4, 4)), ("text", 3)], seed=3, seconds_per_grid=2.0)
+    if target.config.model_type != "qwen2_5_vl":
+        inputs.pop("second_per_grid_ts")
+    expected = plain(target, inputs, n=24)
+    assert torch.equal(target.generate(**inputs, max_new_tokens=24, do_sample=False, assistant_model=draft), expected)
+
+
+def test_an_oracle_is_accepted_along_long_paths_with_eos_inside(qwen):
+    target, _ = qwen
+    inputs = make_qwen_inputs(PROMPTS["two images"], seed=5)
+    expected = plain(target, inputs, n=32)
+    eos = int(expected[0, inputs["input_ids"].shape[1] + 9])  # an end token 10 tokens in, inside an accepted path
+    expected_eos = plain(target, inputs, n=32, eos_token_id=eos)
+    oracle = OracleDraft(expected[0].tolist(), VOCAB, SpeculativeConfig(depth=5, top_k=3, total_tokens=12))
+    out = speculative_generate(target, oracle, **inputs, max_new_tokens=32, do_sample=False)
+    assert torch.equal(out.sequences, expected) and out.stats.mean_accepted_length > 3
+    out = speculative_generate(target, oracle, **inputs, max_new_tokens=32, do_sample=False, eos_token_id=eos)
+    assert torch.equal(out.sequences, expected_eos)
+
+
+def test_random_drafts_of_many_shapes(qwen):
+    target, _ = qwen
+    for seed in range(4):
+        inputs = make_qwen_inputs(PROMPTS["video" if seed % 2 else "image"], seed=10 + seed)
+        config = SpeculativeConfig(depth=2 + seed, top_k=1 + seed % 3, total_tokens=3 + 3 * seed)
+        out = speculative_generate(target, RandomDraft(VOCAB, config, seed), **inputs, max_new_tokens=16)
+        assert torch.equal(out.sequences, plain(target, inputs, n=16))
+
+
+def test_eager_attention_too():
+    target = make_qwen_target("qwen2_vl", seed=1, attn_implementation="eager")
+    draft = SpecVLMDraftModel.from_target(target)
+    inputs = make_qwen_inputs(PROMPTS["image"], seed=4)
+    assert torch.equal(
+        target.generate(**inputs, max_new_tokens=16, assistant_model=draft), plain(target, inputs, n=16)
+    )
+
+
+def test_layout_follows_generate_positions(qwen):
+    """The layout built from the processor's outputs (get_rope_index) is the one generate() hands the loop."""
+    target, _ = qwen
+    inputs = make_qwen_inputs(PROMPTS["two images"], seed=6)
+    adapter = get_adapter(target)
+    layout = adapter.layout(inputs["input_ids"], inputs)
+    length = inputs["input_ids"].shape[1]
+    assert layout.positions.shape == (3, 1, length)
+    assert not torch.equal(layout.positions[1], layout.positions[2])  # height and width differ over the images
+    assert torch.equal(layout.positions_at(torch.tensor([length - 1])), layout.positions[:, :, -1:])
+    assert int(layout.visual_mask.sum()) == layout.visual_features.shape[0] == (4 * 4 + 2 * 6) // 4
+
+
+def test_mismatched_visual_inputs_and_training_rows_are_refused(qwen):
+    target, draft = qwen
+    inputs = make_qwen_inputs(PROMPTS["image"], seed=7)
+    adapter = get_adapter(target)
+    broken = dict(inputs, input_ids=inputs["input_ids"].clone())
+    broken["input_ids"][0, broken["input_ids"][0] == 4] = 5  # image slots relabelled as video slots
+    with pytest.raises(ValueError, match="0 image tokens but the images give 6 features"):
+        adapter.layout(broken["input_ids"], inputs)
+    with pytest.raises(ValueError, match="not supported yet"):
+        adapter.sequence_positions(inputs["input_ids"])
