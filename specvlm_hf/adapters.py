@@ -221,6 +221,40 @@ class LlavaAdapter:
         return self.lm_head(features).float()
 
 
+class LlavaNextAdapter(LlavaAdapter):
+    """
+    Glue for `LlavaNextForConditionalGeneration` (AnyRes: each image is a base crop plus a tiling chosen from its
+    `image_sizes`, with an `image_newline` token after each row of the tiling, so images have different numbers of
+    visual tokens). Positions are 0, 1, 2, ... as for LLaVA-1.5.
+    """
+
+    model_types = ("llava_next",)
+
+    def patch_grid(self) -> None:
+        """`None`: an AnyRes image is no single patch grid, so no fixed-grid compressor fits."""
+        return None
+
+    def image_features(self, model_kwargs: dict) -> torch.Tensor | None:
+        """Projected and packed visual tokens of every image, `(num_image_tokens, hidden_size)`: computed by
+        `generate()`, or here from `pixel_values` and the `image_sizes` AnyRes needs."""
+        if (model_kwargs.get("mm_encoder_outputs") or {}).get("image") is None and (
+            model_kwargs.get("pixel_values") is not None
+        ):
+            if model_kwargs.get("image_sizes") is None:
+                raise ValueError(
+                    "LLaVA-NeXT needs image_sizes with pixel_values (its AnyRes tiling depends on them); pass the "
+                    "processor's image_sizes. Training a draft on LLaVA-NeXT images is not supported yet."
+                )
+            encoded = self.target.model.get_image_features(
+                pixel_values=model_kwargs["pixel_values"],
+                image_sizes=model_kwargs["image_sizes"],
+                vision_feature_layer=self.target.config.vision_feature_layer,
+                vision_feature_select_strategy=self.target.config.vision_feature_select_strategy,
+            )
+            model_kwargs = {"mm_encoder_outputs": {"image": encoded}}
+        return super().image_features(model_kwargs)
+
+
 _NOT_YET = (
     "Training, calibrating or benchmarking a draft on image or video rows of a Qwen2-VL target is not supported yet; "
     "tree decoding with generate(assistant_model=draft) and speculative_generate is."
@@ -326,7 +360,7 @@ class Qwen2VLAdapter(LlavaAdapter):
         return features
 
 
-ADAPTERS = (LlavaAdapter, Qwen2VLAdapter)
+ADAPTERS = (LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter)
 SUPPORTED_MODEL_TYPES = tuple(t for adapter in ADAPTERS for t in adapter.model_types)
 
 

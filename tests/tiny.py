@@ -137,3 +137,54 @@ def make_qwen_inputs(segments, seed: int = 0, seconds_per_grid: float | None = N
     if seconds_per_grid is not None:
         inputs["second_per_grid_ts"] = torch.tensor([seconds_per_grid] * len(grids["video"]))
     return inputs
+
+
+# ------------------------------------------------------------------------------------------------ LLaVA-NeXT
+NEXT_IMAGE = VOCAB - 1
+
+
+def make_next_target(seed: int = 0, attn_implementation: str = "sdpa", logit_scale: float = 6.0):
+    """A random tiny LLaVA-NeXT (transformers' tester sizes, 8 px crops of 4 px patches, AnyRes pinpoints 16x16,
+    16x32 and 32x16, so images of different sizes get different numbers of visual tokens); float32."""
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    config = LlavaNextConfig(
+        text_config={"model_type": "llama", "vocab_size": VOCAB, "hidden_size": 32, "num_hidden_layers": 2,
+                     "num_attention_heads": 4, "intermediate_size": 37, "max_position_embeddings": 580,
+                     "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
+        vision_config={"model_type": "clip_vision_model", "image_size": 8, "patch_size": 4, "num_channels": 3,
+                       "hidden_size": 32, "projection_dim": 32, "num_hidden_layers": 1, "num_attention_heads": 4,
+                       "intermediate_size": 37},
+        image_token_index=NEXT_IMAGE, vision_feature_select_strategy="default", vision_feature_layer=-1,
+        image_grid_pinpoints=[[16, 16], [16, 32], [32, 16]], attn_implementation=attn_implementation,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(logit_scale)
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None
+    return model
+
+
+def make_next_inputs(model, image_sizes, seed: int = 0, text_len: int = 3) -> dict:
+    """A prompt with one image per `(H, W)` in `image_sizes` (each as many placeholders as AnyRes gives it), text
+    runs between them, random pixels for every crop, and `image_sizes`."""
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    config = model.config
+    g = torch.Generator().manual_seed(seed)
+    sizes = torch.tensor(image_sizes)
+    crops = [image_size_to_num_patches(s, config.image_grid_pinpoints, config.vision_config.image_size) for s in sizes]
+    pixels = torch.zeros(len(crops), max(crops), 3, 8, 8)
+    for i, n in enumerate(crops):
+        pixels[i, :n] = torch.randn(n, 3, 8, 8, generator=g)
+    with torch.no_grad():
+        tokens = [
+            f.shape[0] for f in model.model.get_image_features(pixel_values=pixels, image_sizes=sizes).pooler_output
+        ]
+    parts = [torch.tensor([1])]
+    for n in tokens:
+        parts += [torch.randint(3, VOCAB - 1, (text_len,), generator=g), torch.full((n,), NEXT_IMAGE)]
+    parts.append(torch.randint(3, VOCAB - 1, (text_len,), generator=g))
+    return {"input_ids": torch.cat(parts)[None], "pixel_values": pixels, "image_sizes": sizes}
