@@ -127,6 +127,20 @@ class LlavaAdapter:
         """Where `input_ids` (any shape) hold the target's visual placeholder token."""
         return input_ids == self.image_token_id
 
+    def batch_view(self, input_ids: torch.Tensor, visual_inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        The target's input embeddings and position ids of right-padded rows, each a prompt and its continuation (a
+        training batch).
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch, seq_len)`)
+            visual_inputs (`dict`): the processor's other outputs for the batch, images in row order.
+
+        Returns:
+            `(inputs_embeds, position_ids)`: `(batch, seq_len, hidden_size)`, and positions as `forward` takes them.
+        """
+        return self.embed(input_ids, self.image_features(visual_inputs)), self.sequence_positions(input_ids)
+
     def layout(self, input_ids: torch.Tensor, model_kwargs: dict) -> PromptLayout:
         """
         The prompt `input_ids` (`(1, prompt_len)`) with the arguments `generate()` hands the decoding method. A
@@ -243,7 +257,7 @@ class LlavaNextAdapter(LlavaAdapter):
             if model_kwargs.get("image_sizes") is None:
                 raise ValueError(
                     "LLaVA-NeXT needs image_sizes with pixel_values (its AnyRes tiling depends on them); pass the "
-                    "processor's image_sizes. Training a draft on LLaVA-NeXT images is not supported yet."
+                    "processor's image_sizes."
                 )
             encoded = self.target.model.get_image_features(
                 pixel_values=model_kwargs["pixel_values"],
@@ -253,12 +267,6 @@ class LlavaNextAdapter(LlavaAdapter):
             )
             model_kwargs = {"mm_encoder_outputs": {"image": encoded}}
         return super().image_features(model_kwargs)
-
-
-_NOT_YET = (
-    "Training, calibrating or benchmarking a draft on image or video rows of a Qwen2-VL target is not supported yet; "
-    "tree decoding with generate(assistant_model=draft) and speculative_generate is."
-)
 
 
 class Qwen2VLAdapter(LlavaAdapter):
@@ -291,15 +299,30 @@ class Qwen2VLAdapter(LlavaAdapter):
     def visual_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
         return (input_ids == self.image_token_id) | (input_ids == self.video_token_id)
 
-    def sequence_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """`(3, batch, seq_len)` for text-only rows; rows with visual tokens need their grids (`layout`)."""
-        if bool(self.visual_mask(input_ids).any()):
-            raise ValueError(_NOT_YET)
-        return super().sequence_positions(input_ids)[None].expand(3, -1, -1)
+    def batch_view(self, input_ids: torch.Tensor, visual_inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """As `LlavaAdapter.batch_view`; positions `(3, batch, seq_len)` from the model's own `get_rope_index` over
+        the whole rows (the continuation of a prompt that ends in text continues every axis by one per token, as
+        generation does), with `attention_mask` marking the padding."""
+        mask = self.visual_mask(input_ids)
+        features = self._visual_features(input_ids.flatten(), mask.flatten(), visual_inputs)
+        grids = {k: visual_inputs.get(k) for k in ("image_grid_thw", "video_grid_thw")}
+        if all(grid is None for grid in grids.values()):  # text only: 0, 1, 2, ... on every axis
+            positions = super().sequence_positions(input_ids)[None].expand(3, -1, -1)
+        else:
+            types = visual_inputs.get("mm_token_type_ids")
+            if types is None:
+                types = (input_ids == self.image_token_id).int() + 2 * (input_ids == self.video_token_id).int()
+            extra = {"second_per_grid_ts": visual_inputs["second_per_grid_ts"]} if "second_per_grid_ts" in (
+                visual_inputs
+            ) else {}  # fmt: skip
+            positions, _ = self.target.model.get_rope_index(
+                input_ids, types, attention_mask=visual_inputs.get("attention_mask"), **grids, **extra
+            )
+        return self.embed(input_ids, features), positions
 
     def image_features(self, model_kwargs: dict) -> torch.Tensor | None:
-        """Refused: Qwen2-VL's visual tokens come with their grids and positions through `layout`."""
-        raise ValueError(_NOT_YET)
+        """Refused: Qwen2-VL's visual tokens come with their grids (`layout`, `batch_view`)."""
+        raise ValueError("Qwen2-VL's visual tokens need their grids: use adapter.layout or adapter.batch_view.")
 
     def layout(self, input_ids: torch.Tensor, model_kwargs: dict) -> PromptLayout:
         """

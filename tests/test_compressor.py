@@ -184,7 +184,7 @@ def test_training_builds_the_decoding_loops_draft_input(tiny_testbed, tmp_path):
     encoder = RowEncoder(processor, 4096)
     examples = [encoder.encode(r) for r in rows(3)]
     batch = DistillationCollator(processor.tokenizer.pad_token_id)(examples)
-    embeds, features = trainer.target_pass(batch["input_ids"], batch["pixel_values"])
+    embeds, features = trainer.target_pass(batch["input_ids"], {"pixel_values": batch["pixel_values"]})
     got = trainer.draft_input(draft, batch["input_ids"], batch["loss_mask"], embeds, features)
     adapter = get_adapter(target)
     for b in range(len(examples)):  # every row has an image

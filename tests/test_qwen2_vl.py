@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from drafters import OracleDraft, RandomDraft
 from tiny import VOCAB, make_qwen_inputs, make_qwen_target
 
 from specvlm_hf import SpeculativeConfig, SpecVLMDraftModel, speculative_generate
 from specvlm_hf.adapters import get_adapter
+from specvlm_hf.training import DistillationConfig, DistillationTrainer
 
 PROMPTS = {
     "image": [("text", 3), ("image", (1, 4, 6)), ("text", 3)],
@@ -104,13 +106,50 @@ def test_layout_follows_generate_positions(qwen):
     assert int(layout.visual_mask.sum()) == layout.visual_features.shape[0] == (4 * 4 + 2 * 6) // 4
 
 
-def test_mismatched_visual_inputs_and_training_rows_are_refused(qwen):
-    target, draft = qwen
+def test_mismatched_visual_inputs_are_refused(qwen):
+    target, _ = qwen
     inputs = make_qwen_inputs(PROMPTS["image"], seed=7)
-    adapter = get_adapter(target)
-    broken = dict(inputs, input_ids=inputs["input_ids"].clone())
-    broken["input_ids"][0, broken["input_ids"][0] == 4] = 5  # image slots relabelled as video slots
+    broken = inputs["input_ids"].clone()
+    broken[0, broken[0] == 4] = 5  # image slots relabelled as video slots
     with pytest.raises(ValueError, match="0 image tokens but the images give 6 features"):
-        adapter.layout(broken["input_ids"], inputs)
-    with pytest.raises(ValueError, match="not supported yet"):
-        adapter.sequence_positions(inputs["input_ids"])
+        get_adapter(target).layout(broken, inputs)
+
+
+def test_a_training_batch_sees_what_decoding_sees(qwen, tmp_path):
+    """Right-padded rows (prompt + answer) with images of different grids and a video: the trainer's positions and
+    features are those of each row decoded alone, and the distillation loss trains the draft."""
+    target, draft = qwen
+    rows = [
+        make_qwen_inputs(PROMPTS["two images"] + [("text", 6)], seed=8),
+        make_qwen_inputs(PROMPTS["video"] + [("text", 2)], seed=9),
+        make_qwen_inputs(PROMPTS["text"], seed=10),
+    ]
+    length = max(r["input_ids"].shape[1] for r in rows)
+    batch = {
+        "input_ids": torch.stack([F.pad(r["input_ids"][0], (0, length - r["input_ids"].shape[1]), value=2) for r in rows]),
+        "attention_mask": torch.stack([F.pad(torch.ones_like(r["input_ids"][0]), (0, length - r["input_ids"].shape[1])) for r in rows]),
+        "mm_token_type_ids": torch.stack([F.pad(r["mm_token_type_ids"][0], (0, length - r["input_ids"].shape[1])) for r in rows]),
+    }  # fmt: skip
+    for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
+        batch[key] = torch.cat([r[key] for r in rows if key in r])
+    adapter = get_adapter(target)
+    embeds, positions = adapter.batch_view(batch["input_ids"], batch)
+    features = adapter.forward(embeds, positions)
+    for b, row in enumerate(rows):
+        n = row["input_ids"].shape[1]
+        prompt_len = n - 4  # the last 4 tokens stand for the answer
+        prompt = dict(row, mm_token_type_ids=row["mm_token_type_ids"][:, :prompt_len])
+        layout = adapter.layout(row["input_ids"][:, :prompt_len], prompt)
+        assert torch.equal(positions[:, b : b + 1, :n], layout.continued(n))
+        alone = adapter.forward(adapter.embed(row["input_ids"], layout.visual_features), layout.continued(n))
+        torch.testing.assert_close(features[b, :n], alone[0], atol=1e-5, rtol=1e-5)
+
+    loss_mask = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
+    for b, row in enumerate(rows):
+        loss_mask[b, row["input_ids"].shape[1] - 4 : row["input_ids"].shape[1]] = True
+    trainee = SpecVLMDraftModel.from_target(target)
+    args = DistillationConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], eval_prompts=0)
+    trainer = DistillationTrainer(model=trainee, target=target, args=args, train_dataset=[])
+    loss = trainer.compute_loss(trainee, dict(batch, loss_mask=loss_mask))
+    loss.backward()
+    assert torch.isfinite(loss) and trainee.fc.weight.grad.abs().sum() > 0

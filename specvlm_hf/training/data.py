@@ -11,12 +11,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
 logger = logging.getLogger(__name__)
 
 IMAGE_PLACEHOLDER = "<image>"
+# processor outputs with one entry per token (padded like input_ids in a batch)
+PER_TOKEN_INPUTS = ("mm_token_type_ids",)
 
 
 @dataclass
@@ -160,7 +163,8 @@ class RowEncoder:
         """
         Returns:
             `dict` with `input_ids` (`torch.LongTensor` of shape `(seq_len,)`), `loss_mask` (`torch.BoolTensor` of
-            shape `(seq_len,)`) and `pixel_values` (`torch.FloatTensor` of shape `(1, 3, H, W)`, or None).
+            shape `(seq_len,)`) and the processor's other outputs for the target (`pixel_values`, and where the
+            architecture has them `image_sizes`, `image_grid_thw`, `mm_token_type_ids` of shape `(seq_len,)`, ...).
         """
         if any(not answer.strip() for _, answer in row.turns):
             raise BadRow("empty answer", row.source)
@@ -193,11 +197,11 @@ class RowEncoder:
             raise ValueError(f"{row.source}: the tokenizer and the processor disagree on this conversation's tokens.")
         if len(ids) > self.max_length:
             raise BadRow("longer than the target's context", f"{row.source} has {len(ids)} > {self.max_length} tokens")
-        return {
-            "input_ids": input_ids,
-            "loss_mask": torch.tensor(mask, dtype=torch.bool),
-            "pixel_values": inputs.get("pixel_values") if image is not None else None,
-        }
+        visual = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask") and v is not None}
+        for key in PER_TOKEN_INPUTS:
+            if key in visual:
+                visual[key] = visual[key][0]
+        return {"input_ids": input_ids, "loss_mask": torch.tensor(mask, dtype=torch.bool), **visual}
 
 
 @dataclass
@@ -233,8 +237,10 @@ class DistillationDataset(Dataset):
 
 @dataclass
 class DistillationCollator:
-    """Right-pads a batch: `input_ids`/`loss_mask`/`attention_mask` of shape `(batch, max_len)`, and stacks the
-    images of the rows that have one into `pixel_values` of shape `(num_images, 3, H, W)`."""
+    """Right-pads a batch: `input_ids`/`loss_mask`/`attention_mask` (and per-token inputs such as
+    `mm_token_type_ids`) of shape `(batch, max_len)`; every other input of the rows that have it (`pixel_values`,
+    `image_sizes`, `image_grid_thw`, ...) is concatenated along its first axis, zero-padded in the others where rows
+    differ (LLaVA-NeXT's crop counts)."""
 
     pad_token_id: int
 
@@ -248,8 +254,26 @@ class DistillationCollator:
             input_ids[i, :n] = example["input_ids"]
             loss_mask[i, :n] = example["loss_mask"]
             attention_mask[i, :n] = 1
-        images = [e["pixel_values"] for e in examples if e["pixel_values"] is not None]
         batch = {"input_ids": input_ids, "loss_mask": loss_mask, "attention_mask": attention_mask}
-        if images:
-            batch["pixel_values"] = torch.cat(images)
+        for key in sorted({k for e in examples for k in e} - set(batch)):
+            values = [e[key] for e in examples if e.get(key) is not None]
+            if key in PER_TOKEN_INPUTS:
+                padded = torch.zeros(len(examples), length, dtype=values[0].dtype)
+                for i, example in enumerate(examples):
+                    padded[i, : len(example[key])] = example[key]
+                batch[key] = padded
+            elif values:
+                batch[key] = _concatenate_padded(values)
         return batch
+
+
+def _concatenate_padded(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """`torch.cat` along the first axis after zero-padding every other axis to the largest size."""
+    shape = [max(t.shape[d] for t in tensors) for d in range(1, tensors[0].dim())]
+    padded = []
+    for t in tensors:
+        pad = []
+        for d in reversed(range(1, t.dim())):
+            pad += [0, shape[d - 1] - t.shape[d]]
+        padded.append(F.pad(t, pad) if any(pad) else t)
+    return torch.cat(padded)

@@ -54,19 +54,21 @@ class DistillationTrainer(Trainer):
         self.branch_totals: Counter = Counter()  # ... over the whole run
 
     @torch.no_grad()
-    def target_pass(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None):
+    def target_pass(self, input_ids: torch.Tensor, visual_inputs: dict):
         """
-        The target's view of a right-padded batch.
+        The target's view of a right-padded batch (`adapter.batch_view`: visual tokens and positions as the
+        architecture has them).
+
+        Args:
+            visual_inputs (`dict`): the batch's other inputs (`pixel_values`, `attention_mask`, `image_sizes`,
+                `image_grid_thw`, `mm_token_type_ids`, ...).
 
         Returns:
             `(inputs_embeds, features)`, both `(batch, seq_len, hidden_size)`: the text model's input embeddings
             (visual tokens scattered in) and its final features.
         """
-        image_features = None
-        if pixel_values is not None:
-            image_features = self.adapter.image_features({"pixel_values": pixel_values})
-        embeds = self.adapter.embed(input_ids, image_features)
-        return embeds, self.adapter.forward(embeds, self.adapter.sequence_positions(input_ids))
+        embeds, positions = self.adapter.batch_view(input_ids, visual_inputs)
+        return embeds, self.adapter.forward(embeds, positions)
 
     def draft_input(self, model, input_ids: torch.Tensor, loss_mask: torch.Tensor, embeds, features):
         """
@@ -123,7 +125,8 @@ class DistillationTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         input_ids, loss_mask = inputs["input_ids"], inputs["loss_mask"]
-        embeds, features = self.target_pass(input_ids, inputs.get("pixel_values"))
+        visual = {key: value for key, value in inputs.items() if key not in ("input_ids", "loss_mask")}
+        embeds, features = self.target_pass(input_ids, visual)
         noisy = features  # EAGLE's feature noise: on the draft's input only, never on what it learns to predict
         if self.args.feature_noise > 0:
             noisy = features + (torch.rand_like(features) * 2 - 1) * self.args.feature_noise
