@@ -153,3 +153,21 @@ def test_a_training_batch_sees_what_decoding_sees(qwen, tmp_path):
     loss = trainer.compute_loss(trainee, dict(batch, loss_mask=loss_mask))
     loss.backward()
     assert torch.isfinite(loss) and trainee.fc.weight.grad.abs().sum() > 0
+
+
+def test_the_benchmark_calibrates_and_runs_on_qwen(qwen):
+    from specvlm_hf.benchmark import BenchmarkConfig, run_benchmark
+    from specvlm_hf.benchmark.prompts import Sample
+    from specvlm_hf.benchmark.runner import Resources
+
+    target, draft = qwen
+    config = BenchmarkConfig(
+        methods=("eaglevlm", "prompt-lookup"), num_samples=2, repeats=1, max_new_tokens=12, temperatures=(0,),
+        calibration_samples=1, calibration_tokens=8, search_budget=2, warmup_tokens=0, device="cpu",
+    )  # fmt: skip
+    samples = [Sample(f"qwen:{i}", "long", make_qwen_inputs(PROMPTS["two images"], seed=20 + i)) for i in range(3)]
+    result = run_benchmark(config, resources=Resources(target, None, draft), samples=samples)
+    runs = [r for r in result.records if r.method != "vanilla"]
+    assert {r.method for r in runs} == {"eaglevlm", "prompt-lookup"}
+    assert all(r.error is None and r.matches_vanilla for r in runs)
+    assert result.trees[0]["mode"] == "auto"

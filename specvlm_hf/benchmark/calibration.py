@@ -136,7 +136,7 @@ def replay_context(target, sample: Sample, sequence: torch.Tensor) -> ReplayCont
     adapter = get_adapter(target)
     prompt_len = sample.prompt_len
     prompt_ids = sequence[:, :prompt_len]
-    layout = adapter.layout(prompt_ids, {k: v for k, v in sample.inputs.items() if k == "pixel_values"})
+    layout = adapter.layout(prompt_ids, {k: v for k, v in sample.inputs.items() if k != "input_ids"})
     # The continuation is plain text even where a token equals the image placeholder id.
     prompt_embeds = adapter.embed(prompt_ids, layout.visual_features)
     embeds = torch.cat([prompt_embeds, adapter.embed_tokens(sequence[:, prompt_len:])], dim=1)

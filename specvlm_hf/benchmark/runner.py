@@ -83,9 +83,9 @@ def load_resources(config: BenchmarkConfig) -> Resources:
             assistant=config.assistant or _str(shipped_companion("assistant", testbed_dir)),
         )
     else:
-        from transformers import AutoProcessor, LlavaForConditionalGeneration
+        from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        target = LlavaForConditionalGeneration.from_pretrained(config.target, dtype=dtype, attn_implementation="sdpa")
+        target = AutoModelForImageTextToText.from_pretrained(config.target, dtype=dtype, attn_implementation="sdpa")
         target = target.to(device).eval()
         processor = AutoProcessor.from_pretrained(config.target)
     if config.target_adapter is not None:
