@@ -5,10 +5,22 @@ auto tree; sdpa and eager."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from drafters import OracleDraft, RandomDraft
+from test_sampling import (
+    HISTORY_FREE,
+    N_OTHER_DRAFTS,
+    NEW_TOKENS,
+    ExactTarget,
+    V,
+    assert_certified,
+    certify,
+    draw,
+    speculative_draw,
+)
 from tiny import VOCAB, make_qwen_inputs, make_qwen_target
 
 from specvlm_hf import SpeculativeConfig, SpecVLMDraftModel, speculative_generate
@@ -171,3 +183,53 @@ def test_the_benchmark_calibrates_and_runs_on_qwen(qwen):
     assert {r.method for r in runs} == {"eaglevlm", "prompt-lookup"}
     assert all(r.error is None and r.matches_vanilla for r in runs)
     assert result.trees[0]["mode"] == "auto"
+
+
+class LayoutExactTarget(ExactTarget):
+    """`test_sampling.ExactTarget` for an M-RoPE target: p(. | prompt + prefix) from one forward of the text model at
+    the positions plain decoding gives (the prompt's layout continued), checked against generate()'s own scores."""
+
+    def __init__(self, target, prompt: dict, setting):
+        self.target, self.prompt, self.processors = target, prompt, setting.processors()
+        self.table = {}
+        self.adapter = get_adapter(target)
+        self.layout = self.adapter.layout(prompt["input_ids"], prompt)
+        self.prompt_embeds = self.adapter.embed(prompt["input_ids"], self.layout.visual_features)
+
+    def fill(self, prefixes) -> None:
+        missing = list(dict.fromkeys(prefix for prefix in prefixes if prefix not in self.table))
+        if not missing:
+            return
+        new = torch.tensor(missing, dtype=torch.long).view(len(missing), -1)
+        with torch.no_grad():
+            embeds = torch.cat([self.prompt_embeds.expand(len(missing), -1, -1), self.adapter.embed_tokens(new)], 1)
+            positions = self.layout.continued(embeds.shape[1]).expand(-1, len(missing), -1)
+            logits = self.adapter.logits(self.adapter.forward(embeds, positions)[:, -1])
+        ids = torch.cat([self.prompt["input_ids"].expand(len(missing), -1), new], dim=1)
+        probs = torch.softmax(self.processors(ids, logits).double(), dim=-1).numpy()
+        self.table.update(zip(missing, probs))
+
+
+def test_sampling_keeps_the_target_distribution():
+    """T > 0 with an image and M-RoPE: the exact conditionals match generate()'s own scores, and speculative sampling
+    (an oracle drafting from them, and the real draft class) passes the sampling certificate against them."""
+    torch.set_num_threads(1)
+    target = make_qwen_target("qwen2_5_vl", seed=2, vocab=V, logit_scale=9.0)
+    prompt = make_qwen_inputs([("text", 2), ("image", (1, 4, 4)), ("text", 2)], seed=3, vocab=V)
+    exact = LayoutExactTarget(target, prompt, HISTORY_FREE)
+    torch.manual_seed(0)
+    for _ in range(5):
+        out = target.generate(
+            **prompt, **HISTORY_FREE.generate_kwargs(), output_scores=True, return_dict_in_generate=True
+        )
+        new = tuple(out.sequences[0, -NEW_TOKENS:].tolist())
+        for position, scores in enumerate(out.scores):
+            expected = exact(new[:position])
+            np.testing.assert_allclose(torch.softmax(scores[0].double(), dim=-1).numpy(), expected, atol=1e-5)
+    samples, accepted = speculative_draw(target, exact, HISTORY_FREE, N_OTHER_DRAFTS, seed=2)
+    assert sum(accepted.values()) >= 2 * N_OTHER_DRAFTS
+    assert_certified(certify(samples, exact))
+    draft = SpecVLMDraftModel.from_target(target)
+    kwargs = HISTORY_FREE.generate_kwargs()
+    samples = draw(lambda: target.generate(**prompt, **kwargs, assistant_model=draft), N_OTHER_DRAFTS, seed=5)
+    assert_certified(certify(samples, exact))

@@ -80,7 +80,13 @@ QWEN_IMAGE, QWEN_VIDEO, QWEN_START, QWEN_END = 4, 5, 3, 6
 QWEN_PATCH = 3 * 14 * 14 * 2  # channels x patch x patch x temporal patch
 
 
-def make_qwen_target(kind: str = "qwen2_vl", seed: int = 0, attn_implementation: str = "sdpa", logit_scale=6.0):
+def make_qwen_target(
+    kind: str = "qwen2_vl",
+    seed: int = 0,
+    attn_implementation: str = "sdpa",
+    logit_scale: float = 6.0,
+    vocab: int = VOCAB,
+):
     """A random tiny Qwen2-VL (`kind="qwen2_vl"`) or Qwen2.5-VL (`"qwen2_5_vl"`): 2 text layers 32 wide with M-RoPE
     sections (2, 1, 1), a one-block vision tower with 2x2 spatial merging; float32."""
     from transformers import (
@@ -97,7 +103,7 @@ def make_qwen_target(kind: str = "qwen2_vl", seed: int = 0, attn_implementation:
     config = config_class(
         text_config=dict(
             hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            vocab_size=VOCAB, max_position_embeddings=512, bos_token_id=0, eos_token_id=1, pad_token_id=2,
+            vocab_size=vocab, max_position_embeddings=512, bos_token_id=0, eos_token_id=1, pad_token_id=2,
             rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 10000.0},
         ),
         vision_config=vision, image_token_id=QWEN_IMAGE, video_token_id=QWEN_VIDEO,
@@ -113,14 +119,14 @@ def make_qwen_target(kind: str = "qwen2_vl", seed: int = 0, attn_implementation:
     return model
 
 
-def make_qwen_inputs(segments, seed: int = 0, seconds_per_grid: float | None = None) -> dict:
+def make_qwen_inputs(segments, seed: int = 0, seconds_per_grid: float | None = None, vocab: int = VOCAB) -> dict:
     """A Qwen2-VL prompt from `segments`: `("text", n)`, `("image", (t, h, w))` or `("video", (t, h, w))` in patches
     (a visual item becomes start + t*h*w/4 placeholders + end), with `mm_token_type_ids`, random pixels and grids."""
     g = torch.Generator().manual_seed(seed)
     ids, types, grids = [], [], {"image": [], "video": []}
     for kind, size in segments:
         if kind == "text":
-            ids += torch.randint(10, VOCAB, (size,), generator=g).tolist()
+            ids += torch.randint(7, vocab, (size,), generator=g).tolist()
             types += [0] * size
             continue
         n = size[0] * size[1] * size[2] // 4
