@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ._compat import CACHE_KWARG
+from .peft_wrappers import unwrap_peft
 
 # Attention kernels that take a float additive 4-D mask (a tree mask). Flash-attention only takes padding masks, and
 # flex-attention's tensor-mask path crashed on CPU in testing, so both are refused rather than silently mis-masked.
@@ -24,9 +25,10 @@ class PromptLayout:
 
     Attributes:
         positions (`torch.LongTensor`): the prompt's position ids, shaped as the adapter's `forward` takes them:
-            `(1, prompt_len)` for 1-D rotary positions.
+            `(1, prompt_len)` for 1-D rotary positions, `(3, 1, prompt_len)` for M-RoPE (Qwen2-VL).
         offset (`torch.LongTensor`): the position ids of sequence index `s >= prompt_len - 1` (the last prompt token
-            and every generated one) are `s + offset`; shaped to broadcast against `(n,)` indices: `(1, 1)`.
+            and every generated one) are `s + offset`, per axis; shaped to broadcast against `(n,)` indices: `(1, 1)`
+            or `(3, 1, 1)`.
         visual_mask (`torch.BoolTensor` of shape `(prompt_len,)`): the slots that hold a visual token.
         visual_features (`torch.FloatTensor` of shape `(num_visual_tokens, hidden_size)`, *optional*): the visual
             tokens, in slot order.
@@ -299,25 +301,16 @@ class Qwen2VLAdapter(LlavaAdapter):
     def visual_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
         return (input_ids == self.image_token_id) | (input_ids == self.video_token_id)
 
+    def sequence_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Refused: M-RoPE positions depend on the visual grids (`layout`, `batch_view`)."""
+        raise ValueError("Qwen2-VL's positions depend on its visual grids: use adapter.layout or adapter.batch_view.")
+
     def batch_view(self, input_ids: torch.Tensor, visual_inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """As `LlavaAdapter.batch_view`; positions `(3, batch, seq_len)` from the model's own `get_rope_index` over
-        the whole rows (the continuation of a prompt that ends in text continues every axis by one per token, as
-        generation does), with `attention_mask` marking the padding."""
+        """As `LlavaAdapter.batch_view`, positions `(3, batch, seq_len)` (`_rope_positions` over the whole rows: a
+        prompt's continuation continues every axis by one per token, as generation does)."""
         mask = self.visual_mask(input_ids)
         features = self._visual_features(input_ids.flatten(), mask.flatten(), visual_inputs)
-        grids = {k: visual_inputs.get(k) for k in ("image_grid_thw", "video_grid_thw")}
-        if all(grid is None for grid in grids.values()):  # text only: 0, 1, 2, ... on every axis
-            positions = super().sequence_positions(input_ids)[None].expand(3, -1, -1)
-        else:
-            types = visual_inputs.get("mm_token_type_ids")
-            if types is None:
-                types = (input_ids == self.image_token_id).int() + 2 * (input_ids == self.video_token_id).int()
-            extra = {"second_per_grid_ts": visual_inputs["second_per_grid_ts"]} if "second_per_grid_ts" in (
-                visual_inputs
-            ) else {}  # fmt: skip
-            positions, _ = self.target.model.get_rope_index(
-                input_ids, types, attention_mask=visual_inputs.get("attention_mask"), **grids, **extra
-            )
+        positions = self._rope_positions(input_ids, visual_inputs, visual_inputs.get("attention_mask"))
         return self.embed(input_ids, features), positions
 
     def image_features(self, model_kwargs: dict) -> torch.Tensor | None:
@@ -332,15 +325,8 @@ class Qwen2VLAdapter(LlavaAdapter):
         """
         length = input_ids.shape[1]
         positions = model_kwargs.get("position_ids")
-        if positions is None and model_kwargs.get("mm_token_type_ids") is not None:
-            positions, _ = self.target.model.get_rope_index(
-                input_ids, model_kwargs["mm_token_type_ids"], image_grid_thw=model_kwargs.get("image_grid_thw"),
-                video_grid_thw=model_kwargs.get("video_grid_thw"),
-                **({"second_per_grid_ts": model_kwargs["second_per_grid_ts"]}
-                   if model_kwargs.get("second_per_grid_ts") is not None else {}),
-            )  # fmt: skip
-        if positions is None:  # generate()'s own default without mm_token_type_ids: 0, 1, 2, ... on every axis
-            positions = torch.arange(length, device=input_ids.device)[None]
+        if positions is None:
+            positions = self._rope_positions(input_ids, model_kwargs)
         positions = positions.to(input_ids.device)
         positions = positions[-3:] if positions.dim() == 3 else positions[None].expand(3, -1, -1)
         visual_mask = self.visual_mask(input_ids[0])
@@ -350,6 +336,20 @@ class Qwen2VLAdapter(LlavaAdapter):
             visual_mask=visual_mask,
             visual_features=self._visual_features(input_ids[0], visual_mask, model_kwargs),
         )
+
+    def _rope_positions(self, input_ids: torch.Tensor, inputs: dict, attention_mask=None) -> torch.Tensor:
+        """`(3, batch, seq_len)` as `generate()` computes them: the model's `get_rope_index` when the rows come with
+        `mm_token_type_ids` and a visual grid, else 0, 1, 2, ... on every axis (its default without them)."""
+        grids = {key: inputs.get(key) for key in ("image_grid_thw", "video_grid_thw")}
+        types = inputs.get("mm_token_type_ids")
+        if types is None or all(grid is None for grid in grids.values()):
+            return torch.arange(input_ids.shape[1], device=input_ids.device).expand(3, *input_ids.shape)
+        seconds = inputs.get("second_per_grid_ts")
+        extra = {} if seconds is None else {"second_per_grid_ts": seconds}
+        positions, _ = self.target.model.get_rope_index(
+            input_ids, types, attention_mask=attention_mask, **grids, **extra
+        )
+        return positions
 
     def _visual_features(self, input_ids, visual_mask, model_kwargs) -> torch.Tensor | None:
         """The image and video tokens in slot order, `(num_visual_tokens, hidden_size)`: images fill the image slots
@@ -385,56 +385,6 @@ class Qwen2VLAdapter(LlavaAdapter):
 
 ADAPTERS = (LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter)
 SUPPORTED_MODEL_TYPES = tuple(t for adapter in ADAPTERS for t in adapter.model_types)
-
-
-def unwrap_peft(target: nn.Module) -> nn.Module:
-    """
-    The transformers model inside a peft wrapper (`PeftModel`, `PeftMixedModel`), or `target` itself.
-
-    Tuner adapters (LoRA, IA3, LoHa, ...) are layers inside that model's modules and read the wrapper's active
-    adapters on every call, so the loop's direct module calls compute what the wrapper's `forward` computes, for
-    whichever adapters are active (one, several, or none inside `disable_adapter()`). Prompt-learning adapters
-    (prefix, prompt and p-tuning) instead change the inputs and the cache the wrapper hands the model, which the loop
-    would bypass: they are refused.
-    """
-    if not (hasattr(target, "peft_config") and callable(getattr(target, "get_base_model", None))):
-        return target
-    prompt_learning = sorted(
-        name for name, config in target.peft_config.items() if getattr(config, "is_prompt_learning", False)
-    )
-    if prompt_learning:
-        raise ValueError(
-            f"The target carries peft prompt-learning adapters ({', '.join(prompt_learning)}: prefix, prompt or "
-            "p-tuning), which work by changing the model's inputs and cache outside its modules; tree speculative "
-            "decoding runs the modules directly and would skip them. Use a tuner adapter such as LoRA, or decode "
-            "this model without assistant_model."
-        )
-    return target.get_base_model()
-
-
-def check_no_adapter_routing(target: nn.Module) -> None:
-    """
-    Raises a `ValueError` if peft routes inputs to adapters by row (`generate(..., adapter_names=[...])`, its
-    mixed-batch inference): it does so with forward pre-hooks on its adapter layers that expect one name per row, and
-    the loop's tree forwards are shaped differently.
-
-    peft removes those hooks after `generate()` returns but not when it raises, so they are removed here before
-    raising: the model is left as it was before the call.
-    """
-    routed = []
-    for name, module in target.named_modules():
-        if not hasattr(module, "base_layer"):
-            continue
-        for key, hook in list(module._forward_pre_hooks.items()):
-            if getattr(getattr(hook, "func", None), "__name__", "") == "_adapter_names_pre_forward_hook":
-                routed.append(name)
-                del module._forward_pre_hooks[key]
-                module._forward_pre_hooks_with_kwargs.pop(key, None)
-    if routed:
-        raise ValueError(
-            f"peft routes rows to adapters by hooks (e.g. on {routed[0]}): tree speculative decoding does not support "
-            "generate(adapter_names=...). Activate the adapter with `set_adapter(name)` instead."
-        )
 
 
 def get_adapter(target: nn.Module) -> LlavaAdapter:

@@ -17,11 +17,12 @@ from transformers.generation.stopping_criteria import StoppingCriteriaList
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from ._compat import CACHE_KWARG
-from .adapters import check_no_adapter_routing, get_adapter
+from .adapters import get_adapter
 from .cache import check_cache, commit_accepted
 from .drafter import DraftSource
 from .loop import Emitter, prefill, prompt_draft_state, step_draft_state, verify, walk_tree
 from .metrics import SpeculativeStats
+from .peft_wrappers import check_no_adapter_routing
 from .tree import build_tree
 from .verify import is_history_free
 
@@ -164,7 +165,7 @@ def tree_decoding(
     Lossless tree speculative decoding of one sequence. Arguments are those `generate()` passes to a decoding method.
 
     Args:
-        target (`LlavaForConditionalGeneration`): the model being decoded.
+        target (`PreTrainedModel`): the model being decoded (an architecture of `adapters.ADAPTERS`).
         input_ids (`torch.LongTensor` of shape `(1, prompt_len)`): the prompt.
         draft_source (`DraftSource`): makes the `Drafter` (a bound `SpecVLMDraftModel`, `draft.with_tree(...)`, ...).
 
@@ -259,7 +260,8 @@ def speculative_generate(
     `target.generate(**generate_kwargs, assistant_model=draft)` with tree knobs and statistics.
 
     Args:
-        target (`LlavaForConditionalGeneration`): the model to decode; its output is unchanged (lossless).
+        target (`PreTrainedModel`): the model to decode (a supported architecture, or a peft wrapper of one); its
+            output is unchanged (lossless).
         draft (`SpecVLMDraftModel` bound to `target`, or any `DraftSource`).
         depth, tree_top_k, total_tokens (`int`, *optional*): EAGLE-2 tree knobs for this call (`SpeculativeConfig`'s
             `depth`, `top_k`, `total_tokens`); the draft's own `speculative_config` otherwise.

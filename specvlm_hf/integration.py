@@ -18,6 +18,7 @@ from transformers.generation.utils import GenerationMixin
 from ._compat import MAX_TRANSFORMERS, MIN_TRANSFORMERS, transformers_in_tested_range
 from .drafter import DraftSource
 from .generation import check_decoding_options, tree_decoding
+from .peft_wrappers import is_peft_model
 
 _STOCK_ASSISTED = "_specvlm_stock_assisted_decoding"
 _STOCK_VALIDATE = "_specvlm_stock_validate_generation_mode"
@@ -37,7 +38,7 @@ _route_error: str | None = "specvlm_hf.integration.install() has not run"
 
 def _validate_generation_mode(self, generation_mode, generation_config, generation_mode_kwargs):
     draft = generation_mode_kwargs.get("assistant_model")
-    if callable(getattr(draft, "get_base_model", None)) and isinstance(draft.get_base_model(), DraftSource):
+    if is_peft_model(draft) and isinstance(draft.get_base_model(), DraftSource):
         raise ValueError(
             "assistant_model is a peft-wrapped specvlm_hf draft; a draft drafts with plain weights. Merge the adapter "
             "first: `draft = specvlm_hf.lora.merged_draft(peft_draft)` (or `peft_draft.merge_and_unload()`), or load "

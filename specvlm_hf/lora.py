@@ -18,13 +18,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .peft_wrappers import is_peft_model
+
 LORA_RECORD = "specvlm_lora.json"
 # The draft's linear layers: the fusion `fc` and each decoder layer's projections. The compressor is never adapted.
 DEFAULT_LORA_MODULES = ("fc", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def is_peft_model(model) -> bool:
-    return hasattr(model, "peft_config") and callable(getattr(model, "get_base_model", None))
 
 
 def draft_fingerprint(draft: nn.Module) -> str:
@@ -79,15 +77,17 @@ def write_record(peft_draft, output_dir: str | Path, base_draft: str | None) -> 
     return record
 
 
-def merged_draft(peft_draft):
-    """A plain `SpecVLMDraftModel` with the active adapter merged into a copy of the base weights, bound to the same
-    target; `peft_draft` is unchanged (it may still be training)."""
-    base = peft_draft.get_base_model()
+def merged_draft(draft):
+    """A plain `SpecVLMDraftModel` copy of `draft` with its active LoRA adapter (if it is peft-wrapped) merged into
+    the weights, bound to the same target; `draft` is unchanged (it may still be training)."""
+    base = draft.get_base_model() if is_peft_model(draft) else draft
     borrowed, base._borrowed = base._borrowed, None  # copy the draft, never the target it borrows from
     try:
-        plain = copy.deepcopy(peft_draft).merge_and_unload()
+        plain = copy.deepcopy(draft)
     finally:
         base._borrowed = borrowed
+    if is_peft_model(plain):
+        plain = plain.merge_and_unload()
     return plain.bind(borrowed[0]) if borrowed else plain
 
 
@@ -96,15 +96,17 @@ def as_draft(model):
     return merged_draft(model) if is_peft_model(model) else model
 
 
-def load_lora_draft(adapter_dir: str | Path, target: nn.Module | None = None, base_draft=None):
+def load_lora_draft(adapter_dir: str | Path, target: nn.Module | None = None, base_draft=None, **load_kwargs):
     """
     The base draft with the adapter in `adapter_dir` merged, bound to `target` when given.
 
     Args:
         adapter_dir: a folder written by `specvlm-hf train --lora` (`adapter_config.json`, the adapter's weights and
             `specvlm_lora.json`).
-        base_draft (path or `SpecVLMDraftModel`, *optional*): the draft the adapter was trained on; by default the one
-            the adapter names. Refused when its weights are not those the adapter was trained on.
+        base_draft (path, Hub id or `SpecVLMDraftModel`, *optional*): the draft the adapter was trained on (a model
+            passed here is left unchanged); by default the one the adapter names. Refused when its weights are not
+            those the adapter was trained on.
+        load_kwargs: passed to the base draft's `from_pretrained` (`revision`, `token`, ...).
     """
     from peft import PeftModel
 
@@ -119,13 +121,15 @@ def load_lora_draft(adapter_dir: str | Path, target: nn.Module | None = None, ba
     record = json.loads(record_path.read_text())
     if base_draft is None:
         base_draft = record["base_draft"]
-        if base_draft is None or not Path(base_draft).exists():
+        if not base_draft:
             raise FileNotFoundError(
-                f"The adapter's base draft {base_draft!r} is not on this machine; pass base_draft= (the draft it was "
-                "trained on)."
+                f"The adapter in {adapter_dir} does not name its base draft (it was trained on one never saved); pass "
+                "base_draft= (the draft it was trained on)."
             )
-    if not isinstance(base_draft, SpecVLMDraftModel):
-        base_draft = SpecVLMDraftModel.from_pretrained(base_draft)
+    if isinstance(base_draft, SpecVLMDraftModel):
+        base_draft = merged_draft(base_draft)  # a copy: the caller's draft keeps its weights
+    else:
+        base_draft = SpecVLMDraftModel.from_pretrained(base_draft, **load_kwargs)
     found = draft_fingerprint(base_draft)
     if found != record["base_draft_sha256"]:
         raise ValueError(

@@ -20,10 +20,11 @@ from transformers import PreTrainedModel
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
 from ._compat import CACHE_KWARG
-from .adapters import get_adapter, unwrap_peft
+from .adapters import get_adapter
 from .compressor import SpecVLMCompressor, SpecVLMCompressorConfig
 from .configuration import SpeculativeConfig, SpecVLMDraftConfig
 from .drafter import DraftSource, TreeDrafter, TreeDraftSpec
+from .peft_wrappers import unwrap_peft
 from .tree import causal_attention_mask
 from .tuning import TreeTuner, device_costs
 
@@ -151,11 +152,15 @@ class SpecVLMDraftModel(PreTrainedModel, DraftSource):
     def from_pretrained(cls, pretrained_model_name_or_path, *args, target: nn.Module | None = None, **kwargs):
         """`PreTrainedModel.from_pretrained`, then `bind(target)` when a target is given. A local folder holding a LoRA
         adapter of a draft (`specvlm-hf train --lora`) loads as its base draft with the adapter merged
-        (`lora.load_lora_draft`)."""
+        (`lora.load_lora_draft`: `base_draft=` overrides the base it names; other keywords load the base)."""
         from .lora import LORA_RECORD, load_lora_draft
 
         if (Path(str(pretrained_model_name_or_path)) / LORA_RECORD).exists():
-            return load_lora_draft(pretrained_model_name_or_path, target)
+            if args:
+                raise TypeError(
+                    "A LoRA adapter folder loads with keyword arguments only (base_draft=, revision=, ...)."
+                )
+            return load_lora_draft(pretrained_model_name_or_path, target, **kwargs)
         draft = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         return draft.bind(target) if target is not None else draft
 

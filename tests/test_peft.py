@@ -93,6 +93,24 @@ def test_merged_lora_targets_are_lossless():
         assert torch.equal(plain, routed) and torch.equal(plain, spec)
 
 
+def test_activated_lora_targets_are_refused():
+    """An activated LoRA acts only on the tokens after its invocation in each forward: a tree forward would run the
+    earlier nodes without it, so the output would differ (it did, before this was refused)."""
+    config = LoraConfig(
+        task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], alora_invocation_tokens=[7, 8],
+        init_lora_weights=False,
+    )  # fmt: skip
+    model = get_peft_model(make_target(seed=6), config).eval()
+    with pytest.raises(ValueError, match="activated LoRA"):
+        SpecVLMDraftModel.from_target(model)
+    draft = SpecVLMDraftModel.from_target(model.get_base_model())
+    inputs = make_inputs(0)
+    inputs["input_ids"] = torch.cat([inputs["input_ids"], torch.tensor([[7, 8]])], dim=1)
+    with pytest.raises(ValueError, match="activated LoRA"):
+        model.generate(**inputs, max_new_tokens=6, assistant_model=draft.with_tree(depth=4, top_k=3, total_tokens=12))
+    assert not any(m._forward_pre_hooks for m in model.modules())
+
+
 def test_mixed_adapter_batches_are_refused(peft_target, peft_draft):
     inputs = make_inputs(0)
     before = peft_target.generate(**inputs, max_new_tokens=6)
@@ -195,6 +213,8 @@ def test_an_adapter_loads_merged_and_decodes_losslessly(lora_run, base_draft_dir
     assert type(loaded) is SpecVLMDraftModel and loaded.target is tuned.get_base_model()
     for name, tensor in expected.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[name], tensor, rtol=0, atol=1e-6)
+    base = SpecVLMDraftModel.from_pretrained(base_draft_dir)
+    assert not torch.allclose(loaded.fc.weight, base.fc.weight.to(loaded.fc.weight))  # the adapter was merged
     # peft's own loader gives the same adapter
     via_peft = PeftModel.from_pretrained(SpecVLMDraftModel.from_pretrained(base_draft_dir, target=tuned), str(out))
     torch.testing.assert_close(merged_draft(via_peft).fc.weight, loaded.fc.weight, rtol=0, atol=1e-6)

@@ -112,6 +112,9 @@ def test_layout_follows_generate_positions(qwen):
     adapter = get_adapter(target)
     layout = adapter.layout(inputs["input_ids"], inputs)
     length = inputs["input_ids"].shape[1]
+    assert torch.equal(
+        layout.positions, target._prepare_position_ids_for_generation(inputs["input_ids"], dict(inputs))[1:]
+    )
     assert layout.positions.shape == (3, 1, length)
     assert not torch.equal(layout.positions[1], layout.positions[2])  # height and width differ over the images
     assert torch.equal(layout.positions_at(torch.tensor([length - 1])), layout.positions[:, :, -1:])

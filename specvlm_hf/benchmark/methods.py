@@ -76,7 +76,9 @@ def generation_config(target, temperature: float, max_new_tokens: int) -> Genera
         config.temperature = config.top_k = config.top_p = None
     else:
         config.do_sample, config.temperature, config.top_k, config.top_p = True, float(temperature), 0, 1.0
-    config.suppress_tokens = sorted({*(config.suppress_tokens or []), get_adapter(target).image_token_id})
+    adapter = get_adapter(target)
+    visual = {adapter.image_token_id, getattr(adapter, "video_token_id", adapter.image_token_id)}
+    config.suppress_tokens = sorted({*(config.suppress_tokens or []), *visual})
     if config.pad_token_id is None:
         config.pad_token_id = config.eos_token_id if isinstance(config.eos_token_id, int) else 0
     return config

@@ -72,6 +72,11 @@ class DistillationConfig(TrainingArguments):
                 )
             self.gradient_accumulation_steps = steps
         super().__post_init__()
+        if self.global_batch_size is not None and self.n_gpu > 1:
+            raise ValueError(
+                f"global_batch_size with {self.n_gpu} GPUs in one process (the Trainer's DataParallel) would train on "
+                f"{self.n_gpu}x the rows asked for; launch one process per GPU (`accelerate launch`, torchrun)."
+            )
         if self.global_batch_size is not None and self.world_size != processes:
             raise ValueError(
                 f"The launcher started {processes} processes but training sees {self.world_size} (on a CPU-only "

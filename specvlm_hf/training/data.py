@@ -260,7 +260,8 @@ class DistillationCollator:
             if key in PER_TOKEN_INPUTS:
                 padded = torch.zeros(len(examples), length, dtype=values[0].dtype)
                 for i, example in enumerate(examples):
-                    padded[i, : len(example[key])] = example[key]
+                    if example.get(key) is not None:
+                        padded[i, : len(example[key])] = example[key]
                 batch[key] = padded
             elif values:
                 batch[key] = _concatenate_padded(values)

@@ -12,10 +12,10 @@ from pathlib import Path
 from transformers.trainer_callback import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ..adapters import unwrap_peft
 from ..hub import create_model_card, hub_id_or_none
-from ..lora import is_peft_model, write_adapter_card, write_record
+from ..lora import write_adapter_card, write_record
 from ..modeling_draft import SpecVLMDraftModel
+from ..peft_wrappers import is_peft_model, unwrap_peft
 from .config import DistillationConfig
 from .data import ConversationRow, DistillationCollator, DistillationDataset, RowEncoder
 from .evaluation import AcceptanceCallback
@@ -123,8 +123,9 @@ def train_draft(
         (Path(args.output_dir) / "training_summary.json").write_text(json.dumps(summary, indent=2))
         target_name = target_name or getattr(target.config, "_name_or_path", "") or target.config.model_type
         if is_peft_model(draft):  # only the adapter was trained and saved
-            base = draft.get_base_model().name_or_path
-            record = write_record(draft, args.output_dir, str(Path(base).resolve()) if Path(base).exists() else base)
+            base = draft.get_base_model().name_or_path or None  # "" for a draft never saved
+            local = base is not None and Path(base).exists()
+            record = write_record(draft, args.output_dir, str(Path(base).resolve()) if local else base)
             write_adapter_card(args.output_dir, record, summary, target_name, training_command)
             return draft, summary
         card = create_model_card(

@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer
 
-from ..adapters import get_adapter, unwrap_peft
+from ..adapters import get_adapter
 from ..compressor import SpecVLMCompressor
+from ..peft_wrappers import unwrap_peft
 from .config import DistillationConfig
 from .losses import distillation_loss
 
