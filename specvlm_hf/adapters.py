@@ -170,6 +170,7 @@ class LlavaAdapter:
                 pixel_values=model_kwargs["pixel_values"],
                 vision_feature_layer=self.target.config.vision_feature_layer,
                 vision_feature_select_strategy=self.target.config.vision_feature_select_strategy,
+                **self._encoder_inputs(model_kwargs),
             )
         if encoded is None:
             return None
@@ -179,6 +180,10 @@ class LlavaAdapter:
         if isinstance(features, (list, tuple)):
             features = torch.cat(list(features), dim=0)
         return features.reshape(-1, features.shape[-1])
+
+    def _encoder_inputs(self, model_kwargs: dict) -> dict:
+        """What `get_image_features` needs besides `pixel_values` and the config's feature choice: nothing here."""
+        return {}
 
     def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None = None) -> torch.Tensor:
         """
@@ -250,25 +255,14 @@ class LlavaNextAdapter(LlavaAdapter):
         """`None`: an AnyRes image is no single patch grid, so no fixed-grid compressor fits."""
         return None
 
-    def image_features(self, model_kwargs: dict) -> torch.Tensor | None:
-        """Projected and packed visual tokens of every image, `(num_image_tokens, hidden_size)`: computed by
-        `generate()`, or here from `pixel_values` and the `image_sizes` AnyRes needs."""
-        if (model_kwargs.get("mm_encoder_outputs") or {}).get("image") is None and (
-            model_kwargs.get("pixel_values") is not None
-        ):
-            if model_kwargs.get("image_sizes") is None:
-                raise ValueError(
-                    "LLaVA-NeXT needs image_sizes with pixel_values (its AnyRes tiling depends on them); pass the "
-                    "processor's image_sizes."
-                )
-            encoded = self.target.model.get_image_features(
-                pixel_values=model_kwargs["pixel_values"],
-                image_sizes=model_kwargs["image_sizes"],
-                vision_feature_layer=self.target.config.vision_feature_layer,
-                vision_feature_select_strategy=self.target.config.vision_feature_select_strategy,
+    def _encoder_inputs(self, model_kwargs: dict) -> dict:
+        """`image_sizes`, which AnyRes tiling needs with `pixel_values`."""
+        if model_kwargs.get("image_sizes") is None:
+            raise ValueError(
+                "LLaVA-NeXT needs image_sizes with pixel_values (its AnyRes tiling depends on them); pass the "
+                "processor's image_sizes."
             )
-            model_kwargs = {"mm_encoder_outputs": {"image": encoded}}
-        return super().image_features(model_kwargs)
+        return {"image_sizes": model_kwargs["image_sizes"]}
 
 
 class Qwen2VLAdapter(LlavaAdapter):

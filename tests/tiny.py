@@ -54,9 +54,15 @@ def make_target(
     )
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration._from_config(config, attn_implementation=attn_implementation).eval()
+    return sharpened(model, logit_scale, pad_token_id=0)
+
+
+def sharpened(model, logit_scale: float, pad_token_id: int):
+    """`model` with `lm_head` scaled by `logit_scale` (so greedy text varies) and a generation config without an end
+    token (so every run decodes its whole budget)."""
     with torch.no_grad():
         model.lm_head.weight.mul_(logit_scale)
-    model.generation_config.pad_token_id = 0
+    model.generation_config.pad_token_id = pad_token_id
     model.generation_config.eos_token_id = None
     return model
 
@@ -112,11 +118,7 @@ def make_qwen_target(
     torch.manual_seed(seed)
     model_class = Qwen2_5_VLForConditionalGeneration if qwen25 else Qwen2VLForConditionalGeneration
     model = model_class(config).eval()
-    with torch.no_grad():
-        model.lm_head.weight.mul_(logit_scale)
-    model.generation_config.pad_token_id = 2
-    model.generation_config.eos_token_id = None
-    return model
+    return sharpened(model, logit_scale, pad_token_id=2)
 
 
 def make_qwen_inputs(segments, seed: int = 0, seconds_per_grid: float | None = None, vocab: int = VOCAB) -> dict:
@@ -166,11 +168,7 @@ def make_next_target(seed: int = 0, attn_implementation: str = "sdpa", logit_sca
     )  # fmt: skip
     torch.manual_seed(seed)
     model = LlavaNextForConditionalGeneration(config).eval()
-    with torch.no_grad():
-        model.lm_head.weight.mul_(logit_scale)
-    model.generation_config.pad_token_id = 0
-    model.generation_config.eos_token_id = None
-    return model
+    return sharpened(model, logit_scale, pad_token_id=0)
 
 
 def make_next_inputs(model, image_sizes, seed: int = 0, text_len: int = 3) -> dict:
