@@ -294,10 +294,10 @@ def _target_record(draft: SpecVLMDraftModel, target) -> tuple[dict, object]:
     from transformers import AutoConfig
 
     if isinstance(target, str):
-        if target == "testbed":
-            from .testbed import resolve
+        from .testbed.store import is_testbed, resolve
 
-            target = str(resolve()[0])
+        if is_testbed(target):
+            target = str(resolve(target)[0])
         config = AutoConfig.from_pretrained(target)
         return {"name_or_path": target, "architectures": list(config.architectures or [])}, config
     model = draft.target if target is None else target

@@ -26,6 +26,7 @@ from specvlm_hf.testbed import (
     verify,
 )
 from specvlm_hf.testbed import build as build_module
+from specvlm_hf.testbed.architectures import Qwen2VLTestbed, clip_pixel_values
 from specvlm_hf.testbed.dataset import sample_conversation
 from specvlm_hf.testbed.grammar import (
     _CENTER_DETAILS,
@@ -52,13 +53,20 @@ from specvlm_hf.testbed.scenes import (
     sample_scene,
     text_box,
 )
-from specvlm_hf.testbed.train import CHARACTERS, encode_conversation, make_batch, patch_labels, pixel_values
+from specvlm_hf.testbed.train import CHARACTERS, encode_conversation, make_batch, patch_labels
 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     directory = tmp_path_factory.mktemp("testbed") / "tiny"
     build_testbed(directory, BuildConfig.tiny(), progress=False)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("testbed") / "tiny-qwen2-vl"
+    build_testbed(directory, BuildConfig.tiny(architecture="qwen2_vl"), progress=False)
     return directory
 
 
@@ -194,6 +202,31 @@ def test_shipped_draft_is_lossless_and_accepts_on_the_shipped_testbed():
     assert result.stats.mean_accepted_length > 2.0  # a trained draft; an untrained one stays near 1
 
 
+@pytest.mark.skipif(
+    not (store.is_valid(store.SHIPPED_QWEN2_VL_DIR) and (store.SHIPPED_QWEN2_VL_DRAFT_DIR / "config.json").is_file()),
+    reason="no Qwen2-VL testbed and draft shipped in this checkout",
+)
+def test_shipped_qwen2_vl_testbed_and_draft():
+    """The shipped Qwen2-VL testbed is a stock Qwen2-VL under 25 MB of weights; its draft (the shipped companion of
+    `--target testbed-qwen2-vl`) decodes losslessly through M-RoPE and is accepted."""
+    from transformers import Qwen2VLForConditionalGeneration
+
+    from specvlm_hf import SpecVLMDraftModel, speculative_generate
+
+    manifest = store.verify(store.SHIPPED_QWEN2_VL_DIR)
+    assert manifest["files"]["model.safetensors"]["bytes"] <= 25 * 10**6
+    assert store.shipped_companion("draft", store.SHIPPED_QWEN2_VL_DIR) == store.SHIPPED_QWEN2_VL_DRAFT_DIR
+    target, processor = load_testbed("testbed-qwen2-vl", build_if_missing=False)
+    assert type(target) is Qwen2VLForConditionalGeneration
+    draft = SpecVLMDraftModel.from_pretrained(store.SHIPPED_QWEN2_VL_DRAFT_DIR, target=target)
+    inputs = heldout_prompts("long", n=1)[0].inputs(processor)
+    plain = target.generate(**inputs, max_new_tokens=48, do_sample=False)
+    result = speculative_generate(target, draft, **inputs, max_new_tokens=48)
+    assert torch.equal(result.sequences, plain)
+    assert torch.equal(target.generate(**inputs, max_new_tokens=48, assistant_model=draft), plain)
+    assert result.stats.mean_accepted_length > 2.0
+
+
 def test_training_data_is_deterministic_and_disjoint_from_heldout():
     def snapshot(seed):
         return [(c.image.tobytes(), c.turns) for c in training_conversations(6, seed, image_size=48)]
@@ -219,12 +252,18 @@ def test_heldout_prompts_cover_kinds_and_long_answers_are_long():
 
 
 @pytest.mark.skipif(not store.is_valid(store.SHIPPED_DIR), reason="no testbed shipped in this checkout")
-def test_the_default_config_still_draws_the_shipped_builds_data():
-    """The default config is the shipped build's recipe, and the tokenizer, trained on 3,000 conversations of the
-    build's seed, comes out equal: the default config draws the same text (shapes and cards) as that build."""
-    assert store.build_config(store.SHIPPED_DIR) == dataclasses.asdict(BuildConfig())
-    shipped = json.loads((store.SHIPPED_DIR / "tokenizer.json").read_text())["model"]
-    rebuilt = json.loads(build_module.make_processor(BuildConfig()).tokenizer.backend_tokenizer.to_str())["model"]
+@pytest.mark.parametrize("name", ["testbed", "testbed-qwen2-vl"])
+def test_the_default_config_still_draws_the_shipped_builds_data(name):
+    """The recipe (`BuildConfig()`, `BuildConfig.qwen2_vl()`) is the shipped build's, and the tokenizer, trained on
+    3,000 conversations of the build's seed, comes out equal: the recipe draws the same text as that build. (The
+    LLaVA build's manifest predates the `architecture` field.)"""
+    directory, cfg = (store.SHIPPED_DIR, BuildConfig()) if name == "testbed" else (store.SHIPPED_QWEN2_VL_DIR,
+                                                                                    BuildConfig.qwen2_vl())  # fmt: skip
+    if not store.is_valid(directory):
+        pytest.skip(f"no {name} shipped in this checkout")
+    assert {"architecture": "llava"} | store.build_config(directory) == dataclasses.asdict(cfg)
+    shipped = json.loads((directory / "tokenizer.json").read_text())["model"]
+    rebuilt = json.loads(build_module.make_processor(cfg).tokenizer.backend_tokenizer.to_str())["model"]
     assert (rebuilt["vocab"], rebuilt["merges"]) == (shipped["vocab"], shipped["merges"])
 
 
@@ -333,25 +372,31 @@ def test_patch_labels_mark_each_character_of_a_card():
     assert 1 <= int((patch_labels(scene, 3)[:, 1] > 0).sum()) <= len(text.content)
 
 
-def test_packed_training_blocks_match_single_prompts(tiny_dir):
-    processor = AutoProcessor.from_pretrained(tiny_dir)
-    model = LlavaForConditionalGeneration.from_pretrained(tiny_dir, dtype=torch.float32).eval()
-    cfg = BuildConfig.tiny(batch_size=1)
-    batch = make_batch(cfg, step=0, processor=processor, image_seq_length=model.config.image_seq_length)
+@pytest.mark.parametrize("arch", ["llava", "qwen2_vl"])
+def test_packed_training_blocks_match_single_prompts(arch, tiny_dir, tiny_qwen_dir):
+    """Every packed question block sees what the processor gives for that question alone, at the same positions
+    (for Qwen2-VL the M-RoPE positions `get_rope_index` gives): the packed logits equal the single prompts'."""
+    model, processor = load_testbed(tiny_dir if arch == "llava" else tiny_qwen_dir, build_if_missing=False)
+    cfg = BuildConfig.tiny(architecture=arch, batch_size=1)
+    batch = make_batch(cfg, step=0, processor=processor, image_seq_length=9)
     ids = batch.input_ids[0][batch.input_ids[0] != processor.tokenizer.pad_token_id].tolist()
     conv = next(
         c
         for c in (
-            sample_conversation(cfg.seed, 0, with_long=w, image_size=48, max_short=cfg.max_short)
+            sample_conversation(
+                cfg.seed, 0, with_long=w, image_size=48, max_short=cfg.max_short, card_share=cfg.card_share
+            )  # fmt: skip
             for w in (False, True)
         )
-        if encode_conversation(c, processor.tokenizer, 9)[0] == ids
+        if encode_conversation(c, processor.tokenizer, 9, arch)[0] == ids
     )
-    ids, labels, blocks = encode_conversation(conv, processor.tokenizer, 9)
-    assert torch.allclose(pixel_values([conv.image], processor.image_processor), batch.pixel_values, atol=1e-6)
+    ids, labels, blocks = encode_conversation(conv, processor.tokenizer, 9, arch)
+    if arch == "llava":
+        assert torch.allclose(clip_pixel_values([conv.image], processor.image_processor), batch.vision["pixel_values"],
+                              atol=1e-6)  # fmt: skip
     with torch.no_grad():
         packed = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                       position_ids=batch.position_ids, pixel_values=batch.pixel_values).logits[0]  # fmt: skip
+                       position_ids=batch.position_ids, **batch.vision).logits[0]  # fmt: skip
     for k, turn in enumerate(conv.turns, start=1):
         messages = [
             {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": turn.question}]},
@@ -359,12 +404,60 @@ def test_packed_training_blocks_match_single_prompts(tiny_dir):
         ]
         single = processor(images=conv.image, text=processor.apply_chat_template(messages), return_tensors="pt")
         rows = [i for i, b in enumerate(blocks) if b in (0, k)]
-        assert single["input_ids"][0].tolist() == [ids[i] for i in rows]
+        # the template ends a Qwen2-VL turn with "<|im_end|>\n"; the packed block stops at <|im_end|>
+        assert single["input_ids"][0].tolist()[: len(rows)] == [ids[i] for i in rows]
         with torch.no_grad():
-            logits = model(**single).logits[0]
+            logits = model(**single).logits[0][: len(rows)]
         torch.testing.assert_close(packed[rows], logits, atol=1e-4, rtol=1e-4)
     answer = [t for t, lab in zip(ids, labels) if lab != -100]
-    assert processor.tokenizer.decode(answer).count("</s>") == len(conv.turns)
+    assert processor.tokenizer.decode(answer).count(processor.tokenizer.eos_token) == len(conv.turns)
+
+
+def test_qwen2_vl_prefix_positions_are_get_rope_index(tiny_qwen_dir):
+    model, processor = load_testbed(tiny_qwen_dir, build_if_missing=False)
+    prompt = heldout_prompts("short", n=1, image_size=48)[0]
+    inputs = prompt.inputs(processor)
+    positions, _ = model.model.get_rope_index(
+        inputs["input_ids"], inputs["mm_token_type_ids"], image_grid_thw=inputs["image_grid_thw"]
+    )  # [3, 1, L]
+    ids = inputs["input_ids"][0].tolist()
+    prefix = ids[: ids.index(processor.tokenizer.convert_tokens_to_ids("<|vision_end|>")) + 1]
+    assert prefix == Qwen2VLTestbed.prefix_ids(processor.tokenizer, 9)
+    ours = Qwen2VLTestbed.prefix_positions(prefix, processor.tokenizer, side=3)
+    assert torch.equal(ours, positions[:, 0, : len(prefix)])
+
+
+def test_tiny_qwen2_vl_testbed_loads_as_stock_qwen2_vl_and_generates(tiny_qwen_dir):
+    from transformers import Qwen2VLForConditionalGeneration
+
+    from specvlm_hf.testbed.architectures import ImageQwen2VLProcessor
+
+    model, processor = load_testbed(tiny_qwen_dir, build_if_missing=False)
+    assert type(model) is Qwen2VLForConditionalGeneration and isinstance(processor, ImageQwen2VLProcessor)
+    assert processor.tokenizer.eos_token == "<|im_end|>" and processor.tokenizer.padding_side == "left"
+    inputs = heldout_prompts("short", n=1, image_size=48)[0].inputs(processor)
+    assert inputs["image_grid_thw"].tolist() == [[1, 6, 6]]  # 6 x 6 patches of 8 px, merged 2 x 2: 9 tokens
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 9
+    out = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+    assert out.shape[1] > inputs["input_ids"].shape[1]
+    assert verify(tiny_qwen_dir)["build"]["config"]["architecture"] == "qwen2_vl"
+    with pytest.raises(ValueError, match="images only"):
+        processor(text="x", videos=[inputs["pixel_values"]])
+    with pytest.raises(ValueError, match="'llava', 'qwen2_vl'"):
+        BuildConfig.tiny(architecture="qwen2")
+    with pytest.raises(ValueError, match="even patch_size"):
+        BuildConfig.tiny(architecture="qwen2_vl", patch_size=15, image_size=45)
+
+
+def test_named_testbeds_resolve_and_only_testbeds_count_as_testbeds(tiny_qwen_dir, tmp_path, monkeypatch):
+    monkeypatch.delenv(store.ENV_VAR, raising=False)
+    assert resolve("testbed-qwen2-vl") == (store.SHIPPED_QWEN2_VL_DIR, "shipped with the package")
+    assert resolve("testbed")[0] == resolve()[0]
+    assert (
+        store.is_testbed("testbed") and store.is_testbed("testbed-qwen2-vl") and store.is_testbed(str(tiny_qwen_dir))
+    )
+    assert not store.is_testbed(str(tmp_path)) and not store.is_testbed("llava-hf/llava-1.5-7b-hf")
+    assert store.shipped_companion("specvlm-draft", store.SHIPPED_QWEN2_VL_DIR) is None  # only a draft ships
 
 
 def test_patch_labels_mark_object_tokens():

@@ -29,7 +29,8 @@ class BenchmarkConfig:
     """
     Args:
         methods (`tuple[str, ...]`): methods to compare (`methods.METHOD_NAMES`); "vanilla" is always added.
-        target (`str`): "testbed" or a directory with a checkpoint of a supported architecture and its processor.
+        target (`str`): "testbed" (the LLaVA testbed), "testbed-qwen2-vl" or a directory with a checkpoint of a
+            supported architecture and its processor.
         target_adapter (`str`, *optional*): a peft adapter folder applied to the target (every method decodes the
             adapted target; a draft may be a LoRA adapter folder of a draft, `lora.py`).
         draft (`str`, *optional*): directory of a trained `SpecVLMDraftModel`; without it a randomly initialised draft
@@ -63,7 +64,10 @@ class BenchmarkConfig:
 
     methods: tuple[str, ...] = field(default=METHOD_NAMES, metadata={"help": "Comma-separated methods to compare."})
     target: str = field(
-        default="testbed", metadata={"help": "'testbed' or a checkpoint directory (with its processor)."}
+        default="testbed",
+        metadata={
+            "help": "'testbed' (the LLaVA testbed), 'testbed-qwen2-vl' or a checkpoint directory (with its processor)."
+        },
     )
     target_adapter: str | None = field(
         default=None,

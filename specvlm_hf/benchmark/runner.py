@@ -16,6 +16,7 @@ from ..adapters import get_adapter
 from ..compressor import compressor_for
 from ..configuration import SpeculativeConfig
 from ..modeling_draft import SpecVLMDraftModel
+from ..testbed.store import is_testbed
 from ..tuning import VERIFY_SIZES
 from .calibration import TreeCalibration, calibrate_tree, measure_cost_curve, replay_context
 from .config import BenchmarkConfig
@@ -69,12 +70,12 @@ def load_resources(config: BenchmarkConfig) -> Resources:
     testbed, the draft and assistant shipped beside it are the defaults."""
     device, dtype = config.torch_device, config.torch_dtype
     source = config.target
-    if config.target == "testbed":
+    if is_testbed(config.target):
         from ..testbed import load_testbed, resolve
         from ..testbed.store import shipped_companion
 
-        target, processor = load_testbed(dtype=dtype, device=device)
-        testbed_dir = resolve()[0]
+        target, processor = load_testbed(config.target, dtype=dtype, device=device)
+        testbed_dir = resolve(config.target)[0]
         source = f"testbed at {testbed_dir}"
         config = dataclasses.replace(
             config,
@@ -132,7 +133,7 @@ def _assistant(config: BenchmarkConfig, target, processor):
 
     path = config.assistant or default_assistant_dir(processor.tokenizer)
     if config.assistant is None and (config.rebuild_assistant or read_record(path) is None):
-        if config.target != "testbed":
+        if not is_testbed(config.target):
             raise ValueError("the default hf-assisted model is trained on the testbed; pass --assistant DIR")
         settings = AssistantConfig()
         logger.warning("training the hf-assisted model (at most %.0f s) into %s", settings.time_budget_s, path)

@@ -1,5 +1,6 @@
-"""The project's offline testbed: a small LLaVA (stock `LlavaForConditionalGeneration` + `LlavaProcessor`) trained
-from scratch on synthetic scenes, shipped with the package and rebuilt by `specvlm-hf testbed build`.
+"""The project's offline testbeds: a small LLaVA (stock `LlavaForConditionalGeneration` + `LlavaProcessor`) and a
+small Qwen2-VL (stock `Qwen2VLForConditionalGeneration`, `load_testbed("testbed-qwen2-vl")`), trained from scratch on
+synthetic scenes, shipped with the package and rebuilt by `specvlm-hf testbed build [--architecture qwen2_vl]`.
 
     from specvlm_hf.testbed import heldout_prompts, load_testbed
 

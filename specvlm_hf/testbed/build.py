@@ -1,8 +1,5 @@
-"""Builds the testbed: tokenizer, stock `LlavaForConditionalGeneration` + `LlavaProcessor`, training, quality report.
-
-The vision tower is one CLIP layer whose *embedding output* (LayerNorm-bounded patch embeddings,
-`vision_feature_layer=-2`) feeds the projector: the unnormalised last-layer features of a freshly initialised CLIP
-are dominated by an image-independent constant, and the language model then learns to ignore the image.
+"""Builds a testbed: tokenizer, stock target + processor of the chosen architecture (`architectures.py`), training,
+quality report.
 """
 
 from __future__ import annotations
@@ -14,20 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import (
-    CLIPImageProcessorPil,
-    CLIPVisionConfig,
-    GenerationConfig,
-    LlamaConfig,
-    LlavaConfig,
-    LlavaForConditionalGeneration,
-    LlavaProcessor,
-)
 
 from . import quality
+from .architectures import architecture
 from .dataset import sample_conversation
 from .store import MODEL_FILES, write_atomically
-from .tokenizer import CHAT_TEMPLATE, train_tokenizer
 from .train import train
 
 
@@ -42,6 +30,9 @@ class BuildConfig:
     and the sizes on a GPU.
     """
 
+    architecture: str = field(
+        default="llava", metadata={"help": "Target architecture: 'llava' (LLaVA-1.5) or 'qwen2_vl' (Qwen2-VL)."}
+    )
     seed: int = field(default=2, metadata={"help": "Seed of the data, the initial weights and the tokenizer."})
     steps: int = field(default=4200, metadata={"help": "Optimizer steps (fixed, so a build is reproducible)."})
     batch_size: int = field(default=8, metadata={"help": "Conversations per step."})
@@ -89,7 +80,22 @@ class BuildConfig:
         )  # fmt: skip
         return cls(**{**sizes, **overrides})
 
+    @classmethod
+    def qwen2_vl(cls, **overrides) -> BuildConfig:
+        """The shipped Qwen2-VL testbed's recipe: the LLaVA testbed's language model and data without the digit
+        and word cards (the shapes-only recipe), a 192-wide vision block so the weights stay under 25 MB."""
+        recipe = dict(architecture="qwen2_vl", card_share=0.0, steps=2800, vision_hidden_size=192)
+        return cls(**{**recipe, **overrides})
+
     def __post_init__(self):
+        architecture(self.architecture)
+        if self.architecture == "qwen2_vl" and (
+            self.patch_size % 2 or (self.hidden_size // self.attention_heads) % 16
+        ):
+            raise ValueError(
+                f"qwen2_vl needs an even patch_size (2x2 merged patches) and a head size that is a multiple of 16 "
+                f"(M-RoPE sections), got {self.patch_size} and {self.hidden_size // self.attention_heads}"
+            )
         if self.image_size % (3 * self.patch_size):
             raise ValueError(
                 f"image_size {self.image_size} must be a multiple of 3 * patch_size ({3 * self.patch_size})"
@@ -105,70 +111,21 @@ class BuildConfig:
             raise ValueError(f"card_share is a share of the conversations, in [0, 1], got {self.card_share}")
 
 
-def make_processor(cfg: BuildConfig) -> LlavaProcessor:
-    """Trains the tokenizer on the seed's text and wraps it with a PIL CLIP image processor."""
+def make_processor(cfg: BuildConfig):
+    """Trains the tokenizer on the seed's text and wraps it with the architecture's PIL image processor."""
+    arch = architecture(cfg.architecture)
     texts = []
     for i in range(cfg.tokenizer_conversations):
         conv = sample_conversation(
             cfg.seed, -1 - i, with_long=True, image_size=cfg.image_size, card_share=cfg.card_share
         )  # indices < 0: not trained on
-        texts.append("".join(f"USER: {t.question} ASSISTANT: {t.answer}</s>" for t in conv.turns))
-    tokenizer = train_tokenizer(texts, cfg.vocab_size)
-    image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": cfg.image_size}, crop_size={"height": cfg.image_size, "width": cfg.image_size}
-    )
-    return LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=cfg.patch_size,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,  # CLIP's CLS token, dropped by the "default" strategy
-        chat_template=CHAT_TEMPLATE,
-    )
+        texts.append("".join(arch.render_turn(t.question, t.answer) for t in conv.turns))
+    return arch.make_processor(cfg, texts)
 
 
-def make_model(cfg: BuildConfig, tokenizer) -> LlavaForConditionalGeneration:
-    """A randomly initialised stock LLaVA (seeded by `cfg.seed`) sized by `cfg`."""
-    vision = CLIPVisionConfig(
-        hidden_size=cfg.vision_hidden_size,
-        intermediate_size=4 * cfg.vision_hidden_size,
-        num_hidden_layers=1,
-        num_attention_heads=max(1, cfg.vision_hidden_size // 64),
-        image_size=cfg.image_size,
-        patch_size=cfg.patch_size,
-        projection_dim=cfg.vision_hidden_size,
-    )
-    text = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.text_layers,
-        num_attention_heads=cfg.attention_heads,
-        num_key_value_heads=cfg.kv_heads,
-        max_position_embeddings=2048,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
-    config = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_index=tokenizer.image_token_id,
-        image_seq_length=(cfg.image_size // cfg.patch_size) ** 2,
-        vision_feature_layer=-2,  # hidden_states[0]: the pre-layernormed patch embeddings (see module docstring)
-        vision_feature_select_strategy="default",
-    )
-    torch.manual_seed(cfg.seed)
-    model = LlavaForConditionalGeneration(config)
-    model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        do_sample=False,
-        max_new_tokens=256,
-    )
-    return model
+def make_model(cfg: BuildConfig, tokenizer):
+    """A randomly initialised stock target of `cfg.architecture` (seeded by `cfg.seed`) sized by `cfg`."""
+    return architecture(cfg.architecture).make_model(cfg, tokenizer)
 
 
 def build_testbed(output_dir: str | Path, cfg: BuildConfig | None = None, *, progress: bool = True) -> dict:
@@ -185,8 +142,10 @@ def build_testbed(output_dir: str | Path, cfg: BuildConfig | None = None, *, pro
         stats = train(model, processor, cfg, progress=progress)
         model.to("cpu", dtype=torch.bfloat16).save_pretrained(tmp)
         processor.save_pretrained(tmp)
-        reloaded = LlavaForConditionalGeneration.from_pretrained(tmp, dtype=torch.float32).to(cfg.device).eval()
+        model_class = architecture(cfg.architecture).model_class
+        reloaded = model_class.from_pretrained(tmp, dtype=torch.float32).to(cfg.device).eval()
         report = quality.quality_report(reloaded, processor, cards=cfg.card_share > 0, progress=progress)
+        language_model = sum(p.numel() for p in reloaded.model.language_model.parameters())
         report["build"] = {
             "config": dataclasses.asdict(cfg),
             "train_steps": stats.steps,
@@ -198,9 +157,8 @@ def build_testbed(output_dir: str | Path, cfg: BuildConfig | None = None, *, pro
             "torch": torch.__version__,
             "params": {
                 "total": sum(p.numel() for p in reloaded.parameters()),
-                "language_model": sum(p.numel() for p in reloaded.model.language_model.parameters()),
-                "vision_tower": sum(p.numel() for p in reloaded.model.vision_tower.parameters()),
-                "projector": sum(p.numel() for p in reloaded.model.multi_modal_projector.parameters()),
+                "language_model": language_model,
+                "vision": sum(p.numel() for p in reloaded.parameters()) - language_model,
             },
         }
         (tmp / "quality.json").write_text(json.dumps(report, indent=2) + "\n")

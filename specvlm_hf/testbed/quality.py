@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from .architectures import architecture
 from .dataset import TestbedPrompt, heldout_prompts
 from .grammar import OPTIONS
 from .scenes import COLOURS, DIGITS, SHAPES, WORDS, Scene
@@ -145,7 +146,8 @@ def quality_report(
     """Runs the held-out evaluation (greedy, in the model's dtype) and returns the report with its gates; `cards`
     adds the digit and word cards (for a testbed built with them)."""
     start = time.perf_counter()
-    image_size = processor.image_processor.crop_size["height"]
+    arch = architecture(model.config.model_type)
+    image_size = arch.image_size(processor)
     vqa = [p for p in heldout_prompts("short", image_size=image_size, cards=cards) if p.key is not None]
     long = heldout_prompts("long", image_size=image_size, cards=cards)
     answers = generate(model, processor, vqa, max_new_tokens=20, progress=progress, desc="held-out VQA")
@@ -158,7 +160,9 @@ def quality_report(
     descriptions = generate(model, processor, long, max_new_tokens=max_long_tokens, progress=progress,
                             desc="long answers")  # fmt: skip
     scores, swap = vqa_scores(vqa, answers), vqa_scores(vqa, swap_answers)
-    references = [processor.tokenizer(" " + p.reference, add_special_tokens=False).input_ids for p in long]
+    references = [
+        processor.tokenizer(arch.answer_prefix + p.reference, add_special_tokens=False).input_ids for p in long
+    ]
     tokens = [d.tokens for d in descriptions]
     flags = [loop or not d.ended for loop, d in zip(loop_flags(tokens, references), descriptions)]
     repeated = loop_flags(tokens, references, repeats=2)

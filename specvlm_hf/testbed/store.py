@@ -27,6 +27,16 @@ SHIPPED_DRAFT_DIR = Path(__file__).parent / "assets" / "draft"  # trained by `sp
 SHIPPED_ASSISTANT_DIR = Path(__file__).parent / "assets" / "assistant"  # the hf-assisted baseline's assistant
 # trained like SHIPPED_DRAFT_DIR, jointly with the elastic visual compressor (`specvlm-hf train --compressor elastic`)
 SHIPPED_SPECVLM_DRAFT_DIR = Path(__file__).parent / "assets" / "specvlm-draft"
+# the second testbed: a stock Qwen2-VL trained by the same recipe (`BuildConfig.qwen2_vl`), and its draft
+SHIPPED_QWEN2_VL_DIR = Path(__file__).parent / "assets" / "testbed-qwen2-vl"
+SHIPPED_QWEN2_VL_DRAFT_DIR = Path(__file__).parent / "assets" / "draft-qwen2-vl"
+DEFAULT = "testbed"  # the LLaVA testbed, resolved by `resolve`
+NAMED = {"testbed-qwen2-vl": SHIPPED_QWEN2_VL_DIR}  # other testbeds, by the name the CLIs take as --target
+COMPANIONS = {
+    SHIPPED_DIR: {"draft": SHIPPED_DRAFT_DIR, "specvlm-draft": SHIPPED_SPECVLM_DRAFT_DIR,
+                  "assistant": SHIPPED_ASSISTANT_DIR},
+    SHIPPED_QWEN2_VL_DIR: {"draft": SHIPPED_QWEN2_VL_DRAFT_DIR},
+}  # fmt: skip
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "quality.json")
 
 
@@ -134,10 +144,20 @@ def write_atomically(final: Path, write: Callable[[Path], dict], *, required: tu
     return manifest
 
 
+def is_testbed(name) -> bool:
+    """Whether a `--target` names a testbed (`"testbed"`, one of `NAMED`, or a directory with a testbed manifest)
+    rather than another checkpoint: testbeds load through `load_testbed` (the Qwen2-VL testbed's processor is
+    not one `AutoProcessor` knows)."""
+    return isinstance(name, str) and (name == DEFAULT or name in NAMED or (Path(name) / MANIFEST).is_file())
+
+
 def resolve(path: str | Path | None = None) -> tuple[Path, str]:
-    """Where `load_testbed` loads from, and why: the explicit `path`, then `$SPECVLM_TESTBED_DIR`, then the
-    copy shipped in the package (if valid), then the user cache."""
-    if path is not None:
+    """Where `load_testbed` loads from, and why: the explicit `path` (a directory, or a name in `NAMED`: the
+    testbed shipped under it), else (`None` or `"testbed"`) `$SPECVLM_TESTBED_DIR`, then the copy shipped in the
+    package (if valid), then the user cache."""
+    if isinstance(path, str) and path in NAMED:
+        return NAMED[path], "shipped with the package"
+    if path is not None and path != DEFAULT:
         return Path(path), "argument"
     if os.environ.get(ENV_VAR):
         return Path(os.environ[ENV_VAR]), f"${ENV_VAR}"
@@ -148,13 +168,13 @@ def resolve(path: str | Path | None = None) -> tuple[Path, str]:
 
 def shipped_companion(kind: str, testbed_dir: str | Path) -> Path | None:
     """The shipped trained draft (`kind="draft"`), draft with the elastic visual compressor (`"specvlm-draft"`) or
-    hf-assisted assistant (`"assistant"`) for the testbed at `testbed_dir`: only the shipped testbed has them (a
-    rebuilt testbed needs its own), so None otherwise."""
-    directory = {
-        "draft": SHIPPED_DRAFT_DIR, "specvlm-draft": SHIPPED_SPECVLM_DRAFT_DIR, "assistant": SHIPPED_ASSISTANT_DIR
-    }[kind]  # fmt: skip
-    same = Path(testbed_dir).absolute() == SHIPPED_DIR.absolute()
-    return directory if same and (directory / "config.json").is_file() else None
+    hf-assisted assistant (`"assistant"`) for the testbed at `testbed_dir`: only a shipped testbed has them (a
+    rebuilt testbed needs its own), and the Qwen2-VL testbed only a draft, so None otherwise."""
+    if kind not in ("draft", "specvlm-draft", "assistant"):
+        raise ValueError(f"no companion kind {kind!r}")
+    shipped = {d.absolute(): c for d, c in COMPANIONS.items()}.get(Path(testbed_dir).absolute(), {})
+    directory = shipped.get(kind)
+    return directory if directory is not None and (directory / "config.json").is_file() else None
 
 
 def load_testbed(path: str | Path | None = None, *, build_if_missing: bool = True, dtype: torch.dtype = torch.float32,
@@ -163,29 +183,32 @@ def load_testbed(path: str | Path | None = None, *, build_if_missing: bool = Tru
     resolved directory holds no valid testbed and `build_if_missing` allows it.
 
     Args:
-        path (`str` or `Path`, *optional*): a testbed directory; see `resolve` for the order without it.
+        path (`str` or `Path`, *optional*): a testbed directory or name (`"testbed-qwen2-vl"`); see `resolve` for
+            the order without it.
         build_if_missing (`bool`): build into the resolved directory instead of raising `TestbedError`.
         dtype (`torch.dtype`): weights are stored in bfloat16 and cast to this dtype.
         device (`str` or `torch.device`, *optional*): where to move the model.
 
     Returns:
-        `(LlavaForConditionalGeneration, LlavaProcessor)`, the model in eval mode.
+        `(target, processor)` of the testbed's architecture (`LlavaForConditionalGeneration` + `LlavaProcessor`, or
+        `Qwen2VLForConditionalGeneration` + `ImageQwen2VLProcessor`), the model in eval mode.
     """
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
     directory, source = resolve(path)
     try:
         verify(directory)
     except TestbedError as err:
         if not build_if_missing:
             raise TestbedError(f"{err}; build one with `specvlm-hf testbed build --output {directory}`") from err
-        from .build import build_testbed
+        from .build import BuildConfig, build_testbed
 
         logger.warning("no valid testbed at %s (%s, %s): building it", directory, source, err)
-        build_testbed(directory)
+        build_testbed(directory, BuildConfig.qwen2_vl() if directory == SHIPPED_QWEN2_VL_DIR else None)
         verify(directory)
-    model = LlavaForConditionalGeneration.from_pretrained(directory, dtype=dtype)
-    processor = AutoProcessor.from_pretrained(directory)
+    from .architectures import architecture
+
+    arch = architecture(json.loads((directory / "config.json").read_text())["model_type"])
+    model = arch.model_class.from_pretrained(directory, dtype=dtype)
+    processor = arch.load_processor(directory)
     if device is not None:
         model.to(device)
     return model.eval(), processor

@@ -3,7 +3,8 @@
 Batch `b` holds conversations `b * batch_size ...` of the build seed, so a build is a pure function of its seed;
 a batch either has a long description in every conversation or in none, which keeps padding small.
 
-Three choices make a randomly initialised LLaVA ground within the budget:
+The batches follow the layout of `cfg.architecture` (`architectures.py`). Three choices make a randomly initialised
+target ground within the budget:
 - each conversation is packed as independent single-turn prompts sharing the image prefix (a block attention mask),
   so no answer can be copied from an earlier turn, and the loss up-weights the words that name visual facts;
 - an alignment loss pulls each image token's projected feature towards the sum of the input embeddings of the words
@@ -26,10 +27,10 @@ import string
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .architectures import architecture
 from .dataset import Conversation, sample_conversation
 from .grammar import OPTIONS, POSITIONS
 from .scenes import COLOURS, DIGITS, GRID, RADIUS, SHAPES, SIZES, TEXT_CELLS, Scene
@@ -41,8 +42,9 @@ IGNORE = -100
 
 @dataclass(frozen=True)
 class Batch:
-    """`input_ids`, `labels`, `position_ids` of shape `(B, L)` (right-padded); `attention_mask` `(B, 1, L, L)` bool
-    (each question block sees the image prefix and itself, see `encode_conversation`); `pixel_values` `(B, 3, H, W)`;
+    """`input_ids`, `labels` of shape `(B, L)` (right-padded); `position_ids` `(B, L)`, or `(3, B, L)` for M-RoPE;
+    `attention_mask` `(B, 1, L, L)` bool (each question block sees the image prefix and itself, see
+    `encode_conversation`); `vision` the target's vision inputs (`pixel_values`, and `image_grid_thw` for Qwen2-VL);
     `patch_words` `(B, N, 5)` for the N image tokens (see `patch_words`); `weights` `(B, L)` loss weight of
     each label (`key_weight` on words that name what the image shows, 1 on other answer tokens, 0 elsewhere)."""
 
@@ -50,12 +52,16 @@ class Batch:
     labels: torch.Tensor
     attention_mask: torch.Tensor
     position_ids: torch.Tensor
-    pixel_values: torch.Tensor
+    vision: dict
     patch_words: torch.Tensor
     weights: torch.Tensor
 
     def to(self, device) -> Batch:
-        return Batch(*(getattr(self, f.name).to(device) for f in dataclasses.fields(self)))
+        moved = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        moved = {
+            k: {n: t.to(device) for n, t in v.items()} if k == "vision" else v.to(device) for k, v in moved.items()
+        }
+        return Batch(**moved)
 
 
 def patch_labels(scene: Scene, tokens_per_side: int) -> torch.Tensor:
@@ -84,31 +90,21 @@ def patch_labels(scene: Scene, tokens_per_side: int) -> torch.Tensor:
     return labels.flatten(0, 1)
 
 
-def pixel_values(images, image_processor) -> torch.Tensor:
-    """`(B, 3, H, W)` float32: the CLIP normalisation of images already rendered at the processor's crop size
-    (equal to what `image_processor` returns for them, without its per-image PIL round trips)."""
-    mean = np.asarray(image_processor.image_mean, dtype=np.float32)
-    std = np.asarray(image_processor.image_std, dtype=np.float32)
-    arrays = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images]) * np.float32(1 / 255)
-    return torch.from_numpy(((arrays - mean) / std).transpose(0, 3, 1, 2).copy())
-
-
 def encode_conversation(
-    conv: Conversation, tokenizer, image_seq_length: int
+    conv: Conversation, tokenizer, image_seq_length: int, architecture_name: str = "llava"
 ) -> tuple[list[int], list[int], list[int]]:
     """Token ids, labels and block ids of one conversation packed as independent single-turn prompts.
 
-    Block 0 is the shared prefix `<s>USER: <image>...<image>\n`; block k is `{question_k} ASSISTANT: {answer_k}</s>`,
-    so prefix + block k is exactly what the chat template and processor give for a one-question conversation.
-    Labels are `IGNORE` except on answer tokens and their closing `</s>`.
+    Block 0 is the shared prefix up to the question (LLaVA: `<s>USER: <image>...<image>\n`); block k is question k's
+    prompt and answer (`{question} ASSISTANT: {answer}</s>`), so prefix + block k is exactly what the chat template
+    and processor give for a one-question conversation up to the end of the answer. Labels are `IGNORE` except on
+    answer tokens and their end-of-turn token.
     """
-    prefix = [tokenizer.bos_token_id] + tokenizer(
-        f"USER: {tokenizer.image_token * image_seq_length}\n", add_special_tokens=False
-    ).input_ids
+    arch = architecture(architecture_name)
+    prefix = arch.prefix_ids(tokenizer, image_seq_length)
     ids, labels, blocks = list(prefix), [IGNORE] * len(prefix), [0] * len(prefix)
     for k, turn in enumerate(conv.turns, start=1):
-        question = tokenizer(f"{turn.question} ASSISTANT:", add_special_tokens=False).input_ids
-        answer = tokenizer(" " + turn.answer, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+        question, answer = arch.block_ids(tokenizer, turn.question, turn.answer)
         ids += question + answer
         labels += [IGNORE] * len(question) + answer
         blocks += [k] * (len(question) + len(answer))
@@ -141,26 +137,28 @@ def make_batch(cfg, step: int, processor, image_seq_length: int) -> Batch:
         )
         for i in range(cfg.batch_size)
     ]
-    encoded = [encode_conversation(c, processor.tokenizer, image_seq_length) for c in convs]
+    arch = architecture(cfg.architecture)
+    encoded = [encode_conversation(c, processor.tokenizer, image_seq_length, cfg.architecture) for c in convs]
     length = -(-max(len(ids) for ids, _, _ in encoded) // 16) * 16  # few distinct shapes: CPU kernels are reused
     pad = processor.tokenizer.pad_token_id
     input_ids = torch.full((len(convs), length), pad, dtype=torch.long)  # [B, L]
     labels = torch.full((len(convs), length), IGNORE, dtype=torch.long)
     blocks = torch.full((len(convs), length), -1, dtype=torch.long)  # -1: padding
-    positions = torch.zeros((len(convs), length), dtype=torch.long)
+    side = cfg.image_size // cfg.patch_size
+    prefix_ids = encoded[0][0][: encoded[0][2].count(0)]  # the same in every conversation
+    prefix = arch.prefix_positions(prefix_ids, processor.tokenizer, side)  # [A, P]: A = 1 (1-D) or 3 (M-RoPE)
+    positions = torch.zeros((len(prefix), len(convs), length), dtype=torch.long)  # [A, B, L]
     for i, (ids, lab, blk) in enumerate(encoded):
         input_ids[i, : len(ids)] = torch.tensor(ids)
         labels[i, : len(lab)] = torch.tensor(lab)
         blocks[i, : len(blk)] = torch.tensor(blk)
-        prefix = blk.count(0)
         for k in range(1, max(blk) + 1):  # every block continues the prefix, as if it were the only question
             in_block = blocks[i] == k
-            positions[i, in_block] = prefix + torch.arange(int(in_block.sum()))
-        positions[i, :prefix] = torch.arange(prefix)
+            positions[:, i, in_block] = int(prefix.max()) + 1 + torch.arange(int(in_block.sum()))
+        positions[:, i, : prefix.shape[1]] = prefix
     causal = torch.ones((length, length), dtype=torch.bool).tril()
     visible = (blocks[:, :, None] == blocks[:, None, :]) | (blocks[:, None, :] == 0)  # [B, L, L]: own block or prefix
     mask = (causal & visible & (blocks[:, None, :] >= 0)) | torch.eye(length, dtype=torch.bool)  # padding sees itself
-    side = cfg.image_size // cfg.patch_size
     weights = (labels != IGNORE).float() * (
         1 + (cfg.key_weight - 1) * torch.isin(labels, key_token_ids(processor.tokenizer))
     )
@@ -168,8 +166,8 @@ def make_batch(cfg, step: int, processor, image_seq_length: int) -> Batch:
         input_ids,
         labels,
         mask[:, None],
-        positions,
-        pixel_values([c.image for c in convs], processor.image_processor),
+        positions[0] if len(prefix) == 1 else positions,
+        arch.vision_inputs([c.image for c in convs], processor),
         torch.stack([patch_words(c.scene, side, processor.tokenizer) for c in convs]),
         weights,
     )
@@ -246,13 +244,14 @@ def train(model, processor, cfg, *, progress: bool = True) -> TrainStats:
     mix = {"share": 1.0, "words": None}
 
     def image_features(_module, _inputs, out):
-        features.append(out)
+        shaped = out.view(len(mix["words"]), -1, out.shape[-1])  # [B, N, D]
+        features.append(shaped)
         if mix["share"] >= 1.0:
             return out
         words = word_targets(model.get_input_embeddings().weight, mix["words"]).to(out.dtype)
-        return mix["share"] * out + (1.0 - mix["share"]) * words
+        return (mix["share"] * shaped + (1.0 - mix["share"]) * words).view_as(out)
 
-    hook = model.model.multi_modal_projector.register_forward_hook(image_features)
+    hook = architecture(cfg.architecture).feature_module(model).register_forward_hook(image_features)
     named = list(model.named_parameters())
     decay = [p for n, p in named if p.ndim >= 2 and "embed" not in n]
     no_decay = [p for n, p in named if p.ndim < 2 or "embed" in n]
@@ -262,7 +261,7 @@ def train(model, processor, cfg, *, progress: bool = True) -> TrainStats:
         betas=(0.9, 0.95),
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, cfg.steps, cfg.warmup_steps))
-    image_seq_length = model.config.image_seq_length
+    image_seq_length = (cfg.image_size // cfg.patch_size) ** 2
     tokens = answer_tokens = 0
     ema = None
     start = time.perf_counter()
@@ -278,7 +277,7 @@ def train(model, processor, cfg, *, progress: bool = True) -> TrainStats:
                     input_ids=batch.input_ids,
                     attention_mask=batch.attention_mask,
                     position_ids=batch.position_ids,
-                    pixel_values=batch.pixel_values,
+                    **batch.vision,
                 ).logits
             token_loss = torch.nn.functional.cross_entropy(
                 logits[:, :-1].flatten(0, 1).float(),

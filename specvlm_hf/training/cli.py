@@ -13,8 +13,9 @@ from pathlib import Path
 import torch
 
 from ..lora import DEFAULT_LORA_MODULES
+from ..testbed.store import DEFAULT, is_testbed
 
-TESTBED = "testbed"
+TESTBED = DEFAULT
 
 
 def register(subparsers) -> None:
@@ -24,7 +25,11 @@ def register(subparsers) -> None:
         description=__doc__,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--target", default=TESTBED, help="Target model directory, or 'testbed' for the built-in testbed.")
+    p.add_argument(
+        "--target",
+        default=TESTBED,
+        help="Target model directory, or 'testbed' (the built-in LLaVA testbed) or 'testbed-qwen2-vl' (the Qwen2-VL one).",
+    )
     p.add_argument(
         "--data",
         default=TESTBED,
@@ -115,10 +120,10 @@ def register(subparsers) -> None:
 
 def _load_target(name: str, adapter: str | None = None):
     """The target (with the peft adapter at `adapter` applied, if given) and its processor."""
-    if name == TESTBED:
+    if is_testbed(name):
         from ..testbed import load_testbed
 
-        target, processor = load_testbed()
+        target, processor = load_testbed(name)
     else:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -131,7 +136,7 @@ def _load_target(name: str, adapter: str | None = None):
     return target, processor
 
 
-def _testbed_rows(output: Path, n: int, seed: int):
+def _testbed_rows(output: Path, n: int, seed: int, testbed: str = TESTBED):
     """Single-turn testbed rows (each conversation's long description, caption and one short question), as
     image files + JSONL under `output/data`, written once; with digit and word cards if the testbed was built
     with them."""
@@ -143,7 +148,7 @@ def _testbed_rows(output: Path, n: int, seed: int):
     path = output / "data" / "data.jsonl"
     if not path.exists():
         (output / "data" / "images").mkdir(parents=True, exist_ok=True)
-        rows, share = [], card_share(resolve()[0])
+        rows, share = [], card_share(resolve(testbed)[0])
         for index, conv in enumerate(training_conversations(n, seed, long_fraction=0.7, card_share=share)):
             image = output / "data" / "images" / f"{index:06d}.png"
             conv.image.save(image)
@@ -202,7 +207,9 @@ def run(args) -> int:
     state = PartialState(cpu=not torch.cuda.is_available())  # as DistillationConfig(use_cpu=...) sets it up
     with state.main_process_first():  # one process writes the rows (and their cached answers); the others read them
         rows, problems = (
-            _testbed_rows(output, args.num_samples, args.data_seed)
+            _testbed_rows(
+                output, args.num_samples, args.data_seed, args.target if is_testbed(args.target) else TESTBED
+            )
             if args.data == TESTBED
             else load_rows(args.data, args.image_folder)
         )
@@ -218,7 +225,7 @@ def run(args) -> int:
     if args.eval_data:
         eval_rows, _ = read_llava_jsonl(args.eval_data)
         eval_prompts = eval_inputs(processor, eval_rows[: args.eval_prompts])
-    elif args.target == TESTBED:
+    elif is_testbed(args.target):
         from ..testbed import heldout_prompts
 
         eval_prompts = [dict(p.inputs(processor)) for p in heldout_prompts(kind="long", n=args.eval_prompts)]
@@ -260,7 +267,7 @@ def run(args) -> int:
     except ValueError as err:  # e.g. a global batch that does not divide: say which, without a traceback
         raise SystemExit(f"specvlm-hf train: {err}") from None
     draft = _initial_draft(args, target, resuming=bool(last_complete_checkpoint(output)))
-    name = "specvlm_hf testbed" if args.target == TESTBED else args.target  # what the model card names
+    name = f"specvlm_hf {args.target}" if is_testbed(args.target) else args.target  # what the model card names
     if args.target_adapter:
         name += f" + adapter {args.target_adapter}"
     command = shlex.join(["specvlm-hf", *sys.argv[1:]])  # the card records how the draft was trained
