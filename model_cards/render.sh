@@ -12,3 +12,9 @@ specvlm-hf card --draft specvlm_hf/testbed/assets/specvlm-draft --target-name "s
   --training-command "specvlm-hf train --target testbed --data testbed --num-samples 1600 --self-distill --epochs 4 --compressor elastic --output runs/specvlm-draft" \
   --usage model_cards/testbed-specvlm-draft/usage.py --output model_cards/testbed-specvlm-draft/README.md
 cp model_cards/testbed-specvlm-draft/README.md specvlm_hf/testbed/assets/specvlm-draft/README.md
+
+specvlm-hf card --draft specvlm_hf/testbed/assets/draft-qwen2-vl --target-name "specvlm_hf testbed-qwen2-vl" \
+  --repo-id specvlm-hf/testbed-qwen2-vl-draft --benchmark results/testbed-qwen2-vl-cpu/benchmark.json \
+  --training-command "specvlm-hf train --target testbed-qwen2-vl --data testbed --num-samples 1600 --self-distill --epochs 2 --output runs/draft-qwen2-vl" \
+  --usage model_cards/testbed-qwen2-vl-draft/usage.py --output model_cards/testbed-qwen2-vl-draft/README.md
+cp model_cards/testbed-qwen2-vl-draft/README.md specvlm_hf/testbed/assets/draft-qwen2-vl/README.md

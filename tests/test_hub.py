@@ -95,7 +95,7 @@ def test_shipped_testbed_cards_are_what_the_renderer_makes_today(tmp_path, monke
     monkeypatch.chdir(REPO)
     script = (REPO / "model_cards" / "render.sh").read_text()
     blocks = [b for b in script.split("\n\n") if "specvlm-hf card" in b]
-    assert len(blocks) == 2
+    assert len(blocks) == 3
     for block in blocks:
         card, copy = block[block.index("specvlm-hf card") :].split("\ncp ")
         command = shlex.split(card.replace("\\\n", " "))
@@ -108,7 +108,7 @@ def test_shipped_testbed_cards_are_what_the_renderer_makes_today(tmp_path, monke
         assert rendered == (REPO / shlex.split(copy)[1]).read_text()
 
 
-@pytest.mark.parametrize("card", ["testbed-draft", "testbed-specvlm-draft"])
+@pytest.mark.parametrize("card", ["testbed-draft", "testbed-specvlm-draft", "testbed-qwen2-vl-draft"])
 def test_testbed_card_usage_snippet_runs(monkeypatch, card):
     monkeypatch.chdir(REPO)
     namespace = {}
