@@ -110,7 +110,9 @@ def make_qwen_target(
         text_config=dict(
             hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             vocab_size=vocab, max_position_embeddings=512, bos_token_id=0, eos_token_id=1, pad_token_id=2,
-            rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 10000.0},
+            # theta 10, not 10000: with head size 8 the height and width axes get the two lowest frequencies,
+            # which must turn far enough per position for a height or width off by one to change the output
+            rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 10.0},
         ),
         vision_config=vision, image_token_id=QWEN_IMAGE, video_token_id=QWEN_VIDEO,
         vision_start_token_id=QWEN_START, vision_end_token_id=QWEN_END, attn_implementation=attn_implementation,
