@@ -4,13 +4,19 @@ and on CPU a level costs more in framework overhead than in arithmetic, so this 
 
 - keeps the draft's keys and values in preallocated buffers (`StaticDraftCache`): appending writes in place, and
   dropping the tree's entries after a step only moves a length (no concatenation, no copy);
-- runs the layer's arithmetic directly on its weights (the same functional calls its modules make) and calls
-  transformers' attention function itself, skipping the module calls, decorators, keyword plumbing and cache dispatch
-  of `LlamaDecoderLayer.forward`.
+- runs the layer's arithmetic directly on its weights (the same functional calls its modules make), skipping the
+  module calls, decorators, keyword plumbing and cache dispatch of `LlamaDecoderLayer.forward`;
+- under SDPA attention on CPU lets the kernel share each key/value head among its query heads (`enable_gqa`)
+  instead of copying the whole cache `num_key_value_groups` times per level as transformers' SDPA function does when
+  a mask is given (the copy cost as much as the attention); other devices and implementations run through
+  transformers' function;
+- reads the rotary cos/sin of default RoPE from a table computed once per call (`RotaryTable`), the same elementwise
+  arithmetic `LlamaRotaryEmbedding.forward` does per position.
 
 Invariant: given the same inputs and mask, `LeanDraftForward` returns bit for bit what `SpecVLMDraftModel.forward`
-returns with a `DynamicCache` holding the same entries (float32; `tests/test_draft_step.py`). It calls the same
-kernels with the same shapes in the same order; only where the keys and values live differs.
+returns with a `DynamicCache` holding the same entries (float32; `tests/test_draft_step.py`). Every value goes
+through the same arithmetic; only where the keys, values and rotary angles live, and how the attention kernel reaches
+a shared key/value head, differ.
 """
 
 from __future__ import annotations
@@ -61,6 +67,32 @@ class StaticDraftCache:
         self.length = min(self.length, length)
 
 
+class RotaryTable:
+    """
+    The cos/sin of default RoPE (`LlamaRotaryEmbedding`, `rope_type="default"`) for positions `[0, capacity)`,
+    computed once: `LlamaRotaryEmbedding.forward` is elementwise per position (position x inverse frequency, then cos
+    and sin), so a row of the table is bit for bit what it returns for that position.
+    """
+
+    def __init__(self, rotary_emb, dtype, device, capacity: int = 512):
+        self.rotary_emb, self.dtype, self.device = rotary_emb, dtype, device
+        self._fill(capacity)
+
+    def _fill(self, capacity: int) -> None:
+        positions = torch.arange(capacity, device=self.device)[None]
+        cos, sin = self.rotary_emb(torch.empty(0, dtype=self.dtype, device=self.device), positions)
+        self.cos, self.sin = cos[0], sin[0]  # (capacity, head_dim)
+
+    def reserve(self, positions: int) -> None:
+        """Makes the table cover positions `[0, positions)` (at least doubling when it grows)."""
+        if positions > self.cos.shape[0]:
+            self._fill(max(positions, 2 * self.cos.shape[0]))
+
+    def __call__(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(cos, sin)`, each `(1, q_len, head_dim)`, at `position_ids` (`(1, q_len)`, all reserved)."""
+        return self.cos[position_ids], self.sin[position_ids]
+
+
 class LeanDraftForward:
     """`SpecVLMDraftModel.forward` over a `StaticDraftCache`. One instance serves one decoding call."""
 
@@ -68,6 +100,9 @@ class LeanDraftForward:
         self.draft = draft
         config = draft.config
         self.head_dim = config.head_dim
+        # SDPA on CPU is called directly (`_sdpa`); elsewhere (where GQA with a mask falls back to the math kernel) and
+        # for any other implementation, through transformers' function.
+        self.sdpa = config._attn_implementation == "sdpa" and draft.fc.weight.device.type == "cpu"
         self.attention = ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager_attention_forward)
         check_plain_modules(draft)
         weight = draft.fc.weight
@@ -83,6 +118,15 @@ class LeanDraftForward:
         self.cache = StaticDraftCache(
             len(draft.layers), config.num_key_value_heads, config.head_dim, weight.dtype, weight.device, capacity
         )
+        rotary = draft.rotary_emb
+        self.rotary = (
+            RotaryTable(rotary, weight.dtype, weight.device, capacity) if rotary.rope_type == "default" else None
+        )
+
+    def reserve_positions(self, positions: int) -> None:
+        """Makes room for draft positions `[0, positions)`; the caller reserves before feeding a position."""
+        if self.rotary is not None:
+            self.rotary.reserve(positions)
 
     def __call__(
         self,
@@ -97,18 +141,21 @@ class LeanDraftForward:
         Args:
             inputs_embeds, features (`torch.FloatTensor` of shape `(1, q_len, hidden_size)`): as in
                 `SpecVLMDraftModel.forward`.
-            position_ids (`torch.LongTensor` of shape `(1, q_len)`)
+            position_ids (`torch.LongTensor` of shape `(1, q_len)`): reserved (`reserve_positions`).
             attention_mask (`torch.FloatTensor` of shape `(1, 1, q_len, length + q_len)`): additive mask over the
                 cache's live entries and the new ones.
 
         Returns:
             `torch.FloatTensor` of shape `(1, q_len, hidden_size)`.
         """
-        draft, cache = self.draft, self.cache
+        cache = self.cache
         q_len, start = inputs_embeds.shape[1], cache.length
         cache.reserve(start + q_len)
         hidden = F.linear(torch.cat([inputs_embeds, features.to(inputs_embeds.dtype)], dim=-1), *self.fc)
-        cos, sin = draft.rotary_emb(hidden, position_ids)
+        if self.rotary is not None:
+            cos, sin = self.rotary(position_ids)
+        else:
+            cos, sin = self.draft.rotary_emb(hidden, position_ids)
         heads = (1, q_len, -1, self.head_dim)
         for index, (attn, norms, projections, act) in enumerate(self.layers):
             normed = _rms_norm(hidden, *norms[0])
@@ -118,13 +165,43 @@ class LeanDraftForward:
             query, key = apply_rotary_pos_emb(query, key, cos, sin)
             keys, values = cache.write(index, start, key, value)
             dropout = attn.attention_dropout if attn.training else 0.0  # as LlamaAttention.forward
-            out, _ = self.attention(attn, query, keys, values, attention_mask, dropout=dropout, scaling=attn.scaling)
+            if self.sdpa:
+                out = _sdpa(query, keys, values, attention_mask, dropout, attn.scaling)
+            else:
+                out, _ = self.attention(
+                    attn, query, keys, values, attention_mask, dropout=dropout, scaling=attn.scaling
+                )
             hidden = hidden + F.linear(out.reshape(1, q_len, -1).contiguous(), *projections[3])
             normed = _rms_norm(hidden, *norms[1])
             gated = act(F.linear(normed, *projections[4])) * F.linear(normed, *projections[5])
             hidden = hidden + F.linear(gated, *projections[6])
         cache.length = start + q_len
         return hidden
+
+
+def _sdpa(query, keys, values, attention_mask, dropout: float, scaling: float) -> torch.Tensor:
+    """
+    `sdpa_attention_forward` without copying the keys and values per query head, bit for bit the same.
+
+    Args:
+        query (`(1, heads, q_len, head_dim)`), keys and values (`(1, kv_heads, kv_len, head_dim)`), attention_mask
+            (`(1, 1, q_len, kv_len)`, additive).
+
+    Returns:
+        `(1, q_len, heads, head_dim)`.
+    """
+    heads, q_len, kv_heads = query.shape[1], query.shape[2], keys.shape[1]
+    if kv_heads == heads or q_len > 1:  # the kernel reads head h's keys and values at kv head h // groups
+        out = F.scaled_dot_product_attention(
+            query, keys, values, attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
+            enable_gqa=kv_heads != heads,
+        )  # fmt: skip
+    else:  # one query: a kv head's query heads become its rows (transformers' pack_gqa, the reference path's call)
+        packed = query.reshape(1, kv_heads, heads // kv_heads, query.shape[-1])
+        out = F.scaled_dot_product_attention(
+            packed, keys, values, attn_mask=attention_mask, dropout_p=dropout, scale=scaling
+        ).reshape(1, heads, 1, query.shape[-1])  # fmt: skip
+    return out.transpose(1, 2)
 
 
 def check_plain_modules(draft) -> None:

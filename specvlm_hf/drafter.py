@@ -157,13 +157,14 @@ class TreeDrafter(Drafter):
             embeds, features, position_ids = (torch.cat(parts, dim=1) for parts in zip(*self._pending))
         self._pending = []
         k, depth = self.shape.top_k, self.shape.depth
+        root = state.input_ids[0, -1]
+        root_position = state.input_ids.shape[1] - 1
+        self.forward.reserve_positions(root_position + depth)  # the deepest level sits at root_position + depth - 1
         cache = self.forward.cache
         committed = cache.length + embeds.shape[1]  # cache entries of committed positions after the catch-up
         hidden = self.forward(embeds, features, position_ids, causal_attention_mask(
             embeds.shape[1], cache.length, self.draft.fc.weight.dtype, embeds.device
         ))  # fmt: skip
-        root = state.input_ids[0, -1]
-        root_position = state.input_ids.shape[1] - 1
         device, dtype = hidden.device, hidden.dtype
         embed = self.draft.embed_tokens
 

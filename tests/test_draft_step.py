@@ -19,6 +19,7 @@ class _RecordingForward:
 
     def __init__(self, forward: LeanDraftForward):
         self.inner, self.cache, self.outputs = forward, forward.cache, []
+        self.reserve_positions = forward.reserve_positions
 
     def __call__(self, *args):
         self.outputs.append(self.inner(*args))

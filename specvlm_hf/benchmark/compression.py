@@ -74,6 +74,7 @@ def draft_prefill(draft, inputs_embeds, features, position_ids, image_mask, repe
     def run():
         embeds, feats, positions = draft.compressor(inputs_embeds, features, position_ids, image_mask)
         forward = LeanDraftForward(draft, capacity=embeds.shape[1])
+        forward.reserve_positions(inputs_embeds.shape[1])  # compressed pairs keep positions below the prompt's length
         mask = causal_attention_mask(embeds.shape[1], 0, embeds.dtype, embeds.device)
         forward(embeds, feats, positions, mask)
         return forward.cache.length
