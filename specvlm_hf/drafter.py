@@ -127,8 +127,12 @@ class TreeDrafter(Drafter):
         return dict(self._described)
 
     def observe(self, tree: DraftTree, path: list[int], finished: bool) -> None:
-        if self.tuner is not None and self.shape is not None:
-            now = time.perf_counter()
+        if self.tuner is None:
+            return
+        now = time.perf_counter()
+        if self.shape is None:
+            self.tuner.observe_plain(now - self._started)
+        else:
             drafted, total = self._drafted - self._started, now - self._started
             ranks = [tree.children[tree.parents[node]].index(node) for node in path[1:]]
             shape = replace(self.shape, depth=self._levels)  # as drafted: a chain stops at an end token

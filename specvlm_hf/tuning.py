@@ -20,7 +20,9 @@ that picks depth and width every step from measured costs and the running accept
   and `s_v`, `s_d` the running ratio of in-loop to isolated times (the loop evicts the draft's weights from the CPU
   caches, so isolated times run warm). A *plain step* (no draft: one token for T(1)) competes too, so where the draft
   is not accepted the loop decodes as plain `generate()` does (the draft catches up on those tokens when it drafts
-  again); after `probe_every` plain steps in a row one step drafts again, to notice when acceptance comes back.
+  again); after `probe_every` plain steps in a row one step drafts again, to notice when acceptance comes back. A
+  probe that has none of its drafts accepted doubles the gap to the next one (up to `max_probe_every`); one that does
+  resets it.
 
 Any tree is verified losslessly, so the controller changes speed, never output. Explicit knobs (`depth`, `top_k`,
 `total_tokens`) switch it off.
@@ -92,11 +94,12 @@ class CostCurve:
 
 
 @torch.no_grad()
-def measure_verify_curve(adapter, cache, prefix_len: int, layout, sizes=VERIFY_SIZES, repeats: int = 3) -> CostCurve:
+def measure_verify_curve(adapter, cache, prefix_len: int, layout, sizes=VERIFY_SIZES, repeats: int = 5) -> CostCurve:
     """
     T(q) for each q in `sizes` (1 added): the median over `repeats` rounds (after a warm-up round, rounds interleaved
     across q) of the loop's `verify` of a q-token tree over `cache`, which holds `prefix_len` entries of a sequence
-    whose prompt has `layout` (`adapters.PromptLayout`), and is cut back to them after each forward.
+    whose prompt has `layout` (`adapters.PromptLayout`), and is cut back to them after each forward; made
+    non-decreasing in q (`monotone`).
     """
     from .loop import verify  # loop imports drafter, which imports this module's users
 
@@ -110,13 +113,14 @@ def measure_verify_curve(adapter, cache, prefix_len: int, layout, sizes=VERIFY_S
             commit_accepted(cache, prefix_len, [])
             if round_:
                 timings[q].append(seconds)
-    return CostCurve(tuple(sizes), tuple(float(np.median(timings[q])) for q in sizes), prefix_len)
+    return CostCurve(tuple(sizes), tuple(monotone([float(np.median(timings[q])) for q in sizes])), prefix_len)
 
 
 @torch.no_grad()
 def measure_draft_levels(draft, prefix_len: int, widths=WIDTHS, repeats: int = 5) -> dict[int, float]:
     """Seconds of one draft level of each width k (k rows through the lean draft forward, the shared `lm_head`,
-    log-softmax and top-k) over a draft cache of `prefix_len` entries; mean of `repeats` after a warm-up."""
+    log-softmax and top-k) over a draft cache of `prefix_len` entries; mean of `repeats` after a warm-up, made
+    non-decreasing in k (`monotone`)."""
     from .draft_step import LeanDraftForward
     from .tree import causal_attention_mask
 
@@ -136,10 +140,24 @@ def measure_draft_levels(draft, prefix_len: int, widths=WIDTHS, repeats: int = 5
         forward.cache.truncate(prefix_len)
 
     costs = {}
-    for k in widths:
+    for k in sorted(widths):
         seconds = [time_call(lambda k=k: level(k), device)[1] for _ in range(repeats + 1)][1:]
         costs[k] = float(np.mean(seconds))
-    return costs
+    return dict(zip(costs, monotone(list(costs.values()))))
+
+
+def monotone(values: list[float]) -> list[float]:
+    """The non-decreasing sequence closest to `values` in squared error (pool adjacent violators). A forward over
+    more tokens never costs less, so a measured cost below a smaller size's is noise (another process, a frequency
+    step); left in, the tuner would take that size for free."""
+    blocks: list[list[float]] = []  # [sum, count] of pooled neighbours
+    for value in values:
+        blocks.append([value, 1])
+        while len(blocks) > 1 and blocks[-2][0] * blocks[-1][1] > blocks[-1][0] * blocks[-2][1]:
+            total, count = blocks.pop()
+            blocks[-1][0] += total
+            blocks[-1][1] += count
+    return [total / count for total, count in blocks for _ in range(int(count))]
 
 
 @dataclass(frozen=True)
@@ -176,7 +194,7 @@ def cache_dir() -> Path:
     return Path(HF_HOME) / "specvlm_hf"
 
 
-COSTS_FORMAT = 1  # bump when what is measured changes
+COSTS_FORMAT = 2  # bump when what is measured changes
 
 
 def costs_key(target, draft) -> str:
@@ -252,6 +270,7 @@ class TreeTuner:
             its first steps is tried again.
         call_strength (`float`): pseudo-drafts on each side of a call's accepted-over-expected ratio.
         probe_every (`int`): plain steps in a row after which one step drafts again.
+        max_probe_every (`int`): the longest gap between probes, which doubles after each rejected probe.
     """
 
     def __init__(
@@ -263,10 +282,11 @@ class TreeTuner:
         max_depth: int = MAX_DEPTH,
         call_strength: float = 2.0,
         probe_every: int = 8,
+        max_probe_every: int = 64,
     ):
         self.costs = costs
         self.prior, self.strength, self.optimism, self.max_depth = prior, strength, optimism, max_depth
-        self.call_strength, self.probe_every = call_strength, probe_every
+        self.call_strength, self.probe_every, self.max_probe_every = call_strength, probe_every, max_probe_every
         self.widths = tuple(k for k in sorted(costs.draft_level) if k >= 1)
         # reached[k][j-1]: steps of width k whose depth-j level was drafted with every ancestor accepted;
         # accepted[k][j-1]: of those, steps where depth j was accepted too.
@@ -275,9 +295,12 @@ class TreeTuner:
         self.call_reached = {k: np.zeros(max_depth) for k in self.widths}  # the same counts, this call only
         self.call_accepted = {k: np.zeros(max_depth) for k in self.widths}
         self.plain_streak = 0  # plain steps in a row, this call
+        self.probe_gap = probe_every  # plain steps in a row before the next probe, this call
+        self._probing = False  # the last chosen shape is a probe
+        self._best = None  # (width, depth, tokens per second) of the best shape, until an observation changes it
         self.mass = {k: 0.0 for k in self.widths}  # sum over steps of the draft's top-k probability at level 1
         self.mass_steps = 0
-        self.verify_scale = self.draft_scale = 1.0
+        self.verify_scale = self.draft_scale = self.plain_scale = 1.0
         self.steps = 0
         self._pending_mass = None
         # Isolated seconds per width k for d = 1..max_depth: verification of d*k + 1 tokens, and drafting.
@@ -304,7 +327,7 @@ class TreeTuner:
         for counts in (self.call_reached, self.call_accepted):
             for array in counts.values():
                 array[:] = 0
-        self.plain_streak = 0
+        self.plain_streak, self.probe_gap, self._probing, self._best = 0, self.probe_every, False, None
 
     def _all_alphas(self, optimism: float) -> dict[int, np.ndarray]:
         """`alphas(k, optimism)` for every width, the chain's estimate computed once."""
@@ -343,15 +366,18 @@ class TreeTuner:
 
     def choose(self) -> SpeculativeConfig | None:
         """The shape with the most expected tokens per second, or `None` for a plain step (no draft)."""
-        alphas = self._all_alphas(self.optimism)
-        rates = {k: _expected_tokens(alphas[k]) / self.step_seconds(k) for k in self.widths}
-        k = max(self.widths, key=lambda w: rates[w].max())
-        plain_rate = 1.0 / (self.costs.curve.at(1) * self.verify_scale)
-        if plain_rate > rates[k].max() and self.plain_streak < self.probe_every:
+        if self._best is None:  # plain steps observe nothing, so a streak of them reuses one computation
+            alphas = self._all_alphas(self.optimism)
+            rates = {k: _expected_tokens(alphas[k]) / self.step_seconds(k) for k in self.widths}
+            k = max(self.widths, key=lambda w: rates[w].max())
+            self._best = (k, int(rates[k].argmax()) + 1, float(rates[k].max()))
+        k, depth, rate = self._best
+        plain_rate = 1.0 / (self.costs.curve.at(1) * self.plain_scale)
+        self._probing = plain_rate > rate
+        if self._probing and self.plain_streak < self.probe_gap:
             self.plain_streak += 1
             return None
         self.plain_streak = 0
-        depth = int(rates[k].argmax()) + 1
         return SpeculativeConfig(depth=depth, top_k=k, total_tokens=depth * k + 1)
 
     def observe_mass(self, top_probs: torch.Tensor) -> None:
@@ -367,6 +393,10 @@ class TreeTuner:
         for k in self.widths:
             self.mass[k] += cumulative[min(k, len(cumulative)) - 1]
         self.mass_steps += 1
+
+    def observe_plain(self, step_seconds: float) -> None:
+        """Learns from one plain step that took `step_seconds` in all (its time in the loop against T(1))."""
+        self.plain_scale += 0.2 * (step_seconds / self.costs.curve.at(1) - self.plain_scale)
 
     def observe(
         self,
@@ -388,6 +418,9 @@ class TreeTuner:
         step of a call, whose drafting includes the draft's pass over the prompt) keeps its times out of the scales.
         """
         self._take_mass()
+        self._best = None
+        if self._probing and not finished:
+            self.probe_gap = min(2 * self.probe_gap, self.max_probe_every) if not ranks else self.probe_every
         k, depth = shape.top_k, shape.depth
         if timed and draft_seconds > 0 and step_seconds > draft_seconds:
             predicted_draft, predicted_verify = self._draft[k][depth - 1], self._verify[k][depth - 1]

@@ -10,7 +10,7 @@ from tiny import make_inputs
 
 from specvlm_hf import SpeculativeConfig
 from specvlm_hf.adapters import get_adapter
-from specvlm_hf.tuning import CostCurve, DeviceCosts, TreeTuner, cache_dir, costs_key, device_costs
+from specvlm_hf.tuning import CostCurve, DeviceCosts, TreeTuner, cache_dir, costs_key, device_costs, monotone
 
 SIZES = (1, 2, 3, 5, 9, 17, 33, 65)
 
@@ -166,17 +166,34 @@ def test_a_call_the_draft_cannot_predict_decodes_plainly_and_probes():
     _run(tuner, lambda shape: [0] * shape.depth, steps=200)  # earlier calls: every draft accepted
     tuner.start_call()
     choices = []
-    for _ in range(30):  # this call: nothing accepted
+    for _ in range(70):  # this call: nothing accepted; every step takes as long as predicted
         shape = tuner.choose()
         choices.append(shape)
-        if shape is not None:
-            tuner.observe(shape, [], 0.1, 1.0, finished=False)
+        if shape is None:
+            tuner.observe_plain(tuner.costs.curve.at(1))
+        else:
+            k, d = shape.top_k, shape.depth
+            drafting, verifying = tuner._draft[k][d - 1], tuner._verify[k][d - 1]
+            tuner.observe(shape, [], drafting, drafting + verifying, finished=False)
     drafted = [i for i, shape in enumerate(choices) if shape is not None]
     assert drafted[:1] == [0] and choices[0].depth >= 5  # starts from the running estimate
-    assert len(drafted) <= 8  # a few rejected steps, then plain steps with a probe every `probe_every`
-    assert choices[-9:].count(None) >= 8
+    # a few rejected steps, then plain steps with a probe after 8, then 16, then 32 (each probe rejected)
+    first_plain = next(i for i, shape in enumerate(choices) if shape is None)
+    probes = [i for i in drafted if i > first_plain]
+    assert first_plain <= 5 and probes == [first_plain + 8, first_plain + 8 + 17, first_plain + 8 + 17 + 33]
+    assert tuner.probe_gap == 64
+    while (shape := tuner.choose()) is None:
+        tuner.observe_plain(tuner.costs.curve.at(1))
+    tuner.observe(shape, [0], 0.1, 1.0, finished=False)  # a probe with an accepted draft: probes every 8 again
+    assert tuner.probe_gap == tuner.probe_every == 8
     tuner.start_call()  # the next call starts from the running estimate again, which still trusts the draft
     assert tuner.choose() is not None
+
+
+def test_a_measured_cost_never_falls_with_size():
+    assert monotone([7.2, 8.6, 7.8, 9.5]) == pytest.approx([7.2, 8.2, 8.2, 9.5])
+    assert monotone([3.0, 2.0, 1.0]) == pytest.approx([2.0, 2.0, 2.0])
+    assert monotone([1.0, 1.0, 2.0]) == [1.0, 1.0, 2.0]
 
 
 def test_plain_steps_and_the_drafts_catch_up_keep_the_output(target, monkeypatch):
