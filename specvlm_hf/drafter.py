@@ -87,6 +87,12 @@ class TreeDraftSpec(DraftSource):
         return TreeDraftSpec(self.draft, self.speculative_config.with_overrides(**knobs))
 
 
+# The tree stops growing once the draft's probability that the answer has ended inside it reaches this: every
+# deeper node then has a chance below 1 - END_MASS of being reached, worth less than a level costs (a level costs
+# 10-20% of a target step on CPU, and a drafted token saves at most one step).
+END_MASS = 0.9
+
+
 class TreeDrafter(Drafter):
     """
     EAGLE-2 dynamic tree with a `SpecVLMDraftModel`: catch up on the committed positions, take the `top_k` children of
@@ -99,8 +105,9 @@ class TreeDrafter(Drafter):
     and keeps the committed positions to feed at the next step that drafts (the prompt's included).
 
     A drafted end token (`eos_token_id`) is never expanded: if the target accepts it, generation stops there, and if
-    it does not, the path leaves the tree there, so its children could never be emitted. A chain whose next token is
-    an end token stops growing (short answers then cost one or two draft levels, not `depth`).
+    it does not, the path leaves the tree there, so its children could never be emitted. The tree stops growing when
+    every frontier node is an end token or when the drafted end tokens hold `END_MASS` of the draft's probability
+    (short answers then cost one or two draft levels, not `depth`; this needs a host sync per level).
     """
 
     def __init__(self, draft, config: SpeculativeConfig):
@@ -178,6 +185,7 @@ class TreeDrafter(Drafter):
         tokens, scores = tokens[0], scores[0]  # [k]
         if self.tuner is not None:
             self.tuner.observe_mass(log_probs[0].topk(max(self.tuner.widths)).values.exp())
+        ended = self._end_mass(tokens, scores)
         pool_tokens, pool_scores = [tokens], [scores]
         pool_parents = [torch.full_like(tokens, -1)]
         frontier = torch.arange(k, device=device)  # pool indices of the frontier
@@ -191,8 +199,8 @@ class TreeDrafter(Drafter):
 
         self._levels = 1
         for level in range(1, depth):
-            if k == 1 and self._end_tokens is not None and bool(scores.isinf().all()):
-                break  # the chain's last token is an end token: nothing after it can be emitted
+            if self._end_tokens is not None and bool(scores.isinf().all() | (ended >= END_MASS)):
+                break  # every frontier node is an end token, or the draft expects the answer to have ended
             self._levels = level + 1
             # Feed the frontier (depth `level`) at position root + level - 1.
             mask = torch.zeros(1, 1, k, committed + level * k, dtype=dtype, device=device)
@@ -204,6 +212,7 @@ class TreeDrafter(Drafter):
             child_tokens, child_scores = expand_level(scores, log_probs, k)  # [k, k]
             pool_tokens.append(child_tokens.flatten())
             pool_scores.append(child_scores.flatten())
+            ended = ended + self._end_mass(pool_tokens[-1], pool_scores[-1])
             pool_parents.append(frontier.repeat_interleave(k))
             best = child_scores.flatten().topk(k).indices  # next frontier, as indices into this level's k*k
             parent_slot = best // k
@@ -227,6 +236,13 @@ class TreeDrafter(Drafter):
         tree = build_tree(tree_tokens, [-1] + tree_parents.tolist())  # tolist() waits for the device
         self._drafted = time.perf_counter()
         return tree
+
+    def _end_mass(self, tokens: torch.Tensor, scores: torch.Tensor) -> torch.Tensor | float:
+        """The draft's probability that the answer ends at one of these nodes: the sum of `exp(score)` over the end
+        tokens among `tokens` (their paths are disjoint, so the events are too)."""
+        if self._end_tokens is None:
+            return 0.0
+        return scores.exp().masked_fill(~torch.isin(tokens, self._end_tokens), 0.0).sum()
 
     def _without_end_tokens(self, tokens: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         """Frontier `scores` (shape `(k,)`) with `-inf` at end tokens: their children score `-inf` and are dropped."""
