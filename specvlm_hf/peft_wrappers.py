@@ -7,6 +7,8 @@ outside the modules, or only on some rows or tokens of a forward, is refused by 
 
 from __future__ import annotations
 
+import sys
+
 from torch import nn
 
 
@@ -66,6 +68,8 @@ def check_no_adapter_routing(target: nn.Module) -> None:
     peft removes those hooks after `generate()` returns but not when it raises, so they are removed here before
     raising: the model is left as it was before the call.
     """
+    if "peft" not in sys.modules:  # no peft layer, hence no hook, without peft imported (skips a module walk)
+        return
     routed = []
     for name, module in target.named_modules():
         if not hasattr(module, "base_layer"):
