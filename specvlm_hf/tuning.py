@@ -117,10 +117,10 @@ def measure_verify_curve(adapter, cache, prefix_len: int, layout, sizes=VERIFY_S
 
 
 @torch.no_grad()
-def measure_draft_levels(draft, prefix_len: int, widths=WIDTHS, repeats: int = 5) -> dict[int, float]:
+def measure_draft_levels(draft, prefix_len: int, widths=WIDTHS, repeats: int = 15) -> dict[int, float]:
     """Seconds of one draft level of each width k (k rows through the lean draft forward, the shared `lm_head`,
-    log-softmax and top-k) over a draft cache of `prefix_len` entries; mean of `repeats` after a warm-up, made
-    non-decreasing in k (`monotone`)."""
+    log-softmax and top-k) over a draft cache of `prefix_len` entries: the median over `repeats` rounds (after a
+    warm-up round, rounds interleaved across k), made non-decreasing in k (`monotone`)."""
     from .draft_step import LeanDraftForward
     from .tree import causal_attention_mask
 
@@ -139,11 +139,14 @@ def measure_draft_levels(draft, prefix_len: int, widths=WIDTHS, repeats: int = 5
         torch.log_softmax(draft.compute_logits(out[0]).float(), dim=-1).topk(k, dim=-1)
         forward.cache.truncate(prefix_len)
 
-    costs = {}
-    for k in sorted(widths):
-        seconds = [time_call(lambda k=k: level(k), device)[1] for _ in range(repeats + 1)][1:]
-        costs[k] = float(np.mean(seconds))
-    return dict(zip(costs, monotone(list(costs.values()))))
+    widths = sorted(widths)
+    timings = {k: [] for k in widths}
+    for round_ in range(repeats + 1):
+        for k in widths:
+            seconds = time_call(lambda k=k: level(k), device)[1]
+            if round_:
+                timings[k].append(seconds)
+    return dict(zip(widths, monotone([float(np.median(timings[k])) for k in widths])))
 
 
 def monotone(values: list[float]) -> list[float]:
