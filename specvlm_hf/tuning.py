@@ -3,8 +3,8 @@ that picks depth and width every step from measured costs and the running accept
 
 - **Costs** (`DeviceCosts`): the target's verification time T(q) for q tree tokens (the loop's own `verify`) and the
   draft's time per level of width k, measured once per (device, target, draft) over a prefix as long as the first
-  prompt (0.5-1 s on 2 CPU cores at testbed scale), kept in memory and on disk (`cache_dir()`), so a new process
-  on the same machine measures nothing.
+  prompt (0.5-1 s on 2 CPU cores at testbed scale), made non-decreasing in q and k (`monotone`), kept in memory and
+  on disk (`cache_dir()`), so a new process on the same machine measures nothing.
 - **Acceptance** (`TreeTuner`): per width k and depth j, the probability alpha_j(k) that the target accepts a drafted
   token at depth j given it accepted its ancestors, estimated from the steps run so far (a step of width k also
   tells what every narrower width would have accepted: the leading drafts that were their siblings' first choices) (a Beta estimate whose prior
@@ -18,8 +18,9 @@ that picks depth and width every step from measured costs and the running accept
 - **Choice**: the shape (depth d, width k, d*k + 1 tree tokens) that maximises expected tokens per second,
   `E(d, k) / (T(d*k + 1) * s_v + (c(1) + (d - 1) * c(k)) * s_d)`, with `E(d, k) = 1 + sum_i prod_{j<=i} alpha_j(k)`
   and `s_v`, `s_d` the running ratio of in-loop to isolated times (the loop evicts the draft's weights from the CPU
-  caches, so isolated times run warm). A *plain step* (no draft: one token for T(1)) competes too, so where the draft
-  is not accepted the loop decodes as plain `generate()` does (the draft catches up on those tokens when it drafts
+  caches, so isolated times run warm). A *plain step* (no draft: one token for T(1) x `s_p`, the running ratio of
+  in-loop plain steps to T(1)) competes too, so where the draft is not accepted the loop decodes as plain
+  `generate()` does (the draft catches up on those tokens when it drafts
   again); after `probe_every` plain steps in a row one step drafts again, to notice when acceptance comes back. A
   probe that has none of its drafts accepted doubles the gap to the next one (up to `max_probe_every`); one that does
   resets it.

@@ -177,3 +177,27 @@ def test_a_drafted_end_token_is_never_expanded(target, draft):
     ends = [i for i in range(1, tree.num_nodes) if int(tree.tokens[i]) == level_one[0]]
     assert ends and all(not tree.children[i] for i in ends)  # present, childless
     assert tree.num_nodes > 4  # the other branches still grow
+
+
+@pytest.mark.parametrize(("end_probability", "levels"), [(1.0, 1), (0.5, 4)])
+def test_a_tree_stops_growing_once_the_draft_expects_the_answer_to_end(
+    target, draft, monkeypatch, end_probability, levels
+):
+    """With the draft sure (probability ~1) that the answer ends after the root, a width-3 tree keeps its first
+    level only (END_MASS); at probability 0.5 it grows to its full depth."""
+    adapter, state = _prompt_state(target)
+    end = 7
+    compute_logits = draft.compute_logits
+
+    def ending(hidden):
+        logits = compute_logits(hidden).clone()
+        others = torch.cat([logits[..., :end], logits[..., end + 1 :]], dim=-1).logsumexp(-1)
+        logits[..., end] = others + (50.0 if end_probability == 1.0 else 0.0)  # p(end) = 1 - e^-50, or 0.5
+        return logits
+
+    monkeypatch.setattr(draft, "compute_logits", ending)
+    drafter = TreeDrafter(draft, SpeculativeConfig(depth=4, top_k=3, total_tokens=16))
+    drafter.begin(adapter, False, state.input_ids.shape[1] - 1, end_tokens=(end,))
+    tree = drafter.propose(state)
+    assert drafter._levels == levels  # levels drafted
+    assert end in tree.tokens[1:4].tolist() and (levels > 1 or int(tree.depths.max()) == 1)

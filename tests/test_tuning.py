@@ -225,3 +225,19 @@ def test_plain_steps_and_the_drafts_catch_up_keep_the_output(target, monkeypatch
     # every position before the last proposed root went into the draft's cache or waits to, none twice
     fed = drafter.forward.cache.length + sum(p[0].shape[1] for p in drafter._pending)
     assert fed == roots[-1] and len(roots) == out.stats.target_forwards - 1
+
+
+def test_a_plain_step_is_priced_at_its_own_time_in_the_loop():
+    """Plain steps are timed against T(1): when they run slower in the loop than T(1), drafting wins where it would
+    not at T(1), and when they run at T(1) the drafted steps' in-loop scale does not make them look dearer."""
+    tuner = TreeTuner(_costs(0.2, level=0.2), prior=0.3, strength=1e6)  # drafting barely loses at T(1)
+    assert tuner.choose() is None
+    for _ in range(30):
+        tuner.observe_plain(2.0 * tuner.costs.curve.at(1))  # plain steps take twice T(1) in this loop
+    tuner.plain_streak = 0
+    assert tuner.choose() is not None
+    tuner.verify_scale = 3.0  # drafted steps run slow in the loop; plain steps run at T(1)
+    for _ in range(30):
+        tuner.observe_plain(tuner.costs.curve.at(1))
+    tuner._best = None
+    assert tuner.choose() is None
