@@ -20,10 +20,9 @@ that picks depth and width every step from measured costs and the running accept
   and `s_v`, `s_d` the running ratio of in-loop to isolated times (the loop evicts the draft's weights from the CPU
   caches, so isolated times run warm). A *plain step* (no draft: one token for T(1) x `s_p`, the running ratio of
   in-loop plain steps to T(1)) competes too, so where the draft is not accepted the loop decodes as plain
-  `generate()` does (the draft catches up on those tokens when it drafts
-  again); after `probe_every` plain steps in a row one step drafts again, to notice when acceptance comes back. A
-  probe that has none of its drafts accepted doubles the gap to the next one (up to `max_probe_every`); one that does
-  resets it.
+  `generate()` does (the draft catches up on those tokens when it drafts again); after `probe_every` plain steps in
+  a row one step drafts again, to notice when acceptance comes back. A probe that has none of its drafts accepted
+  doubles the gap to the next one (up to `max_probe_every`); one that does resets it.
 
 Any tree is verified losslessly, so the controller changes speed, never output. Explicit knobs (`depth`, `top_k`,
 `total_tokens`) switch it off.
