@@ -106,14 +106,9 @@ def measure_verify_curve(adapter, cache, prefix_len: int, layout, sizes=VERIFY_S
     device = adapter.lm_head.weight.device
     sizes = sorted({1, *sizes})
     trees = {q: build_tree(torch.zeros(q, dtype=torch.long, device=device), [-1] + [0] * (q - 1)) for q in sizes}
-    timings = {q: [] for q in sizes}
-    for round_ in range(repeats + 1):
-        for q in sizes:
-            _, seconds = time_call(lambda t=trees[q]: verify(adapter, t, cache, prefix_len, layout), device)
-            commit_accepted(cache, prefix_len, [])
-            if round_:
-                timings[q].append(seconds)
-    return CostCurve(tuple(sizes), tuple(monotone([float(np.median(timings[q])) for q in sizes])), prefix_len)
+    calls = {q: lambda t=trees[q]: verify(adapter, t, cache, prefix_len, layout) for q in sizes}
+    seconds = interleaved_medians(calls, device, repeats, reset=lambda: commit_accepted(cache, prefix_len, []))
+    return CostCurve(tuple(sizes), tuple(seconds.values()), prefix_len)
 
 
 @torch.no_grad()
@@ -139,14 +134,25 @@ def measure_draft_levels(draft, prefix_len: int, widths=WIDTHS, repeats: int = 1
         torch.log_softmax(draft.compute_logits(out[0]).float(), dim=-1).topk(k, dim=-1)
         forward.cache.truncate(prefix_len)
 
-    widths = sorted(widths)
-    timings = {k: [] for k in widths}
+    return interleaved_medians({k: lambda k=k: level(k) for k in sorted(widths)}, device, repeats)
+
+
+def interleaved_medians(calls: dict, device, repeats: int, reset=None) -> dict:
+    """
+    Seconds of each of `calls` (zero-argument callables, in increasing order of the work they do): the median over
+    `repeats` rounds after a warm-up round, the rounds interleaved across the calls so that a slow spell of the
+    machine hits every call alike; made non-decreasing in that order (`monotone`). `reset`, if given, runs after each
+    call, untimed.
+    """
+    timings = {key: [] for key in calls}
     for round_ in range(repeats + 1):
-        for k in widths:
-            seconds = time_call(lambda k=k: level(k), device)[1]
+        for key, call in calls.items():
+            seconds = time_call(call, device)[1]
+            if reset is not None:
+                reset()
             if round_:
-                timings[k].append(seconds)
-    return dict(zip(widths, monotone([float(np.median(timings[k])) for k in widths])))
+                timings[key].append(seconds)
+    return dict(zip(calls, monotone([float(np.median(timings[key])) for key in calls])))
 
 
 def monotone(values: list[float]) -> list[float]:
