@@ -201,3 +201,9 @@ def test_a_tree_stops_growing_once_the_draft_expects_the_answer_to_end(
     tree = drafter.propose(state)
     assert drafter._levels == levels  # levels drafted
     assert end in tree.tokens[1:4].tolist() and (levels > 1 or int(tree.depths.max()) == 1)
+    # whole generations with this draft and `end` as EOS: trees cut by the end mass, output still plain generate()'s
+    inputs = make_inputs(seed=4)
+    plain = target.generate(**inputs, max_new_tokens=30, eos_token_id=end, do_sample=False)
+    for knobs in ({}, {"depth": 4, "tree_top_k": 3, "total_tokens": 16}):  # the auto tree, a fixed wide tree
+        out = speculative_generate(target, draft, **inputs, max_new_tokens=30, eos_token_id=end, **knobs)
+        assert torch.equal(out.sequences, plain)
