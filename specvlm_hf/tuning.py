@@ -12,9 +12,9 @@ that picks depth and width every step from measured costs and the running accept
   try them). For a width k > 1 the prior is the chain's estimate scaled by the draft's own probability mass in its
   top k. The choice adds half a standard error to each estimate, so a shape unlucky in its first steps is retried.
 - **This call**: prompts differ (a text-only question the draft cannot predict, a described image it predicts well),
-  so within a `generate()` call every alpha is scaled by how this call's drafts fare against the running estimate
-  (accepted over expected, with `call_strength` pseudo-drafts on each side): two or three rejected steps are enough
-  to draft less, or not at all.
+  so within a `generate()` call every alpha is scaled down by how this call's drafts fall short of the running
+  estimate (accepted over expected, with `call_strength` pseudo-drafts on each side, at most 1): two or three
+  rejected steps are enough to draft less, or not at all.
 - **Choice**: the shape (depth d, width k, d*k + 1 tree tokens) that maximises expected tokens per second,
   `E(d, k) / (T(d*k + 1) * s_v + (c(1) + (d - 1) * c(k)) * s_d)`, with `E(d, k) = 1 + sum_i prod_{j<=i} alpha_j(k)`
   and `s_v`, `s_d` the running ratio of in-loop to isolated times (the loop evicts the draft's weights from the CPU
@@ -343,9 +343,10 @@ class TreeTuner:
         chain = self._beta(1, None)
         # This call against the running estimate: accepted drafts over those the estimate expected, as a Beta-like
         # ratio with `call_strength` pseudo-drafts, scaling every alpha (a call whose first drafts are rejected is
-        # likely to reject the deeper ones too).
+        # likely to reject the deeper ones too). It only lowers them: compounded over ten depths, a ratio of 1.035
+        # from a few lucky steps raises E(10) by 14% and sends the choice to deep wide trees that do not deliver it.
         expected = float((self.call_reached[1] * chain).sum())
-        ratio = (float(self.call_accepted[1].sum()) + self.call_strength) / (expected + self.call_strength)
+        ratio = min((float(self.call_accepted[1].sum()) + self.call_strength) / (expected + self.call_strength), 1.0)
         found = {}
         for k in self.widths:
             base = chain if k == 1 else self._beta(k, chain)
@@ -360,8 +361,8 @@ class TreeTuner:
         """
         alpha_j(k) for j = 1..max_depth: a Beta estimate per depth whose prior is the chain's estimate scaled by the
         draft's top-k mass (width k > 1, once observed), else the estimate of the depth above (`prior` at depth 1);
-        scaled by this call's accepted-over-expected ratio. `optimism` adds that many standard errors of the running
-        estimate (exploration: shapes seldom tried get tried again).
+        scaled by this call's accepted-over-expected ratio when below 1. `optimism` adds that many standard errors
+        of the running estimate (exploration: shapes seldom tried get tried again).
         """
         return self._all_alphas(optimism)[k]
 

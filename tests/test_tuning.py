@@ -241,3 +241,21 @@ def test_a_plain_step_is_priced_at_its_own_time_in_the_loop():
         tuner.observe_plain(tuner.costs.curve.at(1))
     tuner._best = None
     assert tuner.choose() is None
+
+
+def test_a_call_only_lowers_the_running_acceptance():
+    """A call whose drafts fare better than the running estimate keeps that estimate (raising every alpha would
+    compound over the depths into deep trees a few lucky steps cannot vouch for); one that fares worse lowers it."""
+    tuner = TreeTuner(_costs(0.2))
+    rng = np.random.default_rng(3)
+    _run(tuner, lambda shape: [0] * next((i for i in range(shape.depth) if rng.random() > 0.7), shape.depth))
+    tuner.start_call()
+    shape = SpeculativeConfig(depth=4, top_k=1, total_tokens=5)
+    for _ in range(5):
+        tuner.observe(shape, [0, 0, 0, 0], 0.1, 1.0, finished=False)  # every draft accepted
+    assert np.allclose(tuner.alphas(1), np.minimum(tuner._beta(1, None), 0.99))  # the running estimate, unscaled
+    tuner.start_call()
+    before = tuner.alphas(1)
+    for _ in range(3):
+        tuner.observe(shape, [], 0.1, 1.0, finished=False)  # nothing accepted
+    assert np.all(tuner.alphas(1) < 0.8 * before)
