@@ -132,6 +132,16 @@ def test_resolve_falls_back_to_user_cache(tmp_path, monkeypatch):
         load_testbed(build_if_missing=False)
 
 
+def test_a_missing_testbed_is_never_built_unasked(tmp_path, monkeypatch):
+    def build(*args, **kwargs):
+        raise AssertionError("load_testbed started a build it was not asked for")
+
+    monkeypatch.setattr(build_module, "build_testbed", build)
+    with pytest.raises(TestbedError, match=r"about 40 minutes.*specvlm-hf testbed build --output .*build_if_missing"):
+        load_testbed(tmp_path / "absent")
+    assert not (tmp_path / "absent").exists()
+
+
 def test_corrupted_or_unfinished_testbed_is_rejected(tiny_dir, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(tiny_dir, copy)
@@ -180,6 +190,11 @@ def test_shipped_testbed_is_the_default(monkeypatch):
     assert sum(f["bytes"] for f in files.values()) <= 36 * 2**20
 
 
+def test_an_unknown_shipped_draft_is_named_with_the_known_ones():
+    with pytest.raises(ValueError, match="'draft', 'specvlm-draft', 'draft-qwen2-vl'"):
+        store.shipped_draft_dir("llava-draft")
+
+
 def test_shipped_companions_belong_to_the_shipped_testbed_only(tmp_path):
     assert store.shipped_companion("draft", tmp_path) is None
     if (store.SHIPPED_DRAFT_DIR / "config.json").is_file():
@@ -190,11 +205,14 @@ def test_shipped_companions_belong_to_the_shipped_testbed_only(tmp_path):
     not (store.is_valid(store.SHIPPED_DIR) and (store.SHIPPED_DRAFT_DIR / "config.json").is_file()),
     reason="no testbed and draft shipped in this checkout",
 )
-def test_shipped_draft_is_lossless_and_accepts_on_the_shipped_testbed():
-    from specvlm_hf import SpecVLMDraftModel, speculative_generate
+def test_shipped_draft_is_lossless_and_accepts_on_the_shipped_testbed(tmp_path, monkeypatch):
+    """The shipped draft loads by name from any working directory (as after a plain `pip install`)."""
+    from specvlm_hf import speculative_generate
+    from specvlm_hf.testbed import load_testbed_draft
 
-    target, processor = store.load_testbed(store.SHIPPED_DIR, build_if_missing=False)
-    draft = SpecVLMDraftModel.from_pretrained(store.SHIPPED_DRAFT_DIR, target=target)
+    monkeypatch.chdir(tmp_path)
+    target, processor = store.load_testbed(store.SHIPPED_DIR)
+    draft = load_testbed_draft("draft", target)
     inputs = heldout_prompts("long", n=1)[0].inputs(processor)
     plain = target.generate(**inputs, max_new_tokens=48, do_sample=False)
     result = speculative_generate(target, draft, **inputs, max_new_tokens=48)

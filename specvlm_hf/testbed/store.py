@@ -37,6 +37,13 @@ COMPANIONS = {
                   "assistant": SHIPPED_ASSISTANT_DIR},
     SHIPPED_QWEN2_VL_DIR: {"draft": SHIPPED_QWEN2_VL_DRAFT_DIR},
 }  # fmt: skip
+# the shipped drafts by the name `load_testbed_draft` takes (the first two for `DEFAULT`, the last for Qwen2-VL)
+SHIPPED_DRAFTS = {
+    "draft": SHIPPED_DRAFT_DIR,
+    "specvlm-draft": SHIPPED_SPECVLM_DRAFT_DIR,
+    "draft-qwen2-vl": SHIPPED_QWEN2_VL_DRAFT_DIR,
+}
+BUILD_MINUTES = {"llava": 40, "qwen2_vl": 85}  # a full build on 2 CPU cores, said before one starts
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "quality.json")
 
 
@@ -177,10 +184,47 @@ def shipped_companion(kind: str, testbed_dir: str | Path) -> Path | None:
     return directory if directory is not None and (directory / "config.json").is_file() else None
 
 
-def load_testbed(path: str | Path | None = None, *, build_if_missing: bool = True, dtype: torch.dtype = torch.float32,
+def shipped_draft_dir(name: str) -> Path:
+    """The directory of the shipped draft `name` (`"draft"`, `"specvlm-draft"` or `"draft-qwen2-vl"`, see
+    `SHIPPED_DRAFTS`), inside the installed package: for CLI flags such as `--draft` or `--init-draft`."""
+    if name not in SHIPPED_DRAFTS:
+        raise ValueError(f"no shipped draft {name!r}; the shipped drafts are {', '.join(map(repr, SHIPPED_DRAFTS))}")
+    directory = SHIPPED_DRAFTS[name]
+    if not (directory / "config.json").is_file():
+        raise TestbedError(f"{directory}: the shipped draft {name!r} is missing from this installation")
+    return directory
+
+
+def load_testbed_draft(name: str, target, **kwargs):
+    """Loads the shipped draft `name` bound to `target`, from any working directory.
+
+    Args:
+        name (`str`): `"draft"` (EagleVLM: sees every visual token) or `"specvlm-draft"` (with its elastic visual
+            compressor), both for the LLaVA testbed (`load_testbed()`), or `"draft-qwen2-vl"` for
+            `load_testbed("testbed-qwen2-vl")`.
+        target: the testbed target the draft was trained for; a draft bound to another target is refused.
+        kwargs: passed on to `SpecVLMDraftModel.from_pretrained`.
+
+    Returns:
+        `SpecVLMDraftModel`, ready for `target.generate(..., assistant_model=draft)`.
+    """
+    from ..modeling_draft import SpecVLMDraftModel
+
+    return SpecVLMDraftModel.from_pretrained(shipped_draft_dir(name), target=target, **kwargs)
+
+
+def _build_command(directory: Path) -> tuple[str, str]:
+    """The `specvlm-hf testbed build` command for `directory`, and the testbed's architecture."""
+    if directory == SHIPPED_QWEN2_VL_DIR:
+        return f"specvlm-hf testbed build --architecture qwen2_vl --output {directory}", "qwen2_vl"
+    return f"specvlm-hf testbed build --output {directory}", "llava"
+
+
+def load_testbed(path: str | Path | None = None, *, build_if_missing: bool = False, dtype: torch.dtype = torch.float32,
                  device: str | torch.device | None = None):  # fmt: skip
-    """Loads the testbed target and processor, building it first (about 40 minutes on 2 CPU cores) where the
-    resolved directory holds no valid testbed and `build_if_missing` allows it.
+    """Loads the testbed target and processor. Where the resolved directory holds no valid testbed it raises
+    `TestbedError` naming the build command, unless `build_if_missing=True` asks for the build (about 40 minutes
+    on 2 CPU cores for the LLaVA testbed, 85 for Qwen2-VL), which it then announces before starting.
 
     Args:
         path (`str` or `Path`, *optional*): a testbed directory or name (`"testbed-qwen2-vl"`); see `resolve` for
@@ -197,12 +241,18 @@ def load_testbed(path: str | Path | None = None, *, build_if_missing: bool = Tru
     try:
         verify(directory)
     except TestbedError as err:
+        command, arch = _build_command(directory)
+        minutes = BUILD_MINUTES[arch]
         if not build_if_missing:
-            raise TestbedError(f"{err}; build one with `specvlm-hf testbed build --output {directory}`") from err
+            raise TestbedError(
+                f"no valid testbed at {directory} ({source}): {err}. Building one takes about {minutes} minutes on "
+                f"2 CPU cores and never starts by itself: run `{command}`, or pass build_if_missing=True"
+            ) from err
         from .build import BuildConfig, build_testbed
 
-        logger.warning("no valid testbed at %s (%s, %s): building it", directory, source, err)
-        build_testbed(directory, BuildConfig.qwen2_vl() if directory == SHIPPED_QWEN2_VL_DIR else None)
+        logger.warning("no valid testbed at %s (%s, %s): building it now, about %d minutes on 2 CPU cores "
+                       "(the same as `%s`)", directory, source, err, minutes, command)  # fmt: skip
+        build_testbed(directory, BuildConfig.qwen2_vl() if arch == "qwen2_vl" else None)
         verify(directory)
     from .architectures import architecture
 
