@@ -7,7 +7,9 @@ accepted-length histogram.
     python demo/app.py                                          # the shipped testbed, on CPU
     python demo/app.py --model llava-hf/llava-1.5-7b-hf --draft ORG/DRAFT   # a real LLaVA (GPU when there is one)
 
-`SPECVLM_DEMO_MODEL` / `SPECVLM_DEMO_DRAFT` set the same as the flags (a Space's variables).
+`SPECVLM_DEMO_MODEL` / `SPECVLM_DEMO_DRAFT` set the same as the flags (a Space's variables). The port is `--port`,
+else `GRADIO_SERVER_PORT` (Gradio's own variable), else `PORT`, else 7860; the host `--host`, else
+`GRADIO_SERVER_NAME`, else 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -287,16 +289,17 @@ def build_demo(target, processor, draft, examples: list[list] | None = None) -> 
 
 
 def load(model: str | None, draft_id: str | None):
-    """The testbed with its shipped SpecVLM draft (default) or a LLaVA checkpoint with its draft, on the GPU when
-    there is one."""
+    """The testbed with a shipped draft (by name, default `"specvlm-draft"`) or a draft directory, or a LLaVA
+    checkpoint with its draft, on the GPU when there is one."""
     if not model:
-        from specvlm_hf.testbed import heldout_prompts, load_testbed
-        from specvlm_hf.testbed.store import resolve, shipped_companion
+        from specvlm_hf.testbed import heldout_prompts, load_testbed, load_testbed_draft
+        from specvlm_hf.testbed.store import SHIPPED_DRAFTS
 
         target, processor = load_testbed()
-        draft = SpecVLMDraftModel.from_pretrained(
-            str(draft_id or shipped_companion("specvlm-draft", resolve()[0])), target=target
-        )
+        if draft_id and draft_id not in SHIPPED_DRAFTS:
+            draft = SpecVLMDraftModel.from_pretrained(draft_id, target=target)
+        else:
+            draft = load_testbed_draft(draft_id or "specvlm-draft", target)
         examples = [[p.image, p.question] for p in heldout_prompts("long", n=3) + heldout_prompts("short", n=2)]
         return target, processor, draft, examples
     if not draft_id:
@@ -310,13 +313,20 @@ def load(model: str | None, draft_id: str | None):
     return target.eval(), processor, SpecVLMDraftModel.from_pretrained(draft_id, target=target), None
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    env = os.environ
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=os.environ.get("SPECVLM_DEMO_MODEL"), help="LLaVA model id or path.")
-    parser.add_argument("--draft", default=os.environ.get("SPECVLM_DEMO_DRAFT"), help="Draft id or path.")
-    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", 7860)))
-    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
-    args = parser.parse_args(argv)
+    parser.add_argument("--model", default=env.get("SPECVLM_DEMO_MODEL"), help="LLaVA model id or path.")
+    parser.add_argument("--draft", default=env.get("SPECVLM_DEMO_DRAFT"), help="Draft id or path.")
+    parser.add_argument("--port", type=int, default=int(env.get("GRADIO_SERVER_PORT") or env.get("PORT") or 7860),
+                        help="Port (default: $GRADIO_SERVER_PORT, else $PORT, else 7860).")  # fmt: skip
+    parser.add_argument("--host", default=env.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+                        help="Host (default: $GRADIO_SERVER_NAME, else 127.0.0.1).")  # fmt: skip
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     try:
         target, processor, draft, examples = load(args.model, args.draft)
     except (OSError, ValueError) as error:  # a model or draft that cannot be loaded: say which, and why

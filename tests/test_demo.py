@@ -166,3 +166,21 @@ def test_a_model_that_cannot_be_loaded_stops_with_a_clear_message(app, tmp_path)
         app.main(["--model", str(tmp_path / "no-such-llava"), "--draft", str(tmp_path / "no-such-draft")])
     with pytest.raises(SystemExit, match="needs --draft"):
         app.main(["--model", str(tmp_path / "no-such-llava")])
+
+
+@pytest.mark.parametrize(
+    ("environ", "argv", "port"),
+    [
+        ({}, [], 7860),
+        ({"PORT": "8001"}, [], 8001),
+        ({"GRADIO_SERVER_PORT": "8002"}, [], 8002),
+        ({"GRADIO_SERVER_PORT": "8002", "PORT": "8001"}, [], 8002),  # Gradio's own variable first
+        ({"GRADIO_SERVER_PORT": "8002"}, ["--port", "8003"], 8003),  # the flag over any variable
+    ],
+)
+def test_the_port_follows_the_flag_then_gradios_variable_then_port(app, monkeypatch, environ, argv, port):
+    for name in ("GRADIO_SERVER_PORT", "PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    assert app.parse_args(argv).port == port
