@@ -345,18 +345,3 @@ def test_assistant_tokenizer_is_refused(target, inputs, draft):
         target.generate(
             **inputs, assistant_model=draft, max_new_tokens=4, tokenizer=object(), assistant_tokenizer=object()
         )
-
-
-def test_the_readme_table_names_every_generate_argument():
-    import inspect
-    import re
-    from pathlib import Path
-
-    from transformers import GenerationConfig, GenerationMixin
-
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    table = readme.split("### Every `generate()` argument", 1)[1].split("\n## ", 1)[0]
-    named = set(re.findall(r"`([a-z_]+)`", table))
-    fields = {name for name in GenerationConfig().to_dict() if not name.startswith("_")} - {"transformers_version"}
-    parameters = set(inspect.signature(GenerationMixin.generate).parameters) - {"self", "kwargs"}
-    assert sorted((fields | parameters) - named) == []
