@@ -10,11 +10,12 @@ from transformers import AutoConfig, AutoModel
 from . import integration
 from .adapters import SUPPORTED_MODEL_TYPES
 from .compressor import SpecVLMCompressor, SpecVLMCompressorConfig
-from .configuration import SpeculativeConfig, SpecVLMDraftConfig
+from .configuration import SpeculativeConfig, SpecVLMDraftConfig, SpecVLMEagle3DraftConfig
 from .drafter import Drafter, DraftSource, DraftState, TreeDrafter
 from .generation import SpeculativeDecoderOutput, SpeculativeOutput, speculative_generate
 from .metrics import SpeculativeStats
 from .modeling_draft import SpecVLMDraftModel
+from .modeling_eagle3 import SpecVLMEagle3DraftModel
 from .tree import DraftTree
 from .verify import Acceptance
 
@@ -22,6 +23,8 @@ __version__ = "0.1.0"
 
 AutoConfig.register(SpecVLMDraftConfig.model_type, SpecVLMDraftConfig, exist_ok=True)
 AutoModel.register(SpecVLMDraftConfig, SpecVLMDraftModel, exist_ok=True)
+AutoConfig.register(SpecVLMEagle3DraftConfig.model_type, SpecVLMEagle3DraftConfig, exist_ok=True)
+AutoModel.register(SpecVLMEagle3DraftConfig, SpecVLMEagle3DraftModel, exist_ok=True)
 AutoConfig.register(SpecVLMCompressorConfig.model_type, SpecVLMCompressorConfig, exist_ok=True)
 AutoModel.register(SpecVLMCompressorConfig, SpecVLMCompressor, exist_ok=True)
 integration.install()
@@ -37,6 +40,8 @@ __all__ = [
     "SpecVLMCompressorConfig",
     "SpecVLMDraftConfig",
     "SpecVLMDraftModel",
+    "SpecVLMEagle3DraftConfig",
+    "SpecVLMEagle3DraftModel",
     "SpeculativeConfig",
     "SpeculativeDecoderOutput",
     "SpeculativeOutput",

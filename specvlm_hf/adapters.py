@@ -228,14 +228,36 @@ class LlavaAdapter:
             attention_mask (`torch.FloatTensor` of shape `(1, 1, q_len, past_len + q_len)`, *optional*): additive
                 mask (0 = attend, dtype min = blocked); `None` = causal.
         """
-        out = self.language_model(
+        return self._run(inputs_embeds, position_ids, cache, attention_mask).last_hidden_state
+
+    def forward_with_layers(
+        self,
+        inputs_embeds: torch.Tensor,
+        position_ids: torch.Tensor,
+        layers: tuple[int, ...],
+        cache=None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        `forward`, also returning the hidden states entering the text model's decoder layers `layers` (layer `i`'s
+        input, transformers' `hidden_states[i]` and vLLM's aux hidden state `i`), concatenated. The features are
+        those of `forward`: recording the states changes nothing the model computes.
+
+        Returns:
+            `(features, states)`: `(batch, q_len, hidden_size)` and `(batch, q_len, len(layers) * hidden_size)`.
+        """
+        out = self._run(inputs_embeds, position_ids, cache, attention_mask, output_hidden_states=True)
+        return out.last_hidden_state, torch.cat([out.hidden_states[i] for i in layers], dim=-1)
+
+    def _run(self, inputs_embeds, position_ids, cache, attention_mask, **flags):
+        return self.language_model(
             inputs_embeds=inputs_embeds,
             position_ids=position_ids,
             attention_mask=attention_mask,
             use_cache=cache is not None,
             **{CACHE_KWARG: cache},
+            **flags,
         )
-        return out.last_hidden_state
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         """`lm_head(features)` in float32, shape `(..., vocab_size)`."""

@@ -89,6 +89,73 @@ class SpecVLMDraftConfig(PretrainedConfig):
         super().__init__(**kwargs)
 
 
+class SpecVLMEagle3DraftConfig(SpecVLMDraftConfig):
+    r"""
+    Architecture of an EAGLE-3 draft (Li et al. 2025) for a vision-language target: the layout vLLM's
+    `Eagle3LlamaForCausalLM` loads from a speculators `eagle3` config.
+
+    At draft position t the draft reads the target's hidden states at t from three of its layers (low, middle, high:
+    `aux_hidden_state_layer_ids`), each RMS-normed (`fc_norm`) and fused by `fc: Linear(3h -> h)` without bias, and
+    the embedding of the token at t+1. Its first decoder layer attends over `concat(input_norm(embedding),
+    hidden_norm(fused))` (q/k/v read `2h`), a final `norm` and the draft's own `lm_head` (over `draft_vocab_size`
+    tokens, mapped to the target's ids by `d2t`) give the next-token logits, and the pre-norm output feeds the next
+    level in place of the fused target states. The token embedding is the target's, borrowed as for EAGLE-2-style
+    drafts. At `<image>` slots the draft reads the placeholder token's embedding, as serving engines feed EAGLE-3 drafts
+    of VLM targets: it sees the image through the target's hidden states there.
+
+    Args (besides `SpecVLMDraftConfig`'s, where `fc_bias` must be `False` and `compressor` `None`):
+        aux_hidden_state_layer_ids (`list[int]`, set by `from_target` to `eagle3_layer_ids(L)` for a target of `L`
+            layers, EAGLE-3's `[2, L // 2, L - 3]` from 8 layers): the target layers whose input
+            hidden states (transformers' `hidden_states[i]`, vLLM's aux layer `i`) the draft fuses; `0 <= i < L`.
+        draft_vocab_size (`int`, *optional*): rows of the draft's `lm_head`; the target's vocabulary when unset. A
+            smaller draft vocabulary keeps the tokens in the `d2t` buffer (`d2t[i]` = target id of draft token `i`
+            minus `i`, the engines' convention).
+        norm_before_residual (`bool`, defaults to `True`): the first layer's residual is the normed fused state
+            (speculators' default for `eagle3`), else the fused state itself.
+        fc_norm (`bool`, defaults to `True`): RMSNorm each of the three target states before `fc` (their scales
+            differ by layer).
+    """
+
+    model_type = "specvlm_eagle3_draft"
+
+    def __init__(
+        self,
+        aux_hidden_state_layer_ids: list[int] | None = None,
+        draft_vocab_size: int | None = None,
+        norm_before_residual: bool = True,
+        fc_norm: bool = True,
+        **kwargs,
+    ):
+        kwargs.setdefault("fc_bias", False)
+        super().__init__(**kwargs)
+        if self.fc_bias:
+            raise ValueError("An EAGLE-3 draft's fc has no bias (the engines' layout); fc_bias must be False.")
+        if self.compressor:
+            raise ValueError(
+                "An EAGLE-3 draft sees the image through the target's hidden states at the image slots and takes no "
+                "visual compressor; train an EAGLE-2-style SpecVLMDraftModel for the elastic compressor."
+            )
+        ids = list(aux_hidden_state_layer_ids or [])
+        if aux_hidden_state_layer_ids is not None and (
+            len(ids) != 3 or any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in ids)
+        ):
+            raise ValueError(f"aux_hidden_state_layer_ids must be three layer indices >= 0, got {ids!r}")
+        self.aux_hidden_state_layer_ids = ids or None
+        if draft_vocab_size is not None and not 1 <= draft_vocab_size <= self.vocab_size:
+            raise ValueError(f"draft_vocab_size must be in [1, vocab_size={self.vocab_size}], got {draft_vocab_size}")
+        self.draft_vocab_size = draft_vocab_size or self.vocab_size
+        self.norm_before_residual = norm_before_residual
+        self.fc_norm = fc_norm
+
+
+def eagle3_layer_ids(num_layers: int) -> list[int]:
+    """EAGLE-3's low, middle and high target layers for a target of `num_layers` layers: `[2, L // 2, L - 3]` (vLLM's
+    default) from 8 layers; `[1, L // 2, L - 1]` from 4; `[0, L // 2, L - 1]` below (a layer may repeat)."""
+    if num_layers >= 8:
+        return [2, num_layers // 2, num_layers - 3]
+    return [1 if num_layers >= 4 else 0, num_layers // 2, num_layers - 1]
+
+
 # EAGLE-2's tree, used for any knob left unset when others are set.
 EAGLE2_TREE = {"depth": 5, "top_k": 8, "total_tokens": 32}
 

@@ -13,8 +13,8 @@ and on CPU a level costs more in framework overhead than in arithmetic, so this 
 - reads the rotary cos/sin of default RoPE from a table computed once per call (`RotaryTable`), the same elementwise
   arithmetic `LlamaRotaryEmbedding.forward` does per position.
 
-Invariant: given the same inputs and mask, `LeanDraftForward` returns bit for bit what `SpecVLMDraftModel.forward`
-returns with a `DynamicCache` holding the same entries (float32; `tests/test_draft_step.py`). Every value goes
+Invariant: given the same inputs and mask, `LeanDraftForward` returns bit for bit what the draft's `forward`
+(`SpecVLMDraftModel`'s or `SpecVLMEagle3DraftModel`'s) returns with a `DynamicCache` holding the same entries (float32; `tests/test_draft_step.py`). Every value goes
 through the same arithmetic; only where the keys, values and rotary angles live, and how the attention kernel reaches
 a shared key/value head, differ.
 """
@@ -107,6 +107,13 @@ class LeanDraftForward:
         check_plain_modules(draft)
         weight = draft.fc.weight
         self.fc = (draft.fc.weight, draft.fc.bias)
+        # EAGLE-3: the fused state's norms (`fc_norm`, `None` without), the first layer's `hidden_norm` and residual
+        self.eagle3 = hasattr(draft.layers[0], "hidden_norm")
+        if self.eagle3:
+            fc_norm = draft.fc_norm
+            self.fc_norm = None if fc_norm is None else [(n.weight, n.variance_epsilon) for n in fc_norm]
+            self.hidden_norm = (draft.layers[0].hidden_norm.weight, draft.layers[0].hidden_norm.variance_epsilon)
+            self.norm_before_residual = draft.layers[0].norm_before_residual
         # Per layer: the attention module (read by transformers' attention function), the two RMSNorms' (weight,
         # eps), the seven projections' (weight, bias) in order q, k, v, o, gate, up, down, and the MLP activation.
         self.layers = []
@@ -151,14 +158,18 @@ class LeanDraftForward:
         cache = self.cache
         q_len, start = inputs_embeds.shape[1], cache.length
         cache.reserve(start + q_len)
-        hidden = F.linear(torch.cat([inputs_embeds, features.to(inputs_embeds.dtype)], dim=-1), *self.fc)
+        if self.eagle3:
+            hidden, first_input = self._eagle3_input(inputs_embeds, features)
+        else:
+            hidden = F.linear(torch.cat([inputs_embeds, features.to(inputs_embeds.dtype)], dim=-1), *self.fc)
+            first_input = _rms_norm(hidden, *self.layers[0][1][0])
         if self.rotary is not None:
             cos, sin = self.rotary(position_ids)
         else:
             cos, sin = self.draft.rotary_emb(hidden, position_ids)
         heads = (1, q_len, -1, self.head_dim)
         for index, (attn, norms, projections, act) in enumerate(self.layers):
-            normed = _rms_norm(hidden, *norms[0])
+            normed = first_input if index == 0 else _rms_norm(hidden, *norms[0])
             query = F.linear(normed, *projections[0]).view(heads).transpose(1, 2)
             key = F.linear(normed, *projections[1]).view(heads).transpose(1, 2)
             value = F.linear(normed, *projections[2]).view(heads).transpose(1, 2)
@@ -177,6 +188,20 @@ class LeanDraftForward:
             hidden = hidden + F.linear(gated, *projections[6])
         cache.length = start + q_len
         return hidden
+
+    def _eagle3_input(self, inputs_embeds: torch.Tensor, features: torch.Tensor):
+        """`Eagle3DecoderLayer`'s residual and attention input, op for op: fuse wide target states
+        (`SpecVLMEagle3DraftModel.fuse`), then `(residual, concat(input_norm(embeds), hidden_norm(state)))`."""
+        if features.shape[-1] != inputs_embeds.shape[-1]:
+            parts = features.to(self.fc[0].dtype).chunk(3, dim=-1)
+            if self.fc_norm is not None:
+                parts = [_rms_norm(part, *norm) for part, norm in zip(parts, self.fc_norm)]
+            state = F.linear(torch.cat(parts, dim=-1), *self.fc)
+        else:
+            state = features.to(inputs_embeds.dtype)
+        normed = _rms_norm(state, *self.hidden_norm)
+        first_input = torch.cat([_rms_norm(inputs_embeds, *self.layers[0][1][0]), normed], dim=-1)
+        return (normed if self.norm_before_residual else state), first_input
 
 
 def _sdpa(query, keys, values, attention_mask, dropout: float, scaling: float) -> torch.Tensor:
@@ -216,6 +241,10 @@ def check_plain_modules(draft) -> None:
     if hooks._global_forward_hooks or hooks._global_forward_pre_hooks:
         raise ValueError("The draft's lean forward does not run global module hooks; remove them before drafting.")
     expected = {"fc": nn.Linear}
+    if hasattr(draft.layers[0], "hidden_norm"):  # EAGLE-3
+        expected["layers.0.hidden_norm"] = LlamaRMSNorm
+        for i in range(len(draft.fc_norm or ())):
+            expected[f"fc_norm.{i}"] = LlamaRMSNorm
     for i, layer in enumerate(draft.layers):
         attn, mlp = layer.self_attn, layer.mlp
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):

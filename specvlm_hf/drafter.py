@@ -22,7 +22,8 @@ class DraftState:
         input_ids (`torch.LongTensor` of shape `(1, seq_len)`): every token so far; the last one is the tree's root.
         inputs_embeds (`torch.FloatTensor` of shape `(1, n, hidden_size)`): the target's input embeddings of the
             tokens at positions `positions + 1` (visual tokens at `<image>` slots).
-        features (`torch.FloatTensor` of shape `(1, n, hidden_size)`): the target's features at `positions`.
+        features (`torch.FloatTensor` of shape `(1, n, feature_size)`): the target's features at `positions`, or
+            the hidden states entering the drafter's `feature_layers` there, concatenated.
         position_ids (`torch.LongTensor` of shape `(1, n)`): the newly committed positions, ending at `seq_len - 2`.
         image_mask (`torch.BoolTensor` of shape `(n,)`, *optional*): set on the first step only (the prompt), True
             where `inputs_embeds` is a visual token.
@@ -37,7 +38,10 @@ class DraftState:
 
 class Drafter:
     """Proposes a token tree from the decoding state. One instance serves one `generate()` call: `begin` once after
-    prefill, then per step `propose` and `observe`."""
+    prefill, then per step `propose` and `observe`. `feature_layers` says what the loop hands it of the target in
+    `DraftState.features`: the target's features (`None`), or the hidden states entering those target layers."""
+
+    feature_layers: tuple[int, ...] | None = None
 
     def begin(self, adapter, do_sample: bool, prompt_len: int, end_tokens: tuple[int, ...] = ()) -> None:
         """Called once before the first `propose`. `end_tokens` are the ids that end generation (`eos_token_id`):
@@ -114,6 +118,7 @@ class TreeDrafter(Drafter):
         self.draft = draft
         self.config = config if config.is_auto else config.fixed()
         self.forward = LeanDraftForward(draft)
+        self.feature_layers = draft.feature_layers
         self.tuner = None
         self.shape = self.config
         self._started = self._drafted = 0.0
@@ -150,12 +155,8 @@ class TreeDrafter(Drafter):
         self._started = time.perf_counter()
         embeds, features, position_ids = state.inputs_embeds, state.features, state.position_ids
         if state.image_mask is not None:
-            embeds, features, position_ids = self.draft.compressor(embeds, features, position_ids, state.image_mask)
-            text = int((~state.image_mask).sum())
-            self._described = {
-                "compressor_branch": getattr(self.draft.compressor, "last_branch", None),
-                "draft_visual_tokens": embeds.shape[1] - text,
-            }
+            embeds, features, position_ids = self.draft.prompt_input(state)
+            self._described = self.draft.describe_prompt(state, embeds)
         self._pending.append((embeds, features, position_ids))
         if self.tuner is not None:
             self.shape = self.tuner.choose()

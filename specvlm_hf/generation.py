@@ -193,11 +193,12 @@ def tree_decoding(
     prompt_len = input_ids.shape[1]
 
     layout = adapter.layout(input_ids, model_kwargs)
-    embeds, features = prefill(adapter, input_ids, layout, cache)
+    layers = drafter.feature_layers
+    embeds, features, draft_features = prefill(adapter, input_ids, layout, cache, layers)
     walk_tree(build_tree(input_ids[0, -1:], [-1]), adapter.logits(features[:, -1]), emitter, logits_processor,
               do_sample, batched)  # fmt: skip
     stats.target_forwards += 1
-    state = prompt_draft_state(adapter, emitter.input_ids, embeds, features, layout.visual_mask)
+    state = prompt_draft_state(adapter, emitter.input_ids, embeds, draft_features, layout.visual_mask)
     if not emitter.finished:
         drafter.begin(adapter, do_sample, prompt_len, _end_tokens(generation_config))
 
@@ -207,7 +208,7 @@ def tree_decoding(
         clock.add("draft", step_start)
         root_position = emitter.input_ids.shape[1] - 1  # = the cache's length; the root is not cached yet
         verify_start = clock.now()
-        tree_features, tree_logits = verify(adapter, tree, cache, root_position, layout)
+        tree_features, tree_logits = verify(adapter, tree, cache, root_position, layout, layers)
         clock.add("verify", verify_start)
         nodes = walk_tree(tree, tree_logits, emitter, logits_processor, do_sample, batched)
         commit_accepted(cache, root_position, nodes)  # the emitted tokens' entries; the last one is the next root

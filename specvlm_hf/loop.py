@@ -17,7 +17,22 @@ from .tree import DraftTree, tree_attention_mask
 from .verify import accept_greedy, accept_node, accept_sampling
 
 
-def prefill(adapter, input_ids: torch.Tensor, layout: PromptLayout, cache):
+def target_forward(adapter, embeds, positions, cache, mask=None, layers: tuple[int, ...] | None = None):
+    """
+    The target's text model over `embeds` (`(1, q_len, hidden_size)`), extending `cache`.
+
+    Returns:
+        `(features, draft_features)`: the target's features (`(1, q_len, hidden_size)`, the `lm_head` input), and
+        what the draft reads of the target there: the same features when `layers` is `None`, else the hidden states
+        entering those layers, concatenated (`(1, q_len, len(layers) * hidden_size)`, EAGLE-3).
+    """
+    if layers is None:
+        features = adapter.forward(embeds, positions, cache, mask)
+        return features, features
+    return adapter.forward_with_layers(embeds, positions, layers, cache, mask)
+
+
+def prefill(adapter, input_ids: torch.Tensor, layout: PromptLayout, cache, layers: tuple[int, ...] | None = None):
     """
     The target's forward over the prompt, its visual tokens scattered into their slots, at the layout's positions.
 
@@ -25,16 +40,18 @@ def prefill(adapter, input_ids: torch.Tensor, layout: PromptLayout, cache):
         input_ids (`torch.LongTensor` of shape `(1, prompt_len)`)
         layout (`PromptLayout`): `adapter.layout(input_ids, ...)`.
         cache (`transformers.DynamicCache`): empty; holds the prompt afterwards.
+        layers (`tuple[int, ...]`, *optional*): the draft's `feature_layers` (`target_forward`).
 
     Returns:
-        `(embeds, features)`, both `(1, prompt_len, hidden_size)`: the text model's input embeddings and features.
+        `(embeds, features, draft_features)`: the text model's input embeddings and features, `(1, prompt_len,
+        hidden_size)` each, and the draft's view of the target (`target_forward`).
     """
     embeds = adapter.embed(input_ids, layout.visual_features)
-    return embeds, adapter.forward(embeds, layout.positions, cache)
+    return embeds, *target_forward(adapter, embeds, layout.positions, cache, layers=layers)
 
 
 def verify(
-    adapter, tree: DraftTree, cache, root_position: int, layout: PromptLayout
+    adapter, tree: DraftTree, cache, root_position: int, layout: PromptLayout, layers: tuple[int, ...] | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """
     The target's forward over a tree whose root sits at sequence index `root_position` (= the cache's length): each
@@ -43,12 +60,14 @@ def verify(
     back to the emitted ones.
 
     Returns:
-        `(features, logits)`: `(1, num_nodes, hidden_size)` and `(num_nodes, vocab_size)` in float32.
+        `(draft_features, logits)`: the draft's view of the target at each node (`target_forward`; `(1, num_nodes,
+        hidden_size)` without `layers`) and the target's logits, `(num_nodes, vocab_size)` in float32.
     """
     embeds = adapter.embed_tokens(tree.tokens)[None]
     mask = tree_attention_mask(tree.mask, root_position, embeds.dtype)
-    features = adapter.forward(embeds, layout.positions_at(root_position + tree.depths), cache, mask)
-    return features, adapter.logits(features[0])
+    positions = layout.positions_at(root_position + tree.depths)
+    features, draft_features = target_forward(adapter, embeds, positions, cache, mask, layers)
+    return draft_features, adapter.logits(features[0])
 
 
 def prompt_draft_state(
@@ -59,7 +78,9 @@ def prompt_draft_state(
 
     Args:
         input_ids (`torch.LongTensor` of shape `(1, prompt_len + 1)`): the prompt and the first emitted token.
-        embeds, features (`torch.FloatTensor` of shape `(1, prompt_len, hidden_size)`): from `prefill`.
+        embeds (`torch.FloatTensor` of shape `(1, prompt_len, hidden_size)`): from `prefill`.
+        features (`torch.FloatTensor` of shape `(1, prompt_len, feature_size)`): the draft's view of the target,
+            from `prefill`.
         visual_mask (`torch.BoolTensor` of shape `(prompt_len,)`): the prompt's visual slots (`PromptLayout`).
     """
     return DraftState(
@@ -77,8 +98,8 @@ def step_draft_state(adapter, input_ids: torch.Tensor, features: torch.Tensor, r
 
     Args:
         input_ids (`torch.LongTensor` of shape `(1, root_position + n + 1)`): every token so far.
-        features (`torch.FloatTensor` of shape `(1, n, hidden_size)`): the target's features at the committed
-            positions `root_position, ..., root_position + n - 1`.
+        features (`torch.FloatTensor` of shape `(1, n, feature_size)`): the draft's view of the target at the
+            committed positions `root_position, ..., root_position + n - 1` (`verify`).
     """
     n = features.shape[1]
     return DraftState(

@@ -16,17 +16,20 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
 from ._compat import CACHE_KWARG
 from .adapters import get_adapter
 from .compressor import SpecVLMCompressor, SpecVLMCompressorConfig
 from .configuration import SpeculativeConfig, SpecVLMDraftConfig
-from .drafter import DraftSource, TreeDrafter, TreeDraftSpec
+from .drafter import DraftSource, DraftState, TreeDrafter, TreeDraftSpec
 from .peft_wrappers import unwrap_peft
 from .tree import causal_attention_mask
 from .tuning import TreeTuner, device_costs
+
+# `from_pretrained` keywords that also locate the config
+_CONFIG_KWARGS = ("revision", "cache_dir", "force_download", "local_files_only", "token", "subfolder")
 
 
 class IdentityCompressor(nn.Module):
@@ -52,19 +55,31 @@ class SpecVLMDraftModel(PreTrainedModel, DraftSource):
 
     def __init__(self, config: SpecVLMDraftConfig):
         super().__init__(config)
-        self.fc = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=config.fc_bias)
-        self.layers = nn.ModuleList([LlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self._build_layers(config)
         self.rotary_emb = LlamaRotaryEmbedding(config)
-        self.compressor = (
-            SpecVLMCompressor(SpecVLMCompressorConfig(**config.compressor))
-            if config.compressor
-            else IdentityCompressor()
-        )
         # Drafting knobs are runtime state, not architecture: never saved with the weights.
         self.speculative_config = SpeculativeConfig()
         self._borrowed: tuple[nn.Module, ...] | None = None  # (target, embed_tokens, lm_head), not registered
         self._tuners: dict[tuple, TreeTuner] = {}  # auto tree controllers by (device, dtype, do_sample)
         self.post_init()
+
+    def _build_layers(self, config: SpecVLMDraftConfig) -> None:
+        """The draft's own modules: `fc`, the decoder `layers` and the visual `compressor`."""
+        self.fc = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=config.fc_bias)
+        self.layers = nn.ModuleList([LlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.compressor = (
+            SpecVLMCompressor(SpecVLMCompressorConfig(**config.compressor))
+            if config.compressor
+            else IdentityCompressor()
+        )
+
+    @classmethod
+    def _family(cls, config) -> type[SpecVLMDraftModel]:
+        """The model class of a draft config: EAGLE-3 configs load as `SpecVLMEagle3DraftModel`."""
+        from .modeling_eagle3 import SpecVLMEagle3DraftModel
+
+        eagle3 = config.model_type == SpecVLMEagle3DraftModel.config_class.model_type
+        return SpecVLMEagle3DraftModel if eagle3 else SpecVLMDraftModel
 
     # ----------------------------------------------------------------------------------------------- binding
     @property
@@ -109,6 +124,7 @@ class SpecVLMDraftModel(PreTrainedModel, DraftSource):
             problems.append(f"vocabulary {adapter.lm_head.weight.shape[0]} != draft's {self.config.vocab_size}")
         if self.config.image_token_id is not None and adapter.image_token_id != self.config.image_token_id:
             problems.append(f"image_token_id {adapter.image_token_id} != draft's {self.config.image_token_id}")
+        problems += self._misfits(adapter)
         if problems:
             raise ValueError("This draft does not fit the target: " + "; ".join(problems) + ".")
         if isinstance(self.compressor, SpecVLMCompressor):
@@ -117,6 +133,10 @@ class SpecVLMDraftModel(PreTrainedModel, DraftSource):
         self._tuners = {}
         self.to(device=adapter.lm_head.weight.device, dtype=adapter.lm_head.weight.dtype)
         return self
+
+    def _misfits(self, adapter) -> list[str]:
+        """What else makes the target unfit for this draft family, in words (none for EAGLE-2-style drafts)."""
+        return []
 
     def set_compressor(self, compressor: SpecVLMCompressor | None) -> SpecVLMDraftModel:
         """Makes `compressor` (`None`: none, EagleVLM) this draft's visual input; it is then recorded in the draft's
@@ -144,9 +164,20 @@ class SpecVLMDraftModel(PreTrainedModel, DraftSource):
             target_model_type=target.config.model_type,
             image_token_id=adapter.image_token_id,
         )
+        fields.update(cls._target_fields(adapter))
         fields.update(overrides)
-        draft = cls(SpecVLMDraftConfig(**fields))
+        draft = cls(cls.config_class(**fields))
+        draft._init_from_target(adapter)
         return draft.bind(target)
+
+    @classmethod
+    def _target_fields(cls, adapter) -> dict:
+        """Config fields of a fresh draft of this family that depend on the target (none here)."""
+        return {}
+
+    def _init_from_target(self, adapter) -> None:
+        """Initialises the draft's weights that start as a copy of the target's (none here: embedding and `lm_head`
+        are borrowed)."""
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, target: nn.Module | None = None, **kwargs):
@@ -161,10 +192,53 @@ class SpecVLMDraftModel(PreTrainedModel, DraftSource):
                     "A LoRA adapter folder loads with keyword arguments only (base_draft=, revision=, ...)."
                 )
             return load_lora_draft(pretrained_model_name_or_path, target, **kwargs)
+        config = kwargs.get("config")
+        if not isinstance(config, PretrainedConfig):
+            config = AutoConfig.from_pretrained(
+                pretrained_model_name_or_path, **{k: v for k, v in kwargs.items() if k in _CONFIG_KWARGS}
+            )
+        family = cls._family(config)
+        if family is not cls and issubclass(family, cls):  # SpecVLMDraftModel.from_pretrained of an EAGLE-3 draft
+            return family.from_pretrained(pretrained_model_name_or_path, *args, target=target, **kwargs)
+        if not issubclass(family, cls):
+            raise ValueError(
+                f"{pretrained_model_name_or_path} holds a {config.model_type!r} draft; load it with "
+                "SpecVLMDraftModel.from_pretrained."
+            )
         draft = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         return draft.bind(target) if target is not None else draft
 
     # ----------------------------------------------------------------------------------------------- drafting
+    # The draft reads the target's input embeddings, visual tokens at `<image>` slots (EagleVLM); `False`: the
+    # token embeddings there (the placeholder's), as engines feed EAGLE-3 drafts.
+    visual_embeds = True
+    # The draft's output predicts the target's next features (EAGLE's feature regression applies).
+    predicts_features = True
+
+    @property
+    def feature_layers(self) -> tuple[int, ...] | None:
+        """The target layers whose hidden states the draft reads (`None`: the target's features, the `lm_head`
+        input)."""
+        return None
+
+    def prompt_input(self, state: DraftState) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """
+        What the draft reads of the prompt: `state`'s embeddings, features and positions through the draft's visual
+        compressor (the identity for EagleVLM), each `(1, n', ...)` with `n' <= n` entries.
+
+        Args:
+            state (`DraftState`): the state after prefill, with its `image_mask`.
+        """
+        return self.compressor(state.inputs_embeds, state.features, state.position_ids, state.image_mask)
+
+    def describe_prompt(self, state: DraftState, embeds: torch.Tensor) -> dict:
+        """`SpeculativeStats` fields on what the draft saw of the prompt (`embeds` from `prompt_input`)."""
+        text = int((~state.image_mask).sum())
+        return {
+            "compressor_branch": getattr(self.compressor, "last_branch", None),
+            "draft_visual_tokens": embeds.shape[1] - text,
+        }
+
     def with_tree(self, **knobs) -> TreeDraftSpec:
         """This draft with other tree knobs (`depth`, `top_k`, `total_tokens`), for `generate(assistant_model=...)`.
         Any knob set fixes the tree; `speculative_config` is auto by default (`tuning.py`)."""
@@ -211,11 +285,18 @@ class SpecVLMDraftModel(PreTrainedModel, DraftSource):
             `torch.FloatTensor` of shape `(batch, q_len, hidden_size)`: predicted features at positions t+1.
         """
         hidden = self.fc(torch.cat([inputs_embeds, features.to(inputs_embeds.dtype)], dim=-1))
+        return self._decode(hidden, self.layers, position_ids, attention_mask, cache)
+
+    def _decode(self, hidden, layers, position_ids, attention_mask, cache, first=None) -> torch.Tensor:
+        """Runs Llama decoder `layers` over `hidden` (`(batch, q_len, hidden_size)`), causal over the cache when no
+        mask is given; `first(hidden, mask, position_ids, position_embeddings, cache)`, if given, runs before them."""
         if attention_mask is None:
             past_len = cache.get_seq_length() if cache is not None else 0
             attention_mask = causal_attention_mask(hidden.shape[1], past_len, hidden.dtype, hidden.device)
         position_embeddings = self.rotary_emb(hidden, position_ids)
-        for layer in self.layers:
+        if first is not None:
+            hidden = first(hidden, attention_mask, position_ids, position_embeddings, cache)
+        for layer in layers:
             hidden = layer(
                 hidden,
                 attention_mask=attention_mask,
@@ -231,3 +312,8 @@ class SpecVLMDraftModel(PreTrainedModel, DraftSource):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The target's `lm_head` over predicted features: `(..., hidden_size) -> (..., vocab_size)`."""
         return self.lm_head(hidden)
+
+    def training_logits(self, hidden: torch.Tensor, target_logits: torch.Tensor):
+        """`(draft_logits, target_logits)` over the vocabulary the draft proposes from, for the distillation loss:
+        `compute_logits(hidden)` and the target's logits (`(n, vocab_size)` each)."""
+        return self.compute_logits(hidden), target_logits

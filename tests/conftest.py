@@ -41,6 +41,21 @@ def draft(target):
 
 
 @pytest.fixture(scope="session")
+def deep_target():
+    """A tiny LLaVA with 4 text layers: an EAGLE-3 draft reads three distinct ones (1, 2, 3)."""
+    return make_target(seed=5, layers=4)
+
+
+@pytest.fixture(scope="session")
+def eagle3_draft(deep_target):
+    """A `SpecVLMEagle3DraftModel` with random weights (seed 3) bound to `deep_target`; tests never modify it."""
+    from specvlm_hf import SpecVLMEagle3DraftModel
+
+    torch.manual_seed(3)
+    return SpecVLMEagle3DraftModel.from_target(deep_target)
+
+
+@pytest.fixture(scope="session")
 def eager_target():
     return make_target(seed=1, attn_implementation="eager")
 

@@ -141,7 +141,7 @@ class ReferenceTreeDrafter(Drafter):
         k, depth = self.config.top_k, self.config.depth
         embeds, features, position_ids = state.inputs_embeds, state.features, state.position_ids
         if state.image_mask is not None:
-            embeds, features, position_ids = self.draft.compressor(embeds, features, position_ids, state.image_mask)
+            embeds, features, position_ids = self.draft.prompt_input(state)
         hidden = self._run(embeds, features, position_ids)
         self.committed += embeds.shape[1]
         root = state.input_ids[0, -1]

@@ -57,7 +57,7 @@ from tiny import (
 )
 from transformers import DynamicCache
 
-from specvlm_hf import SpeculativeConfig, SpecVLMDraftModel, speculative_generate
+from specvlm_hf import SpeculativeConfig, SpecVLMDraftModel, SpecVLMEagle3DraftModel, speculative_generate
 from specvlm_hf.adapters import get_adapter
 from specvlm_hf.cache import commit_accepted
 from specvlm_hf.tree import build_tree, tree_attention_mask
@@ -164,12 +164,14 @@ def bound():
     built once per module."""
     built = {}
 
-    def get(name: str, variant: str):
+    def get(name: str, variant: str, family: str = "eagle"):
         if (name, variant) not in built:
-            target = getattr(ARCHITECTURES[name], "target" if variant == "tiny" else "tester")()
+            built[name, variant] = getattr(ARCHITECTURES[name], "target" if variant == "tiny" else "tester")()
+        if (name, variant, family) not in built:
             torch.manual_seed(0)
-            built[name, variant] = target, SpecVLMDraftModel.from_target(target)
-        return built[name, variant]
+            draft_class = SpecVLMEagle3DraftModel if family == "eagle3" else SpecVLMDraftModel
+            built[name, variant, family] = draft_class.from_target(built[name, variant])
+        return built[name, variant], built[name, variant, family]
 
     return get
 
@@ -196,11 +198,13 @@ def assert_same(out: torch.Tensor, expected: torch.Tensor, case: str) -> None:
     )
 
 
+@pytest.mark.parametrize("family", ["eagle", "eagle3"])
 @pytest.mark.parametrize(("name", "variant", "prompt"), CASES)
-def test_greedy_equals_plain_generate(bound, name, variant, prompt):
-    """Both entry points with the real draft class (random weights: most drafts rejected), each tree on two prompts
+def test_greedy_equals_plain_generate(bound, name, variant, prompt, family):
+    """Both entry points with the real draft classes (random weights: most drafts rejected), an EAGLE-2-style draft
+    and an EAGLE-3 one (which reads three layers' hidden states from the target's forwards), each tree on two prompts
     of its own (seeds 0 to 5)."""
-    target, draft = bound(name, variant)
+    target, draft = bound(name, variant, family)
     for seed, (tree, config) in enumerate(t for t in TREES.items() for _ in range(2)):
         inputs = ARCHITECTURES[name].prompts[prompt](target, seed)
         expected = plain(target, inputs)

@@ -8,7 +8,7 @@ from drafters import ReferenceTreeDrafter
 from tiny import make_inputs, make_target
 from transformers import DynamicCache
 
-from specvlm_hf import DraftSource, SpeculativeConfig, SpecVLMDraftModel, speculative_generate
+from specvlm_hf import DraftSource, SpeculativeConfig, SpecVLMDraftModel, SpecVLMEagle3DraftModel, speculative_generate
 from specvlm_hf.adapters import get_adapter
 from specvlm_hf.draft_step import LeanDraftForward, StaticDraftCache
 from specvlm_hf.drafter import Drafter, DraftState, TreeDrafter
@@ -28,6 +28,7 @@ class _RecordingForward:
 
 class _Twin(Drafter):
     def __init__(self, draft, config, capacity):
+        self.feature_layers = draft.feature_layers
         self.lean = TreeDrafter(draft, config)
         self.lean.forward = _RecordingForward(LeanDraftForward(draft, capacity=capacity))
         self.reference = ReferenceTreeDrafter(draft, config)
@@ -67,10 +68,11 @@ SHAPES = [
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s.depth},{s.top_k},{s.total_tokens}")
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 @pytest.mark.parametrize("kv_heads", [2, 4], ids=["gqa", "mha"])
-def test_lean_step_matches_reference_bit_for_bit(shape, attention, kv_heads):
-    target = make_target(seed=3, attn_implementation=attention, kv_heads=kv_heads)
+@pytest.mark.parametrize("family", [SpecVLMDraftModel, SpecVLMEagle3DraftModel], ids=["eagle", "eagle3"])
+def test_lean_step_matches_reference_bit_for_bit(shape, attention, kv_heads, family):
+    target = make_target(seed=3, attn_implementation=attention, kv_heads=kv_heads, layers=4)
     torch.manual_seed(1)
-    draft = SpecVLMDraftModel.from_target(target)
+    draft = family.from_target(target)
     # A small capacity makes the static cache grow several times during the call.
     source = TwinDraft(draft, shape, capacity=8)
     inputs = make_inputs(seed=4)
@@ -148,7 +150,7 @@ def _prompt_state(target, seed=4):
     adapter = get_adapter(target)
     inputs = make_inputs(seed=seed)
     layout = adapter.layout(inputs["input_ids"], inputs)
-    embeds, features = prefill(adapter, inputs["input_ids"], layout, DynamicCache())
+    embeds, features, _ = prefill(adapter, inputs["input_ids"], layout, DynamicCache())
     first = adapter.logits(features[:, -1]).argmax(-1, keepdim=True)
     state = prompt_draft_state(
         adapter, torch.cat([inputs["input_ids"], first], 1), embeds, features, layout.visual_mask

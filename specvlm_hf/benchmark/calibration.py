@@ -28,7 +28,7 @@ from transformers import DynamicCache
 from ..adapters import PromptLayout, get_adapter
 from ..clock import time_call
 from ..configuration import SpeculativeConfig
-from ..loop import prompt_draft_state, step_draft_state
+from ..loop import prompt_draft_state, step_draft_state, target_forward
 from ..tree import DraftTree
 from ..tuning import CostCurve, measure_verify_curve
 from .methods import EagleVLM, generation_config
@@ -131,8 +131,9 @@ def measure_plain_decoding(
 
 
 @torch.no_grad()
-def replay_context(target, sample: Sample, sequence: torch.Tensor) -> ReplayContext:
-    """The target's embeddings and features over `sequence` (the prompt's image scattered into its slots)."""
+def replay_context(target, sample: Sample, sequence: torch.Tensor, layers=None) -> ReplayContext:
+    """The target's embeddings and features over `sequence` (the prompt's image scattered into its slots); the
+    features are what a draft reading `layers` (its `feature_layers`) sees (`loop.target_forward`)."""
     adapter = get_adapter(target)
     prompt_len = sample.prompt_len
     prompt_ids = sequence[:, :prompt_len]
@@ -140,7 +141,7 @@ def replay_context(target, sample: Sample, sequence: torch.Tensor) -> ReplayCont
     # The continuation is plain text even where a token equals the image placeholder id.
     prompt_embeds = adapter.embed(prompt_ids, layout.visual_features)
     embeds = torch.cat([prompt_embeds, adapter.embed_tokens(sequence[:, prompt_len:])], dim=1)
-    features = adapter.forward(embeds, layout.continued(sequence.shape[1]), DynamicCache())
+    _, features = target_forward(adapter, embeds, layout.continued(sequence.shape[1]), DynamicCache(), layers=layers)
     return ReplayContext(sequence, prompt_len, embeds, features, layout)
 
 

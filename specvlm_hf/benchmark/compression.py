@@ -222,7 +222,7 @@ def ablation(output: Path, steps: int, prompts: int, max_new_tokens: int, only: 
     samples = [dict(p.inputs(processor)) for p in heldout_prompts(kind="long", n=prompts)]
     first = samples[0]
     layout = adapter.layout(first["input_ids"], first)
-    embeds, features = prefill(adapter, first["input_ids"], layout, DynamicCache())
+    embeds, features, _ = prefill(adapter, first["input_ids"], layout, DynamicCache())
     state = prompt_draft_state(
         adapter, torch.cat([first["input_ids"], first["input_ids"][:, -1:]], 1), embeds, features, layout.visual_mask
     )
