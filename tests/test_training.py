@@ -9,8 +9,10 @@ from PIL import Image
 from tiny import make_target
 from transformers import TrainerCallback
 
-from specvlm_hf import SpecVLMDraftModel
+from specvlm_hf import SpecVLMDraftModel, SpecVLMEagle3DraftModel
+from specvlm_hf.adapters import get_adapter
 from specvlm_hf.cli import build_parser
+from specvlm_hf.compressor import compressor_for
 from specvlm_hf.testbed.dataset import heldout_prompts, training_conversations
 from specvlm_hf.training import (
     ConversationRow,
@@ -79,6 +81,52 @@ def test_two_steps_change_the_draft_only(tiny_testbed, tmp_path):
     assert "fc.weight" in changed and any(k.startswith("layers.0.self_attn") for k in changed)
     assert (tmp_path / "model.safetensors").exists()
     assert SpecVLMDraftModel.from_pretrained(tmp_path, target=target).is_bound
+
+
+@pytest.mark.parametrize("family", [SpecVLMDraftModel, SpecVLMEagle3DraftModel], ids=["eagle", "eagle3"])
+def test_training_time_test_trains_either_family(tiny_testbed, tmp_path, family):
+    """Three unrolled steps: the draft's own weights change (an EAGLE-3 draft's head and norms too), the target's
+    do not, each step's loss is logged, and the saved draft loads as its family."""
+    target, processor = tiny_testbed
+    before_target = {k: v.clone() for k, v in target.state_dict().items()}
+    torch.manual_seed(0)
+    draft = family.from_target(target)
+    before_draft = {k: v.clone() for k, v in draft.state_dict().items()}
+    args = config(tmp_path, max_steps=2, save_steps=100, ttt_steps=3)
+    logs = LogRecorder()
+    train_draft(target, processor, rows(6), args, draft=draft, callbacks=[logs])
+    assert all(torch.equal(v, target.state_dict()[k]) for k, v in before_target.items())
+    changed = {k for k, v in before_draft.items() if not torch.equal(v, draft.state_dict()[k])}
+    expected = {"fc.weight", "layers.0.self_attn.q_proj.weight"}
+    if family is SpecVLMEagle3DraftModel:
+        expected |= {"lm_head.weight", "norm.weight", "layers.0.hidden_norm.weight"}
+    assert expected <= changed
+    losses = [entry for entry in logs.entries if "loss" in entry]
+    assert losses and all({"logit_ce", "logit_ce_2", "logit_ce_3", "top1_3"} <= set(entry) for entry in losses)
+    assert type(SpecVLMDraftModel.from_pretrained(tmp_path, target=target)) is family
+
+
+class LogRecorder(TrainerCallback):
+    def __init__(self):
+        self.entries = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.entries.append(dict(logs or {}))
+
+
+def test_training_time_test_refuses_what_it_cannot_unroll(tiny_testbed, tmp_path):
+    target, processor = tiny_testbed
+    draft = SpecVLMDraftModel.from_target(target)
+    draft.set_compressor(
+        compressor_for("pool", draft.config.hidden_size, get_adapter(target).patch_grid(), ["pool:3"])
+    )
+    with pytest.raises(ValueError, match="a draft with a visual compressor trains with ttt_steps=1"):
+        DistillationTrainer(draft, target, config(tmp_path, ttt_steps=2))
+    eagle3 = SpecVLMEagle3DraftModel.from_target(target)
+    with pytest.raises(ValueError, match="logit loss alone; lambda_logit must be > 0"):
+        DistillationTrainer(eagle3, target, config(tmp_path, lambda_logit=0.0))
+    with pytest.raises(ValueError, match="ttt_steps must be >= 1"):
+        config(tmp_path, ttt_steps=0)
 
 
 class StopAfterSave(TrainerCallback):

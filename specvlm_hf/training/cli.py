@@ -52,6 +52,12 @@ def register(subparsers) -> None:
         action="store_true",
         help="Replace every answer with the target's own greedy answer before training (cached in --output).",
     )
+    p.add_argument(
+        "--self-distill-draft",
+        default=None,
+        help="With --self-distill: a draft of the target (folder or shipped name, e.g. 'draft') that decodes the "
+        "answers one prompt at a time through the lossless loop, faster than plain padded batches on CPU.",
+    )
     p.add_argument("--output", required=True, help="Directory for checkpoints, the trained draft and the curve.")
     p.add_argument(
         "--target-adapter",
@@ -74,6 +80,25 @@ def register(subparsers) -> None:
         default=",".join(DEFAULT_LORA_MODULES),
         help="Comma-separated names of the draft's linear layers that get LoRA (with --lora).",
     )
+    p.add_argument(
+        "--family",
+        default="eagle",
+        choices=["eagle", "eagle3"],
+        help="Draft family of a fresh draft: 'eagle' (EagleVLM/SpecVLM: EAGLE-2-style head on the target's features, "
+        "with an optional visual compressor) or 'eagle3' (EAGLE-3: fuses three target layers; the layout vLLM runs).",
+    )
+    p.add_argument(
+        "--aux-layers",
+        default=None,
+        help="EAGLE-3: comma-separated target layers the draft fuses (default: EAGLE-3's low, middle, high).",
+    )
+    p.add_argument(
+        "--ttt-steps",
+        type=int,
+        default=1,
+        help="Training-time test: draft steps unrolled per batch on the draft's own outputs (1 = teacher forcing).",
+    )
+    p.add_argument("--ttt-decay", type=float, default=0.8, help="Loss weight of unrolled step j: decay ** j.")
     p.add_argument(
         "--compressor",
         default="none",
@@ -175,6 +200,13 @@ def _initial_draft(args, target, resuming: bool):
         return add_lora(draft, args.lora_r, args.lora_alpha, args.lora_modules.split(","))
     if args.init and not resuming:
         draft = SpecVLMDraftModel.from_pretrained(args.init, target=target)
+    elif args.family == "eagle3":
+        from ..modeling_eagle3 import SpecVLMEagle3DraftModel
+
+        layers = [int(i) for i in args.aux_layers.split(",")] if args.aux_layers else None
+        draft = SpecVLMEagle3DraftModel.from_target(
+            target, **({"aux_hidden_state_layer_ids": layers} if layers else {})
+        )
     else:
         draft = SpecVLMDraftModel.from_target(target)
     compressor = compressor_for(
@@ -183,6 +215,16 @@ def _initial_draft(args, target, resuming: bool):
     if compressor is not None or args.compressor_branches:
         draft.set_compressor(compressor)
     return draft
+
+
+def _self_distill_draft(name: str | None, target):
+    """The draft that speeds up self-distillation (`--self-distill-draft`), bound to `target`, or `None`."""
+    if name is None:
+        return None
+    from ..modeling_draft import SpecVLMDraftModel
+    from ..testbed.store import SHIPPED_DRAFTS
+
+    return SpecVLMDraftModel.from_pretrained(str(SHIPPED_DRAFTS.get(name, name)), target=target)
 
 
 def run(args) -> int:
@@ -198,6 +240,15 @@ def run(args) -> int:
         raise SystemExit("--lora adapts an existing draft: give it with --init-draft DIR.")
     if args.lora and (args.compressor != "none" or args.compressor_branches):
         raise SystemExit("--lora keeps the base draft's compressor frozen; drop --compressor / --compressor-branches.")
+    if args.family == "eagle3" and (args.compressor != "none" or args.compressor_branches):
+        raise SystemExit(
+            "--family eagle3 sees the image through the target's hidden states and takes no compressor; drop "
+            "--compressor / --compressor-branches (or train --family eagle)."
+        )
+    if args.self_distill_draft and not args.self_distill:
+        raise SystemExit("--self-distill-draft speeds up --self-distill; add --self-distill.")
+    if args.aux_layers and args.family != "eagle3":
+        raise SystemExit("--aux-layers sets the target layers of an EAGLE-3 draft; add --family eagle3.")
     if args.threads:
         torch.set_num_threads(args.threads)
     output = Path(args.output)
@@ -218,7 +269,10 @@ def run(args) -> int:
         if args.self_distill:
             cached = output / "self_distill" / "data.jsonl"
             if not cached.exists():
-                rows = regenerate_answers(target, processor, rows, max_new_tokens=args.eval_max_new_tokens * 3)
+                helper = _self_distill_draft(args.self_distill_draft, target)
+                rows = regenerate_answers(
+                    target, processor, rows, max_new_tokens=args.eval_max_new_tokens * 3, draft=helper
+                )
                 write_llava_jsonl(rows, cached)
             rows, _ = read_llava_jsonl(cached)
 
@@ -258,6 +312,8 @@ def run(args) -> int:
             lambda_logit=args.lambda_logit,
             lambda_feat=args.lambda_feat,
             feature_noise=args.feature_noise,
+            ttt_steps=args.ttt_steps,
+            ttt_decay=args.ttt_decay,
             fail_fast=args.fail_fast,
             eval_prompts=args.eval_prompts,
             eval_max_new_tokens=args.eval_max_new_tokens,

@@ -16,7 +16,11 @@ class DistillationConfig(TrainingArguments):
     Args:
         lambda_logit (`float`, defaults to 0.1): weight of the cross-entropy between the draft's and the target's
             next-token distributions.
-        lambda_feat (`float`, defaults to 1.0): weight of the Smooth L1 regression of the target's features.
+        lambda_feat (`float`, defaults to 1.0): weight of the Smooth L1 regression of the target's features (drafts
+            whose output predicts them: EAGLE-2-style; an EAGLE-3 draft has no feature term).
+        ttt_steps (`int`, defaults to 1): training-time test (EAGLE-3): each batch is unrolled this many draft steps,
+            step j feeding the draft its own outputs of step j - 1 where decoding would (1: teacher forcing only).
+        ttt_decay (`float`, defaults to 0.8): weight of step j's loss is `ttt_decay ** j`.
         feature_noise (`float`, defaults to 0.0): half-width of uniform noise added to the target features fed to
             the draft (EAGLE's augmentation against its own feature errors at depth > 1; 0 disables).
         max_length (`int`, *optional*): rows longer than this (tokens, image included) are skipped; defaults to the
@@ -38,6 +42,10 @@ class DistillationConfig(TrainingArguments):
         default=0.0,
         metadata={"help": "Half-width of uniform noise on the target features fed to the draft (0 = off)."},
     )
+    ttt_steps: int = field(
+        default=1, metadata={"help": "Training-time test: draft steps unrolled per batch (1 = teacher forcing)."}
+    )
+    ttt_decay: float = field(default=0.8, metadata={"help": "Loss weight of unrolled step j is ttt_decay ** j."})
     max_length: int | None = field(default=None, metadata={"help": "Skip rows longer than this many tokens."})
     fail_fast: bool = field(default=False, metadata={"help": "Fail on the first bad row instead of skipping it."})
     eval_prompts: int = field(default=16, metadata={"help": "Held-out prompts for the accepted-length curve."})
@@ -55,6 +63,8 @@ class DistillationConfig(TrainingArguments):
         for name in ("lambda_logit", "lambda_feat", "feature_noise"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.ttt_steps < 1 or not 0 < self.ttt_decay <= 1:
+            raise ValueError(f"ttt_steps must be >= 1 and ttt_decay in (0, 1]; got {self.ttt_steps}, {self.ttt_decay}")
         if self.lambda_logit == 0 and self.lambda_feat == 0:
             raise ValueError("lambda_logit and lambda_feat are both 0: nothing to train.")
         for name in ("eval_prompts", "eval_max_new_tokens", "eval_depth", "eval_top_k", "eval_total_tokens"):

@@ -42,7 +42,7 @@ def feature_loss(draft_features: torch.Tensor, target_features: torch.Tensor) ->
 
 
 def distillation_loss(
-    draft_features: torch.Tensor,
+    draft_features: torch.Tensor | None,
     draft_logits: torch.Tensor,
     target_features: torch.Tensor,
     target_logits: torch.Tensor,
@@ -53,13 +53,14 @@ def distillation_loss(
     The combined loss over the `n` supervised positions.
 
     Args:
-        draft_features (`torch.FloatTensor` of shape `(n, hidden_size)`): the draft's predicted features.
+        draft_features (`torch.FloatTensor` of shape `(n, hidden_size)`, *optional*): the draft's predicted
+            features; `None` for a draft whose output is not the target's features (EAGLE-3): no feature term.
         draft_logits (`torch.FloatTensor` of shape `(n, vocab_size)`): `lm_head(draft_features)`.
         target_features (`torch.FloatTensor` of shape `(n, hidden_size)`): the target's features there.
         target_logits (`torch.FloatTensor` of shape `(n, vocab_size)`): the target's logits there.
     """
     logit = soft_cross_entropy(draft_logits, target_logits)
-    feature = feature_loss(draft_features, target_features)
+    feature = logit.new_zeros(()) if draft_features is None else feature_loss(draft_features, target_features)
     top1 = (draft_logits.argmax(-1) == target_logits.argmax(-1)).float().mean()
     return DistillationLoss(
         total=lambda_logit * logit + lambda_feat * feature,

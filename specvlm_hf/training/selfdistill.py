@@ -21,11 +21,16 @@ def regenerate_answers(
     max_new_tokens: int = 256,
     batch_size: int = 16,
     progress: bool = True,
+    draft=None,
 ) -> list[ConversationRow]:
     """
     Replaces each answer, turn by turn, with the target's greedy continuation of the conversation so far (earlier
-    answers already regenerated). Batched with left padding; rows without an image are batched separately.
+    answers already regenerated). Batched with left padding; rows without an image are batched separately. With a
+    `draft` of the target (`SpecVLMDraftModel`), rows are decoded one at a time by `generate(assistant_model=draft)`
+    instead: the target's own greedy answers (lossless), several times faster on CPU than padded batches.
     """
+    if draft is not None:
+        batch_size = 1
     tokenizer = processor.tokenizer
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     new_turns = [[] for _ in rows]
@@ -47,7 +52,8 @@ def regenerate_answers(
                             images.append(open_image(rows[i].image, rows[i].source))
                     inputs = processor(text=texts, images=images or None, return_tensors="pt", padding=True)
                     inputs = inputs.to(target.device)
-                    out = target.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+                    extra = {} if draft is None else {"assistant_model": draft}
+                    out = target.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, **extra)
                     answers = tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
                     for i, answer in zip(chunk, answers):
                         new_turns[i].append((rows[i].turns[turn][0], answer.strip()))
