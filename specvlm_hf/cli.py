@@ -14,6 +14,7 @@ COMMANDS = {
     "compression": "specvlm_hf.benchmark.compression",
     "card": "specvlm_hf.hub",
     "export": "specvlm_hf.export_cli",
+    "serve-check": "specvlm_hf.serving.cli",
 }
 
 

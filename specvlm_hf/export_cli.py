@@ -1,5 +1,5 @@
-"""`specvlm-hf export`: write a saved draft in a serving engine's layout (`export.py`), with a README stating what
-an engine will and will not reproduce."""
+"""`specvlm-hf export`: write a saved EAGLE-3 draft as a speculators `eagle3` checkpoint that vLLM serves
+(`export.py`), and, with `--target-output`, its target in the layout engines load."""
 
 from __future__ import annotations
 
@@ -12,44 +12,54 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser(
         "export",
-        help="Write a saved draft in the speculators layout for serving engines.",
+        help="Write a saved EAGLE-3 draft (and its target) in the layout serving engines load.",
         description=__doc__,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("draft", metavar="DIR", help="Folder of the saved draft (`save_pretrained`).")
+    p.add_argument(
+        "draft", metavar="DIR", help="Folder of the saved draft (`save_pretrained`), or a shipped draft's name."
+    )
     p.add_argument("--format", choices=FORMATS, default="speculators", help="Layout to write.")
     p.add_argument("--output", required=True, help="Folder to write config.json, model.safetensors and README.md.")
     p.add_argument(
         "--target",
         default="testbed",
-        help="The target the engine loads, by Hub id or directory ('testbed': the built-in testbed).",
+        help="The target the engine loads: a Hub id or a directory in the engines' layout; with --target-output, the "
+        "target to convert ('testbed': the built-in testbed).",
+    )
+    p.add_argument(
+        "--target-output",
+        default=None,
+        help="Also write --target here in the layout engines load (the Hub's key names), and name this folder as "
+        "the draft's verifier. Needed for the testbeds, which are saved in transformers' layout.",
     )
     p.add_argument("--depth", type=int, default=None, help="Draft tokens per step for the engine (default: 5).")
-    p.add_argument(
-        "--drop-compressor",
-        action="store_true",
-        help="Write a draft with a visual compressor without it (recorded in the export); refused otherwise.",
-    )
     p.set_defaults(func=_export_command)
 
 
 def _export_command(args) -> int:
-    from .export import export_draft
+    from pathlib import Path
+
+    from .export import check_exportable, export_draft, export_target
     from .modeling_draft import SpecVLMDraftModel
 
-    draft = SpecVLMDraftModel.from_pretrained(args.draft)
+    draft = SpecVLMDraftModel.from_pretrained(_draft_path(args.draft))
     try:
-        out = export_draft(
-            draft,
-            args.output,
-            format=args.format,
-            target=args.target,
-            depth=args.depth,
-            drop_compressor=args.drop_compressor,
-        )
+        check_exportable(draft)
+        target = args.target
+        if args.target_output:
+            target = str(export_target(args.target, args.target_output).resolve())
+            print(f"wrote the target in the engines' layout to {target}")
+        out = export_draft(draft, args.output, format=args.format, target=target, depth=args.depth)
     except ValueError as err:
         print(f"specvlm-hf export: error: {err}", file=sys.stderr)
         return 2
-    dropped = " (without its compressor)" if args.drop_compressor and draft.config.compressor else ""
-    print(f"wrote {out}{dropped}; see {out / 'README.md'} for what an engine reproduces")
+    print(f"wrote {Path(out)}; serve it with `vllm serve {Path(out).resolve()}` (see its README.md)")
     return 0
+
+
+def _draft_path(name: str) -> str:
+    """A shipped draft's folder by its name, else `name` itself."""
+    from .testbed.store import SHIPPED_DRAFTS
+
+    return str(SHIPPED_DRAFTS[name]) if name in SHIPPED_DRAFTS else name
