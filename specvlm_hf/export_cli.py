@@ -42,8 +42,9 @@ def _export_command(args) -> int:
 
     from .export import check_exportable, export_draft, export_target
     from .modeling_draft import SpecVLMDraftModel
+    from .testbed.store import draft_location
 
-    draft = SpecVLMDraftModel.from_pretrained(_draft_path(args.draft))
+    draft = SpecVLMDraftModel.from_pretrained(draft_location(args.draft))
     try:
         check_exportable(draft)
         target = args.target
@@ -56,10 +57,3 @@ def _export_command(args) -> int:
         return 2
     print(f"wrote {Path(out)}; serve it with `vllm serve {Path(out).resolve()}` (see its README.md)")
     return 0
-
-
-def _draft_path(name: str) -> str:
-    """A shipped draft's folder by its name, else `name` itself."""
-    from .testbed.store import SHIPPED_DRAFTS
-
-    return str(SHIPPED_DRAFTS[name]) if name in SHIPPED_DRAFTS else name

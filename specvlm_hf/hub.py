@@ -18,6 +18,7 @@ TEMPLATE = Path(__file__).parent / "templates" / "draft_model_card.md"
 # tree, or for a draft with an elastic visual compressor the same two rows of the `specvlm` methods.
 SPEEDUP_METHODS = ("eaglevlm-default", "eaglevlm")
 COMPRESSOR_SPEEDUP_METHODS = ("specvlm-default", "specvlm")
+EAGLE3_SPEEDUP_METHODS = ("eagle3-default", "eagle3")
 
 
 def hub_id_or_none(name: str | None) -> str | None:
@@ -106,19 +107,22 @@ def create_model_card(
         with safe_open(str(weights), "pt") as handle:
             num_parameters = f"{sum(_numel(handle.get_slice(key).get_shape()) for key in handle.keys()):,}"
     model_name = repo_id or draft_dir.name
-    compressor = json.loads((draft_dir / "config.json").read_text()).get("compressor")
+    config = json.loads((draft_dir / "config.json").read_text())
+    compressor = config.get("compressor")
+    eagle3 = config.get("model_type") == "specvlm_eagle3_draft"
     results, speed_table = None, None
     if benchmark is not None:
         if not isinstance(benchmark, dict):
             benchmark = json.loads(Path(benchmark).read_text())
-        methods = COMPRESSOR_SPEEDUP_METHODS if compressor else SPEEDUP_METHODS
+        methods = EAGLE3_SPEEDUP_METHODS if eagle3 else COMPRESSOR_SPEEDUP_METHODS if compressor else SPEEDUP_METHODS
         results, speed_table = benchmark_results(benchmark, model_name=model_name, methods=methods)
     card_data = ModelCardData(
         library_name="transformers",
         license=license,
         base_model=base_model,
         pipeline_tag="image-text-to-text",
-        tags=["speculative-decoding", "eagle", "specvlm", "draft-model", "vision-language"],
+        tags=["speculative-decoding", "eagle3" if eagle3 else "eagle", "specvlm", "draft-model", "vision-language"]
+        + (["vllm"] if eagle3 else []),
         model_name=model_name if results else None,
         eval_results=results or None,
     )
@@ -137,6 +141,8 @@ def create_model_card(
         training_command=training_command,
         usage=usage,
         compressor=compressor,
+        eagle3=eagle3,
+        aux_layers=config.get("aux_hidden_state_layer_ids"),
     )
 
 

@@ -246,7 +246,7 @@ def calibrate_tree(
     """
     lattice = list(lattice or candidate_trees())
     plains = [measure_plain_decoding(target, s, temperature, max_new_tokens, seed) for s in samples]
-    contexts = [replay_context(target, s, plain.sequence) for s, plain in zip(samples, plains)]
+    contexts = [replay_context(target, s, plain.sequence, draft.feature_layers) for s, plain in zip(samples, plains)]
     if curve is None:
         sizes = sorted({t.total_tokens for t in lattice})
         curve = measure_cost_curve(target, max(contexts, key=lambda c: c.input_ids.shape[1]), sizes)

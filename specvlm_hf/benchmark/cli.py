@@ -30,6 +30,7 @@ _FLAGS = {
     "--target-adapter": ("target_adapter", str),
     "--draft": ("draft", str),
     "--specvlm-draft": ("specvlm_draft", str),
+    "--eagle3-draft": ("eagle3_draft", str),
     "--assistant": ("assistant", str),
     "--prompts": ("prompts", str),
     "--image-root": ("image_root", str),

@@ -38,6 +38,8 @@ class BenchmarkConfig:
         specvlm_draft (`str`, *optional*): directory of a trained draft with an elastic visual compressor, for the
             `specvlm` method; default the shipped one on the shipped testbed, else a random draft with SpecVLM's
             compressor.
+        eagle3_draft (`str`, *optional*): directory of a trained EAGLE-3 draft (`SpecVLMEagle3DraftModel`) for the
+            `eagle3` methods; default the shipped one on the shipped testbed, else a random one.
         assistant (`str`, *optional*): directory of the `hf-assisted` language model; by default a cached one built
             for the target's tokenizer (`assistant_lm.py`), built on first use.
         prompts (`str`, *optional*): prompt source (`prompts.load_prompts`); default the testbed's held-out set.
@@ -84,6 +86,13 @@ class BenchmarkConfig:
         metadata={
             "help": "Trained draft-with-compressor directory for 'specvlm'; default: the shipped one on the shipped "
             "testbed, else a random one."
+        },
+    )
+    eagle3_draft: str | None = field(
+        default=None,
+        metadata={
+            "help": "Trained EAGLE-3 draft directory for 'eagle3'; default: the shipped one on the shipped testbed, "
+            "else a random one."
         },
     )
     assistant: str | None = field(

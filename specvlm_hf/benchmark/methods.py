@@ -235,13 +235,27 @@ class SpecVLMDefault(EagleVLMDefault):
     name = "specvlm-default"
 
 
+class Eagle3(EagleVLM):
+    """The tree loop with an EAGLE-3 draft (`modeling_eagle3.py`), with the tree chosen for `eaglevlm` (so the two
+    differ only in the draft)."""
+
+    name = "eagle3"
+
+
+class Eagle3Default(EagleVLMDefault):
+    """An EAGLE-3 draft as a user gets it: `generate(assistant_model=draft)` with no knobs (the auto tree)."""
+
+    name = "eagle3-default"
+
+
 METHOD_NAMES = (
     Vanilla.name, HFAssisted.name, PromptLookup.name, EagleVLM.name, EagleVLMDefault.name, SpecVLM.name,
-    SpecVLMDefault.name,
+    SpecVLMDefault.name, Eagle3.name, Eagle3Default.name,
 )  # fmt: skip
 DRAFT_METHODS = (EagleVLM.name, EagleVLMDefault.name)  # the methods that run `draft`
 COMPRESSOR_METHODS = (SpecVLM.name, SpecVLMDefault.name)  # the methods that run `specvlm_draft`
-TREE_METHODS = (EagleVLM.name, SpecVLM.name)  # the methods that run the benchmark's chosen tree
+EAGLE3_METHODS = (Eagle3.name, Eagle3Default.name)  # the methods that run `eagle3_draft`
+TREE_METHODS = (EagleVLM.name, SpecVLM.name, Eagle3.name)  # the methods that run the benchmark's chosen tree
 
 
 def check_method_names(names: Sequence[str]) -> tuple[str, ...]:
@@ -261,6 +275,7 @@ def build_methods(
     *,
     draft=None,
     specvlm_draft=None,
+    eagle3_draft=None,
     assistant: nn.Module | None = None,
     trees: Mapping[float, SpeculativeConfig] | None = None,
     prompt_lookup_tokens: int = 10,
@@ -276,6 +291,10 @@ def build_methods(
             methods[name] = HFAssisted(assistant)
         elif name == PromptLookup.name:
             methods[name] = PromptLookup(prompt_lookup_tokens)
+        elif name in EAGLE3_METHODS:
+            if eagle3_draft is None:
+                raise ValueError(f"method {name!r} needs an EAGLE-3 draft")
+            methods[name] = Eagle3(eagle3_draft, trees or {}) if name == Eagle3.name else Eagle3Default(eagle3_draft)
         elif name in COMPRESSOR_METHODS:
             if specvlm_draft is None:
                 raise ValueError(f"method {name!r} needs a draft with a compressor")

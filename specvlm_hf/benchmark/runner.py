@@ -16,13 +16,15 @@ from ..adapters import get_adapter
 from ..compressor import compressor_for
 from ..configuration import SpeculativeConfig
 from ..modeling_draft import SpecVLMDraftModel
-from ..testbed.store import is_testbed
+from ..modeling_eagle3 import SpecVLMEagle3DraftModel
+from ..testbed.store import draft_location, is_testbed
 from ..tuning import VERIFY_SIZES
 from .calibration import TreeCalibration, calibrate_tree, measure_cost_curve, replay_context
 from .config import BenchmarkConfig
 from .methods import (
     COMPRESSOR_METHODS,
     DRAFT_METHODS,
+    EAGLE3_METHODS,
     TREE_METHODS,
     EagleVLM,
     HFAssisted,
@@ -49,6 +51,7 @@ class Resources:
     draft: SpecVLMDraftModel | None = None
     assistant: torch.nn.Module | None = None
     specvlm_draft: SpecVLMDraftModel | None = None
+    eagle3_draft: SpecVLMDraftModel | None = None
     info: dict = field(default_factory=dict)
 
 
@@ -81,6 +84,7 @@ def load_resources(config: BenchmarkConfig) -> Resources:
             config,
             draft=config.draft or _str(shipped_companion("draft", testbed_dir)),
             specvlm_draft=config.specvlm_draft or _str(shipped_companion("specvlm-draft", testbed_dir)),
+            eagle3_draft=config.eagle3_draft or _str(shipped_companion("eagle3-draft", testbed_dir)),
             assistant=config.assistant or _str(shipped_companion("assistant", testbed_dir)),
         )
     else:
@@ -103,18 +107,24 @@ def load_resources(config: BenchmarkConfig) -> Resources:
         resources.info["specvlm-draft"] = _describe(
             resources.specvlm_draft, source, compressor=resources.specvlm_draft.config.compressor
         )
+    if set(EAGLE3_METHODS) & set(config.methods):
+        resources.eagle3_draft, source = _draft(config.eagle3_draft, target, "--eagle3-draft", eagle3=True)
+        resources.info["eagle3-draft"] = _describe(resources.eagle3_draft, source)
     if HFAssisted.name in config.methods:
         resources.assistant, resources.info["assistant"] = _assistant(config, target, processor)
     return resources
 
 
-def _draft(path: str | None, target, flag: str, compressor: bool = False):
+def _draft(path: str | None, target, flag: str, compressor: bool = False, eagle3: bool = False):
     """`(draft, source)`: the draft saved at `path`, else a randomly initialised one (with SpecVLM's elastic
-    compressor when `compressor`), with a warning."""
+    compressor when `compressor`; an EAGLE-3 one when `eagle3`), with a warning."""
     if path is not None:
-        return SpecVLMDraftModel.from_pretrained(path, target=target), path
+        draft = SpecVLMDraftModel.from_pretrained(draft_location(path), target=target)
+        if eagle3 != (draft.feature_layers is not None):
+            raise ValueError(f"{flag} {path} is {'not ' if eagle3 else ''}an EAGLE-3 draft.")
+        return draft, path
     logger.warning("no %s given: a randomly initialised draft runs (expect sigma near 1)", flag)
-    draft = SpecVLMDraftModel.from_target(target)
+    draft = (SpecVLMEagle3DraftModel if eagle3 else SpecVLMDraftModel).from_target(target)
     if compressor:
         grid = get_adapter(target).patch_grid()
         draft.set_compressor(compressor_for("elastic", draft.config.hidden_size, grid))
@@ -168,7 +178,7 @@ def choose_trees(config: BenchmarkConfig, resources: Resources, calibration: Seq
     for temperature in config.temperatures:
         found = calibrate_tree(
             resources.target,
-            resources.draft if resources.draft is not None else resources.specvlm_draft,
+            next(d for d in (resources.draft, resources.specvlm_draft, resources.eagle3_draft) if d is not None),
             calibration,
             temperature=temperature,
             max_new_tokens=min(config.calibration_tokens, config.max_new_tokens),
@@ -303,12 +313,13 @@ def run_benchmark(
     elif calibration is None:
         calibration, overlap = samples[: config.calibration_samples], True
     trees, calibrations = {}, {}
-    if set(TREE_METHODS) & set(config.methods):  # calibrated on the EagleVLM draft, run by both
+    if set(TREE_METHODS) & set(config.methods):  # calibrated on the EagleVLM draft (if run), run by all
         trees, calibrations = choose_trees(config, resources, calibration)
     methods = build_methods(
         config.methods,
         draft=resources.draft,
         specvlm_draft=resources.specvlm_draft,
+        eagle3_draft=resources.eagle3_draft,
         assistant=resources.assistant,
         trees=trees,
         prompt_lookup_tokens=config.prompt_lookup_tokens,

@@ -23,7 +23,9 @@ def register(subparsers) -> None:
         description=check.__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--draft", required=True, help="A saved EAGLE-3 draft of the target (folder).")
+    p.add_argument(
+        "--draft", required=True, help="A saved EAGLE-3 draft of the target: a folder, or 'eagle3-draft' (shipped)."
+    )
     p.add_argument("--target", default="testbed", help="The draft's target: 'testbed' or a saved target folder.")
     p.add_argument(
         "--vllm-python",
@@ -43,6 +45,7 @@ def run(args) -> int:
     from ..export import check_exportable, export_draft, export_target
     from ..modeling_draft import SpecVLMDraftModel
     from ..testbed import load_testbed
+    from ..testbed.store import draft_location
 
     problem = vllm_problem(args.vllm_python)
     if problem:
@@ -51,7 +54,7 @@ def run(args) -> int:
     started = time.perf_counter()
     out = Path(args.output)
     target, processor = load_testbed(args.target)
-    draft = SpecVLMDraftModel.from_pretrained(args.draft, target=target)
+    draft = SpecVLMDraftModel.from_pretrained(draft_location(args.draft), target=target)
     try:
         check_exportable(draft)
     except ValueError as err:

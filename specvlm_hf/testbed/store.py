@@ -27,6 +27,8 @@ SHIPPED_DRAFT_DIR = Path(__file__).parent / "assets" / "draft"  # trained by `sp
 SHIPPED_ASSISTANT_DIR = Path(__file__).parent / "assets" / "assistant"  # the hf-assisted baseline's assistant
 # trained like SHIPPED_DRAFT_DIR, jointly with the elastic visual compressor (`specvlm-hf train --compressor elastic`)
 SHIPPED_SPECVLM_DRAFT_DIR = Path(__file__).parent / "assets" / "specvlm-draft"
+# an EAGLE-3 draft of SHIPPED_DIR trained with training-time test (`specvlm-hf train --family eagle3`), the one vLLM runs
+SHIPPED_EAGLE3_DRAFT_DIR = Path(__file__).parent / "assets" / "eagle3-draft"
 # the second testbed: a stock Qwen2-VL trained by the same recipe (`BuildConfig.qwen2_vl`), and its draft
 SHIPPED_QWEN2_VL_DIR = Path(__file__).parent / "assets" / "testbed-qwen2-vl"
 SHIPPED_QWEN2_VL_DRAFT_DIR = Path(__file__).parent / "assets" / "draft-qwen2-vl"
@@ -34,13 +36,14 @@ DEFAULT = "testbed"  # the LLaVA testbed, resolved by `resolve`
 NAMED = {"testbed-qwen2-vl": SHIPPED_QWEN2_VL_DIR}  # other testbeds, by the name the CLIs take as --target
 COMPANIONS = {
     SHIPPED_DIR: {"draft": SHIPPED_DRAFT_DIR, "specvlm-draft": SHIPPED_SPECVLM_DRAFT_DIR,
-                  "assistant": SHIPPED_ASSISTANT_DIR},
+                  "eagle3-draft": SHIPPED_EAGLE3_DRAFT_DIR, "assistant": SHIPPED_ASSISTANT_DIR},
     SHIPPED_QWEN2_VL_DIR: {"draft": SHIPPED_QWEN2_VL_DRAFT_DIR},
 }  # fmt: skip
-# the shipped drafts by the name `load_testbed_draft` takes (the first two for `DEFAULT`, the last for Qwen2-VL)
+# the shipped drafts by the name `load_testbed_draft` takes (the first three for `DEFAULT`, the last for Qwen2-VL)
 SHIPPED_DRAFTS = {
     "draft": SHIPPED_DRAFT_DIR,
     "specvlm-draft": SHIPPED_SPECVLM_DRAFT_DIR,
+    "eagle3-draft": SHIPPED_EAGLE3_DRAFT_DIR,
     "draft-qwen2-vl": SHIPPED_QWEN2_VL_DRAFT_DIR,
 }
 BUILD_MINUTES = {"llava": 40, "qwen2_vl": 85}  # a full build on 2 CPU cores, said before one starts
@@ -174,10 +177,11 @@ def resolve(path: str | Path | None = None) -> tuple[Path, str]:
 
 
 def shipped_companion(kind: str, testbed_dir: str | Path) -> Path | None:
-    """The shipped trained draft (`kind="draft"`), draft with the elastic visual compressor (`"specvlm-draft"`) or
-    hf-assisted assistant (`"assistant"`) for the testbed at `testbed_dir`: only a shipped testbed has them (a
-    rebuilt testbed needs its own), and the Qwen2-VL testbed only a draft, so None otherwise."""
-    if kind not in ("draft", "specvlm-draft", "assistant"):
+    """The shipped trained draft (`kind="draft"`), draft with the elastic visual compressor (`"specvlm-draft"`),
+    EAGLE-3 draft (`"eagle3-draft"`) or hf-assisted assistant (`"assistant"`) for the testbed at `testbed_dir`: only a
+    shipped testbed has them (a rebuilt testbed needs its own), and the Qwen2-VL testbed only a draft, so None
+    otherwise."""
+    if kind not in ("draft", "specvlm-draft", "eagle3-draft", "assistant"):
         raise ValueError(f"no companion kind {kind!r}")
     shipped = {d.absolute(): c for d, c in COMPANIONS.items()}.get(Path(testbed_dir).absolute(), {})
     directory = shipped.get(kind)
@@ -185,7 +189,7 @@ def shipped_companion(kind: str, testbed_dir: str | Path) -> Path | None:
 
 
 def shipped_draft_dir(name: str) -> Path:
-    """The directory of the shipped draft `name` (`"draft"`, `"specvlm-draft"` or `"draft-qwen2-vl"`, see
+    """The directory of the shipped draft `name` (`"draft"`, `"specvlm-draft"`, `"eagle3-draft"` or `"draft-qwen2-vl"`, see
     `SHIPPED_DRAFTS`), inside the installed package: for CLI flags such as `--draft` or `--init-draft`."""
     if name not in SHIPPED_DRAFTS:
         raise ValueError(f"no shipped draft {name!r}; the shipped drafts are {', '.join(map(repr, SHIPPED_DRAFTS))}")
@@ -195,12 +199,19 @@ def shipped_draft_dir(name: str) -> Path:
     return directory
 
 
+def draft_location(name_or_path: str) -> str:
+    """A shipped draft's directory by its name (`SHIPPED_DRAFTS`), else `name_or_path` unchanged (a folder or a Hub
+    id): what the CLIs' draft flags accept."""
+    return str(shipped_draft_dir(name_or_path)) if name_or_path in SHIPPED_DRAFTS else name_or_path
+
+
 def load_testbed_draft(name: str, target, **kwargs):
     """Loads the shipped draft `name` bound to `target`, from any working directory.
 
     Args:
-        name (`str`): `"draft"` (EagleVLM: sees every visual token) or `"specvlm-draft"` (with its elastic visual
-            compressor), both for the LLaVA testbed (`load_testbed()`), or `"draft-qwen2-vl"` for
+        name (`str`): `"draft"` (EagleVLM: sees every visual token), `"specvlm-draft"` (with its elastic visual
+            compressor) or `"eagle3-draft"` (EAGLE-3, the one vLLM serves), all for the LLaVA testbed
+            (`load_testbed()`), or `"draft-qwen2-vl"` for
             `load_testbed("testbed-qwen2-vl")`.
         target: the testbed target the draft was trained for; a draft bound to another target is refused.
         kwargs: passed on to `SpecVLMDraftModel.from_pretrained`.

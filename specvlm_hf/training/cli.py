@@ -66,7 +66,11 @@ def register(subparsers) -> None:
         "distilled against the adapted target.",
     )
     p.add_argument(
-        "--init-draft", "--init", dest="init", default=None, help="Start from this saved draft instead of a fresh one."
+        "--init-draft",
+        "--init",
+        dest="init",
+        default=None,
+        help="Start from this saved draft (a folder, or a shipped draft's name) instead of a fresh one.",
     )
     p.add_argument(
         "--lora",
@@ -191,15 +195,16 @@ def _initial_draft(args, target, resuming: bool):
     from ..adapters import get_adapter
     from ..compressor import compressor_for
     from ..modeling_draft import SpecVLMDraftModel
+    from ..testbed.store import draft_location
 
     branches = args.compressor_branches.split(",") if args.compressor_branches else None
     if args.lora:  # the base draft always loads: a checkpoint holds the adapter alone
         from ..lora import add_lora
 
-        draft = SpecVLMDraftModel.from_pretrained(args.init, target=target)
+        draft = SpecVLMDraftModel.from_pretrained(draft_location(args.init), target=target)
         return add_lora(draft, args.lora_r, args.lora_alpha, args.lora_modules.split(","))
     if args.init and not resuming:
-        draft = SpecVLMDraftModel.from_pretrained(args.init, target=target)
+        draft = SpecVLMDraftModel.from_pretrained(draft_location(args.init), target=target)
     elif args.family == "eagle3":
         from ..modeling_eagle3 import SpecVLMEagle3DraftModel
 
@@ -222,9 +227,9 @@ def _self_distill_draft(name: str | None, target):
     if name is None:
         return None
     from ..modeling_draft import SpecVLMDraftModel
-    from ..testbed.store import SHIPPED_DRAFTS
+    from ..testbed.store import draft_location
 
-    return SpecVLMDraftModel.from_pretrained(str(SHIPPED_DRAFTS.get(name, name)), target=target)
+    return SpecVLMDraftModel.from_pretrained(draft_location(name), target=target)
 
 
 def run(args) -> int:
