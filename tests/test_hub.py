@@ -108,7 +108,9 @@ def test_shipped_testbed_cards_are_what_the_renderer_makes_today(tmp_path, monke
         assert rendered == (REPO / shlex.split(copy)[1]).read_text()
 
 
-@pytest.mark.parametrize("card", ["testbed-draft", "testbed-specvlm-draft", "testbed-qwen2-vl-draft"])
+@pytest.mark.parametrize(
+    "card", ["testbed-draft", "testbed-specvlm-draft", "testbed-eagle3-draft", "testbed-qwen2-vl-draft"]
+)
 def test_testbed_card_usage_snippet_runs(monkeypatch, card):
     monkeypatch.chdir(REPO)
     namespace = {}
