@@ -14,7 +14,7 @@ from tiny import VOCAB, make_inputs
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import specvlm_hf
-from specvlm_hf import SpeculativeConfig, SpecVLMDraftModel, speculative_generate
+from specvlm_hf import SpeculativeConfig, SpecVLMDraftModel, SpecVLMEagle3DraftModel, speculative_generate
 from specvlm_hf.benchmark import BenchmarkConfig, run_benchmark
 from specvlm_hf.benchmark.calibration import replay, replay_context
 from specvlm_hf.benchmark.methods import METHOD_NAMES, Method, UnknownMethodError, Vanilla, check_method_names
@@ -72,7 +72,10 @@ def test_tiny_run_writes_the_json_schema(target, draft, assistant, tmp_path):
     )
     specvlm_draft = SpecVLMDraftModel.from_target(target)
     specvlm_draft.set_compressor(compressor_for("elastic", 64, (4, 4), ["pool:4", "resampler:2", "text"]))
-    resources = Resources(target, None, draft, assistant, specvlm_draft, info={"target": {"source": "tiny"}})
+    eagle3_draft = SpecVLMEagle3DraftModel.from_target(target)
+    resources = Resources(
+        target, None, draft, assistant, specvlm_draft, eagle3_draft, info={"target": {"source": "tiny"}}
+    )
     result = run_benchmark(config, resources=resources, samples=tiny_samples())
     data = json.loads((tmp_path / "benchmark.json").read_text())
 

@@ -95,7 +95,7 @@ def test_shipped_testbed_cards_are_what_the_renderer_makes_today(tmp_path, monke
     monkeypatch.chdir(REPO)
     script = (REPO / "model_cards" / "render.sh").read_text()
     blocks = [b for b in script.split("\n\n") if "specvlm-hf card" in b]
-    assert len(blocks) == 3
+    assert len(blocks) == 4
     for block in blocks:
         card, copy = block[block.index("specvlm-hf card") :].split("\ncp ")
         command = shlex.split(card.replace("\\\n", " "))

@@ -1,7 +1,11 @@
 """The serving check's own parts, without vLLM (several GB; the check itself runs by hand, docs/serving.md): it says
 how to install vLLM when it is missing, refuses a draft no engine runs, and compares prompt by prompt."""
 
+import json
+import os
 import sys
+
+import pytest
 
 from specvlm_hf.cli import main
 from specvlm_hf.serving.check import compare, readme, vllm_problem
@@ -56,3 +60,16 @@ def test_compare_counts_equal_outputs_and_acceptance_per_step():
     text = readme(record)
     assert "| vLLM with the draft = vLLM without it (greedy, token ids) | 1/2 |" in text
     assert "| vLLM / specvlm_hf | 125% |" in text and "| 4 | 20.0 | 40.0 | 2.00x |" in text
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(not os.environ.get("SPECVLM_VLLM_PYTHON"), reason="set SPECVLM_VLLM_PYTHON to vLLM's Python")
+def test_serve_check_runs_the_shipped_eagle3_draft_in_vllm(tmp_path):
+    """The real check, small: two prompts, 48 new tokens, one concurrency (several minutes; `-m vllm`)."""
+    argv = ["serve-check", "--draft", "eagle3-draft", "--output", str(tmp_path), "--num-prompts", "2",
+            "--max-new-tokens", "48", "--concurrency", "1", "--served-prompts", "1"]  # fmt: skip
+    assert main(argv) == 0
+    summary = json.loads((tmp_path / "serving.json").read_text())["summary"]
+    assert summary["vllm_draft_equals_vllm_plain"] == summary["chain_equals_generate"] == 2
+    assert summary["served"]["draft"] == {"compared": 1, "equal_to_offline_plain": 1}
+    assert summary["sigma_vllm"] > 2

@@ -158,5 +158,6 @@ Throughput offline in vLLM (all {s["prompts"]} prompts submitted at once, at mos
 |---|---|---|---|
 {rows}
 
-`serving.json` holds every figure and token id; `vllm.json` the runner's raw output.
+`serving.json` holds every figure and token id; `vllm.json` the runner's raw output. The export, the prompt images
+and the logs the command also writes here are not part of the record (the command writes them again).
 """

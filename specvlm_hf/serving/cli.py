@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -42,6 +41,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    from ..benchmark.report import cpu_model
     from ..export import check_exportable, export_draft, export_target
     from ..modeling_draft import SpecVLMDraftModel
     from ..testbed import load_testbed
@@ -93,7 +93,7 @@ def run(args) -> int:
         "k": args.k,
         "max_new_tokens": args.max_new_tokens,
         "vllm_version": engine["vllm_version"],
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores",
+        "machine": f"{cpu_model()}, {os.cpu_count()} CPU cores",
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "summary": compare(here, engine, eos, processor.tokenizer),
         "here": here,

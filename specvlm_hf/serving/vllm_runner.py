@@ -165,6 +165,9 @@ def served(target: str, draft: str | None, k: int, prompts: list[dict], max_toke
                 ]}],
                 "temperature": 0.0,
                 "max_tokens": max_tokens,
+                # The chat endpoint adds no BOS unless asked; chat templates without one (llava-hf's, the testbed's)
+                # then give another prompt than `LLM.generate` and `generate()`, whose tokenizers add it.
+                "add_special_tokens": True,
             }  # fmt: skip
             request = urllib.request.Request(
                 base + "/v1/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
