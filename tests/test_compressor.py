@@ -90,7 +90,7 @@ def test_identity_ratio_reproduces_eaglevlm_input(target, spec):
     inputs = make_inputs(seed=2)
     adapter = get_adapter(target)
     layout = adapter.layout(inputs["input_ids"], inputs)
-    embeds, features = prefill(adapter, inputs["input_ids"], layout, DynamicCache())
+    embeds, features, _ = prefill(adapter, inputs["input_ids"], layout, DynamicCache())
     first = torch.tensor([[5]])
     state = prompt_draft_state(
         adapter, torch.cat([inputs["input_ids"], first], 1), embeds, features, layout.visual_mask
@@ -184,14 +184,14 @@ def test_training_builds_the_decoding_loops_draft_input(tiny_testbed, tmp_path):
     encoder = RowEncoder(processor, 4096)
     examples = [encoder.encode(r) for r in rows(3)]
     batch = DistillationCollator(processor.tokenizer.pad_token_id)(examples)
-    embeds, features = trainer.target_pass(batch["input_ids"], {"pixel_values": batch["pixel_values"]})
+    embeds, features, _ = trainer.target_pass(batch["input_ids"], {"pixel_values": batch["pixel_values"]})
     got = trainer.draft_input(draft, batch["input_ids"], batch["loss_mask"], embeds, features)
     adapter = get_adapter(target)
     for b in range(len(examples)):  # every row has an image
         prompt_len = int(batch["loss_mask"][b].nonzero()[0, 0])
         ids = batch["input_ids"][b : b + 1, :prompt_len]
         layout = adapter.layout(ids, {"pixel_values": batch["pixel_values"][b : b + 1]})
-        p_embeds, p_features = prefill(adapter, ids, layout, DynamicCache())
+        p_embeds, p_features, _ = prefill(adapter, ids, layout, DynamicCache())
         state = prompt_draft_state(
             adapter, batch["input_ids"][b : b + 1, : prompt_len + 1], p_embeds, p_features, layout.visual_mask
         )
