@@ -65,10 +65,19 @@ SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s.depth},{s.top_k},{s.total_tokens}")
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
-@pytest.mark.parametrize("kv_heads", [2, 4], ids=["gqa", "mha"])
-@pytest.mark.parametrize("family", [SpecVLMDraftModel, SpecVLMEagle3DraftModel], ids=["eagle", "eagle3"])
+# Every shape, attention kernel and head layout for the EAGLE-2-style draft; the EAGLE-3 draft's own arithmetic (the
+# fused input of its first layer) sits before the attention, so SDPA with both head layouts covers it.
+LEAN_CASES = [
+    pytest.param(shape, attention, kv_heads, family, id=f"{name}-{attention}-{kv}-{shape.depth},{shape.top_k}")
+    for name, family, attentions in (("eagle", SpecVLMDraftModel, ("sdpa", "eager")),
+                                     ("eagle3", SpecVLMEagle3DraftModel, ("sdpa",)))
+    for attention in attentions
+    for kv_heads, kv in ((2, "gqa"), (4, "mha"))
+    for shape in SHAPES
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("shape", "attention", "kv_heads", "family"), LEAN_CASES)
 def test_lean_step_matches_reference_bit_for_bit(shape, attention, kv_heads, family):
     target = make_target(seed=3, attn_implementation=attention, kv_heads=kv_heads, layers=4)
     torch.manual_seed(1)
