@@ -341,4 +341,7 @@ def run(args) -> int:
         for point in summary["curve"]:
             print(f"epoch {point['epoch']:>5}: mean accepted length {point['mean_accepted_length']:.3f}")
         print(f"draft saved to {output}; curve: {output / 'acceptance_curve.png'}")
+    # Under several processes, close the process group before exit: left to interpreter teardown, gloo's threads
+    # occasionally abort the process ("terminate called without an active exception") after training finished.
+    state.destroy_process_group()
     return 0
