@@ -249,3 +249,18 @@ def test_train_cli_help(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "--help"])
     assert "--self-distill" in capsys.readouterr().out
+
+
+def test_train_cli_refuses_family_options_it_cannot_use(capsys, tmp_path):
+    from specvlm_hf.cli import main
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--family", "eagle3", "--aux-layers", "1,x", "--output", "o"])
+    assert "expected three comma-separated layer indices, got '1,x'" in capsys.readouterr().err
+    for argv, message in (
+        (["--aux-layers", "1,2,3"], "add --family eagle3"),
+        (["--family", "eagle3", "--compressor", "elastic"], "takes no compressor"),
+        (["--ttt-steps", "3", "--compressor", "pool"], "train a draft with a compressor with --ttt-steps 1"),
+    ):
+        with pytest.raises(SystemExit, match=message):
+            main(["train", *argv, "--output", str(tmp_path)])

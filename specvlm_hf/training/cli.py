@@ -93,6 +93,7 @@ def register(subparsers) -> None:
     )
     p.add_argument(
         "--aux-layers",
+        type=_layer_ids,
         default=None,
         help="EAGLE-3: comma-separated target layers the draft fuses (default: EAGLE-3's low, middle, high).",
     )
@@ -222,6 +223,17 @@ def _initial_draft(args, target, resuming: bool):
     return draft
 
 
+def _layer_ids(text: str) -> list[int]:
+    """`--aux-layers`: three comma-separated layer indices."""
+    try:
+        ids = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected three comma-separated layer indices, got {text!r}") from None
+    if len(ids) != 3 or min(ids) < 0:
+        raise argparse.ArgumentTypeError(f"expected three layer indices >= 0, got {text!r}")
+    return ids
+
+
 def _self_distill_draft(name: str | None, target):
     """The draft that speeds up self-distillation (`--self-distill-draft`), bound to `target`, or `None`."""
     if name is None:
@@ -254,6 +266,11 @@ def run(args) -> int:
         raise SystemExit("--self-distill-draft speeds up --self-distill; add --self-distill.")
     if args.aux_layers and args.family != "eagle3":
         raise SystemExit("--aux-layers sets the target layers of an EAGLE-3 draft; add --family eagle3.")
+    if args.ttt_steps > 1 and (args.compressor != "none" or args.compressor_branches):
+        raise SystemExit(
+            "--ttt-steps unrolls the draft over uncompressed positions; train a draft with a compressor with "
+            "--ttt-steps 1."
+        )
     if args.threads:
         torch.set_num_threads(args.threads)
     output = Path(args.output)
