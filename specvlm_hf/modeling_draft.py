@@ -199,7 +199,9 @@ class SpecVLMDraftModel(PreTrainedModel, DraftSource):
             )
         family = cls._family(config)
         if family is not cls and issubclass(family, cls):  # SpecVLMDraftModel.from_pretrained of an EAGLE-3 draft
-            return family.from_pretrained(pretrained_model_name_or_path, *args, target=target, **kwargs)
+            return family.from_pretrained(
+                pretrained_model_name_or_path, *args, target=target, **{**kwargs, "config": config}
+            )
         if not issubclass(family, cls):
             raise ValueError(
                 f"{pretrained_model_name_or_path} holds a {config.model_type!r} draft; load it with "
