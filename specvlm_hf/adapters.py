@@ -19,19 +19,20 @@ TREE_MASK_ATTENTION = ("sdpa", "eager")
 @dataclass(frozen=True)
 class PromptLayout:
     """
-    One prompt as the target decodes it: its positions and its visual tokens (`adapter.layout`). Everything the loop
-    writes about the target's positions goes through it, so a position scheme other than 0, 1, 2, ... (M-RoPE) is the
-    adapter's business alone.
+    A batch of (left-padded) prompts as the target decodes them: their positions and their visual tokens
+    (`adapter.layout`). Everything the loop writes about the target's positions goes through it, so a position scheme
+    other than 0, 1, 2, ... (M-RoPE) is the adapter's business alone.
 
     Attributes:
-        positions (`torch.LongTensor`): the prompt's position ids, shaped as the adapter's `forward` takes them:
-            `(1, prompt_len)` for 1-D rotary positions, `(3, 1, prompt_len)` for M-RoPE (Qwen2-VL).
+        positions (`torch.LongTensor`): the prompts' position ids, shaped as the adapter's `forward` takes them:
+            `(rows, prompt_len)` for 1-D rotary positions, `(3, rows, prompt_len)` for M-RoPE (Qwen2-VL). A row's
+            padding is numbered as `generate()` numbers it.
         offset (`torch.LongTensor`): the position ids of sequence index `s >= prompt_len - 1` (the last prompt token
-            and every generated one) are `s + offset`, per axis; shaped to broadcast against `(n,)` indices: `(1, 1)`
-            or `(3, 1, 1)`.
-        visual_mask (`torch.BoolTensor` of shape `(prompt_len,)`): the slots that hold a visual token.
+            and every generated one; padding counts as sequence indices) are `s + offset`, per row and axis; shaped
+            `(rows, 1)` or `(3, rows, 1)`, to broadcast against `(rows, n)` indices (or `(n,)` with one row).
+        visual_mask (`torch.BoolTensor` of shape `(rows, prompt_len)`): the slots that hold a visual token.
         visual_features (`torch.FloatTensor` of shape `(num_visual_tokens, hidden_size)`, *optional*): the visual
-            tokens, in slot order.
+            tokens of every row, in slot order (row by row).
     """
 
     positions: torch.Tensor
@@ -40,8 +41,19 @@ class PromptLayout:
     visual_features: torch.Tensor | None
 
     def positions_at(self, index: torch.Tensor) -> torch.Tensor:
-        """Position ids of sequence indices `index` (`(n,)`, each `>= prompt_len - 1`), shaped like `positions`."""
+        """Position ids of sequence indices `index` (`(rows, n)`, or `(n,)` with one row; each `>= prompt_len - 1`),
+        shaped like `positions`."""
         return index + self.offset
+
+    def keep_rows(self, rows: torch.Tensor) -> PromptLayout:
+        """The layout of rows `rows` (`(n,)` indices) alone; the visual tokens, consumed by the prefill, are left
+        out."""
+        return PromptLayout(
+            positions=self.positions.index_select(-2, rows),
+            offset=self.offset.index_select(-2, rows),
+            visual_mask=self.visual_mask.index_select(0, rows),
+            visual_features=None,
+        )
 
     def continued(self, length: int) -> torch.Tensor:
         """Position ids of sequence indices `0, ..., length - 1` (the prompt, then its continuation), shaped like
@@ -145,20 +157,25 @@ class LlavaAdapter:
 
     def layout(self, input_ids: torch.Tensor, model_kwargs: dict) -> PromptLayout:
         """
-        The prompt `input_ids` (`(1, prompt_len)`) with the arguments `generate()` hands the decoding method. A
-        `position_ids` other than the default numbering is refused: the loop continues the default one.
+        The prompts `input_ids` (`(rows, prompt_len)`, left-padded) with the arguments `generate()` hands the decoding
+        method. Positions are `generate()`'s: 0, 1, 2, ... from each row's first token (`attention_mask`'s cumulative
+        sum, padding at 0). A `position_ids` other than that numbering is refused: the loop continues it.
         """
-        positions = self.sequence_positions(input_ids)
+        mask = model_kwargs.get("attention_mask")
+        if mask is None:
+            positions = self.sequence_positions(input_ids)
+        else:
+            positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0).to(input_ids.device)
         given = model_kwargs.get("position_ids")
         if given is not None and not torch.equal(given.to(positions.device), positions):
             raise ValueError(
-                "Tree speculative decoding numbers the prompt's positions 0, 1, ...; custom position_ids are not "
-                "supported (drop them, or drop assistant_model)."
+                "Tree speculative decoding numbers the prompt's positions 0, 1, ... from each row's first token; "
+                "custom position_ids are not supported (drop them, or drop assistant_model)."
             )
         return PromptLayout(
             positions=positions,
-            offset=positions.new_zeros(1, 1),
-            visual_mask=self.visual_mask(input_ids[0]),
+            offset=positions[:, -1:] - (input_ids.shape[1] - 1),
+            visual_mask=self.visual_mask(input_ids),
             visual_features=self.image_features(model_kwargs),
         )
 
@@ -190,11 +207,12 @@ class LlavaAdapter:
         The text model's input: token embeddings with the visual tokens scattered into the `<image>` slots.
 
         Args:
-            input_ids (`torch.LongTensor` of shape `(1, seq_len)`)
-            image_features (`torch.FloatTensor` of shape `(num_image_tokens, hidden_size)`, *optional*)
+            input_ids (`torch.LongTensor` of shape `(rows, seq_len)`)
+            image_features (`torch.FloatTensor` of shape `(num_image_tokens, hidden_size)`, *optional*): every
+                row's visual tokens, row by row.
 
         Returns:
-            `torch.FloatTensor` of shape `(1, seq_len, hidden_size)`.
+            `torch.FloatTensor` of shape `(rows, seq_len, hidden_size)`.
         """
         embeds = self.embed_tokens(input_ids)
         image_slots = self.visual_mask(input_ids)
@@ -225,8 +243,9 @@ class LlavaAdapter:
             inputs_embeds (`torch.FloatTensor` of shape `(batch, q_len, hidden_size)`)
             position_ids (`torch.LongTensor` of shape `(batch, q_len)`)
             cache (`transformers.Cache`, *optional*): extended in place with the `q_len` new entries.
-            attention_mask (`torch.FloatTensor` of shape `(1, 1, q_len, past_len + q_len)`, *optional*): additive
-                mask (0 = attend, dtype min = blocked); `None` = causal.
+            attention_mask (`torch.FloatTensor` of shape `(batch or 1, 1, q_len, past_len + q_len)`, *optional*):
+                additive mask (0 = attend, dtype min = blocked); or `(batch, past_len + q_len)` with 0 at padding,
+                causal otherwise, as `generate()` passes it; `None` = causal.
         """
         return self._run(inputs_embeds, position_ids, cache, attention_mask).last_hidden_state
 
@@ -342,15 +361,15 @@ class Qwen2VLAdapter(LlavaAdapter):
         length = input_ids.shape[1]
         positions = model_kwargs.get("position_ids")
         if positions is None:
-            positions = self._rope_positions(input_ids, model_kwargs)
+            positions = self._rope_positions(input_ids, model_kwargs, model_kwargs.get("attention_mask"))
         positions = positions.to(input_ids.device)
         positions = positions[-3:] if positions.dim() == 3 else positions[None].expand(3, -1, -1)
-        visual_mask = self.visual_mask(input_ids[0])
+        visual_mask = self.visual_mask(input_ids)
         return PromptLayout(
             positions=positions,
             offset=positions[:, :, -1:] - (length - 1),
             visual_mask=visual_mask,
-            visual_features=self._visual_features(input_ids[0], visual_mask, model_kwargs),
+            visual_features=self._visual_features(input_ids.flatten(), visual_mask.flatten(), model_kwargs),
         )
 
     def _rope_positions(self, input_ids: torch.Tensor, inputs: dict, attention_mask=None) -> torch.Tensor:

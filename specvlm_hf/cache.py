@@ -50,3 +50,45 @@ def commit_accepted(cache, prefix_len: int, path: Sequence[int]) -> None:
             layer.values[..., prefix_len : prefix_len + keep, :] = layer.values[..., source, :]
         layer.keys = layer.keys[..., : prefix_len + keep, :]
         layer.values = layer.values[..., : prefix_len + keep, :]
+
+
+def commit_rows(cache, live: torch.Tensor, paths: Sequence[Sequence[int]]) -> torch.Tensor:
+    """
+    `commit_accepted` for a batch whose rows accepted paths of different lengths. Row `b`'s accepted entries move to
+    slots `prefix_len, ..., prefix_len + len(paths[b]) - 1` of the tree's block, which is cut to the longest path;
+    the slots a shorter path leaves behind stay in the cache as holes that no row attends to.
+
+    Args:
+        cache (`transformers.DynamicCache`): `(rows, heads, prefix_len + num_nodes, head_dim)` per layer.
+        live (`torch.BoolTensor` of shape `(rows, prefix_len)`): the slots holding each row's committed positions.
+        paths (`Sequence[Sequence[int]]`): per row, its accepted tree nodes, root first.
+
+    Returns:
+        `torch.BoolTensor` of shape `(rows, prefix_len + max_b len(paths[b]))`: the live slots afterwards.
+    """
+    prefix_len, width = live.shape[1], max(len(path) for path in paths)
+    device = live.device
+    lengths = torch.tensor([len(path) for path in paths], device=device)
+    source = torch.tensor([list(path) + [0] * (width - len(path)) for path in paths], device=device) + prefix_len
+    for layer in cache.layers:
+        if layer.keys is None or layer.keys.numel() == 0:
+            continue
+        index = source[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
+        # gather copies the sources before the write, so overlapping ranges are safe.
+        layer.keys[..., prefix_len : prefix_len + width, :] = layer.keys.gather(2, index)
+        layer.values[..., prefix_len : prefix_len + width, :] = layer.values.gather(2, index)
+        layer.keys = layer.keys[..., : prefix_len + width, :]
+        layer.values = layer.values[..., : prefix_len + width, :]
+    block = torch.arange(width, device=device) < lengths[:, None]
+    return torch.cat([live, block], dim=1)
+
+
+def keep_rows(cache, rows: torch.Tensor) -> None:
+    """Keeps the batch rows `rows` (`(n,)` indices, in that order) of every layer of `cache`."""
+    for layer in cache.layers:
+        layer.keys, layer.values = layer.keys.index_select(0, rows), layer.values.index_select(0, rows)
+
+
+def row_entries(cache, row: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A copy of batch row `row`'s `(keys, values)` per layer of `cache`, each `(1, heads, length, head_dim)`."""
+    return [(layer.keys[row : row + 1].clone(), layer.values[row : row + 1].clone()) for layer in cache.layers]

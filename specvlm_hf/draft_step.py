@@ -29,12 +29,15 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager
 
 class StaticDraftCache:
     """
-    The draft's keys and values per layer, each `(1, num_key_value_heads, capacity, head_dim)`; entries `[0, length)`
-    are live. Capacity doubles when a write would overflow it.
+    The draft's keys and values per layer, each `(rows, num_key_value_heads, capacity, head_dim)`; entries
+    `[0, length)` are written (in a batch, which of them a row attends to is the caller's mask). Capacity doubles when
+    a write would overflow it.
     """
 
-    def __init__(self, num_layers: int, num_key_value_heads: int, head_dim: int, dtype, device, capacity: int = 512):
-        shape = (1, num_key_value_heads, capacity, head_dim)
+    def __init__(
+        self, num_layers: int, num_key_value_heads: int, head_dim: int, dtype, device, capacity: int = 512, rows=1
+    ):
+        shape = (rows, num_key_value_heads, capacity, head_dim)
         self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.length = 0
@@ -54,8 +57,13 @@ class StaticDraftCache:
                 new[:, :, : self.length] = old[:, :, : self.length]
                 buffers[i] = new
 
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Keeps the rows `rows` (`(n,)` indices), in that order."""
+        self.keys = [k.index_select(0, rows) for k in self.keys]
+        self.values = [v.index_select(0, rows) for v in self.values]
+
     def write(self, layer: int, start: int, keys: torch.Tensor, values: torch.Tensor):
-        """Stores `keys`, `values` (`(1, kv_heads, n, head_dim)`) at `[start, start + n)` of `layer` and returns the
+        """Stores `keys`, `values` (`(rows, kv_heads, n, head_dim)`) at `[start, start + n)` of `layer` and returns the
         layer's entries `[0, start + n)` as views. The caller has reserved the room."""
         end = start + keys.shape[2]
         self.keys[layer][:, :, start:end] = keys
@@ -89,14 +97,15 @@ class RotaryTable:
             self._fill(max(positions, 2 * self.cos.shape[0]))
 
     def __call__(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`(cos, sin)`, each `(1, q_len, head_dim)`, at `position_ids` (`(1, q_len)`, all reserved)."""
+        """`(cos, sin)`, each `(rows, q_len, head_dim)`, at `position_ids` (`(rows, q_len)`, all reserved)."""
         return self.cos[position_ids], self.sin[position_ids]
 
 
 class LeanDraftForward:
-    """`SpecVLMDraftModel.forward` over a `StaticDraftCache`. One instance serves one decoding call."""
+    """`SpecVLMDraftModel.forward` over a `StaticDraftCache` of `rows` sequences. One instance serves one decoding
+    call."""
 
-    def __init__(self, draft, capacity: int = 512):
+    def __init__(self, draft, capacity: int = 512, rows: int = 1):
         self.draft = draft
         config = draft.config
         self.head_dim = config.head_dim
@@ -123,7 +132,7 @@ class LeanDraftForward:
             linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
             self.layers.append((attn, norms, [(m.weight, m.bias) for m in linears], mlp.act_fn))
         self.cache = StaticDraftCache(
-            len(draft.layers), config.num_key_value_heads, config.head_dim, weight.dtype, weight.device, capacity
+            len(draft.layers), config.num_key_value_heads, config.head_dim, weight.dtype, weight.device, capacity, rows
         )
         rotary = draft.rotary_emb
         self.rotary = (
@@ -146,14 +155,14 @@ class LeanDraftForward:
         Appends `q_len` positions to the cache and predicts the target's next features there.
 
         Args:
-            inputs_embeds, features (`torch.FloatTensor` of shape `(1, q_len, hidden_size)`): as in
+            inputs_embeds, features (`torch.FloatTensor` of shape `(rows, q_len, hidden_size)`): as in
                 `SpecVLMDraftModel.forward`.
-            position_ids (`torch.LongTensor` of shape `(1, q_len)`): reserved (`reserve_positions`).
-            attention_mask (`torch.FloatTensor` of shape `(1, 1, q_len, length + q_len)`): additive mask over the
-                cache's live entries and the new ones.
+            position_ids (`torch.LongTensor` of shape `(rows, q_len)`): reserved (`reserve_positions`).
+            attention_mask (`torch.FloatTensor` of shape `(rows or 1, 1, q_len, length + q_len)`): additive mask over
+                the cache's written entries and the new ones.
 
         Returns:
-            `torch.FloatTensor` of shape `(1, q_len, hidden_size)`.
+            `torch.FloatTensor` of shape `(rows, q_len, hidden_size)`.
         """
         cache = self.cache
         q_len, start = inputs_embeds.shape[1], cache.length
@@ -167,7 +176,8 @@ class LeanDraftForward:
             cos, sin = self.rotary(position_ids)
         else:
             cos, sin = self.draft.rotary_emb(hidden, position_ids)
-        heads = (1, q_len, -1, self.head_dim)
+        rows = inputs_embeds.shape[0]
+        heads = (rows, q_len, -1, self.head_dim)
         for index, (attn, norms, projections, act) in enumerate(self.layers):
             normed = first_input if index == 0 else _rms_norm(hidden, *norms[0])
             query = F.linear(normed, *projections[0]).view(heads).transpose(1, 2)
@@ -182,7 +192,7 @@ class LeanDraftForward:
                 out, _ = self.attention(
                     attn, query, keys, values, attention_mask, dropout=dropout, scaling=attn.scaling
                 )
-            hidden = hidden + F.linear(out.reshape(1, q_len, -1).contiguous(), *projections[3])
+            hidden = hidden + F.linear(out.reshape(rows, q_len, -1).contiguous(), *projections[3])
             normed = _rms_norm(hidden, *norms[1])
             gated = act(F.linear(normed, *projections[4])) * F.linear(normed, *projections[5])
             hidden = hidden + F.linear(gated, *projections[6])
@@ -209,23 +219,23 @@ def _sdpa(query, keys, values, attention_mask, dropout: float, scaling: float) -
     `sdpa_attention_forward` without copying the keys and values per query head, bit for bit the same.
 
     Args:
-        query (`(1, heads, q_len, head_dim)`), keys and values (`(1, kv_heads, kv_len, head_dim)`), attention_mask
-            (`(1, 1, q_len, kv_len)`, additive).
+        query (`(rows, heads, q_len, head_dim)`), keys and values (`(rows, kv_heads, kv_len, head_dim)`),
+            attention_mask (`(rows or 1, 1, q_len, kv_len)`, additive).
 
     Returns:
-        `(1, q_len, heads, head_dim)`.
+        `(rows, q_len, heads, head_dim)`.
     """
-    heads, q_len, kv_heads = query.shape[1], query.shape[2], keys.shape[1]
+    rows, heads, q_len, kv_heads = query.shape[0], query.shape[1], query.shape[2], keys.shape[1]
     if kv_heads == heads or q_len > 1:  # the kernel reads head h's keys and values at kv head h // groups
         out = F.scaled_dot_product_attention(
             query, keys, values, attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
             enable_gqa=kv_heads != heads,
         )  # fmt: skip
     else:  # one query: a kv head's query heads become its rows (transformers' pack_gqa, the reference path's call)
-        packed = query.reshape(1, kv_heads, heads // kv_heads, query.shape[-1])
+        packed = query.reshape(rows, kv_heads, heads // kv_heads, query.shape[-1])
         out = F.scaled_dot_product_attention(
             packed, keys, values, attn_mask=attention_mask, dropout_p=dropout, scale=scaling
-        ).reshape(1, heads, 1, query.shape[-1])  # fmt: skip
+        ).reshape(rows, heads, 1, query.shape[-1])  # fmt: skip
     return out.transpose(1, 2)
 
 

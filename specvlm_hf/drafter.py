@@ -10,7 +10,7 @@ import torch
 
 from .configuration import SpeculativeConfig
 from .draft_step import LeanDraftForward
-from .tree import DraftTree, build_tree, causal_attention_mask, expand_level, rerank_nodes
+from .tree import DraftTree, additive_mask, build_tree, expand_level, rerank_nodes
 
 
 @dataclass(frozen=True)
@@ -38,17 +38,30 @@ class DraftState:
 
 class Drafter:
     """Proposes a token tree from the decoding state. One instance serves one `generate()` call: `begin` once after
-    prefill, then per step `propose` and `observe`. `feature_layers` says what the loop hands it of the target in
-    `DraftState.features`: the target's features (`None`), or the hidden states entering those target layers."""
+    prefill, then per step `propose_rows` and `observe_rows`, one state, tree and path per row of the batch (rows
+    that have finished are dropped with `keep_rows`). `feature_layers` says what the loop hands it of the target in
+    `DraftState.features`: the target's features (`None`), or the hidden states entering those target layers.
+
+    A drafter of one sequence implements `propose` and `observe`; `supports_batches` marks one that drafts several
+    rows at once."""
 
     feature_layers: tuple[int, ...] | None = None
+    supports_batches = False
 
-    def begin(self, adapter, do_sample: bool, prompt_len: int, end_tokens: tuple[int, ...] = ()) -> None:
+    def begin(
+        self, adapter, do_sample: bool, prompt_len: int, end_tokens: tuple[int, ...] = (), rows: int = 1
+    ) -> None:
         """Called once before the first `propose`. `end_tokens` are the ids that end generation (`eos_token_id`):
-        nothing after one of them can be emitted, so a drafter need not draft past them."""
+        nothing after one of them can be emitted, so a drafter need not draft past them. `rows`: the batch size."""
 
     def propose(self, state: DraftState) -> DraftTree:
         raise NotImplementedError
+
+    def propose_rows(self, states: list[DraftState]) -> list[DraftTree]:
+        """One tree per row, from each row's state (`DraftState`s of one sequence each)."""
+        if len(states) != 1:
+            raise ValueError(f"{type(self).__name__} drafts for one sequence at a time, got {len(states)} rows.")
+        return [self.propose(states[0])]
 
     def describe(self) -> dict:
         """What this call's drafter saw of the prompt, for `SpeculativeStats` (`compressor_branch`,
@@ -59,6 +72,15 @@ class Drafter:
         """The last proposed tree's outcome: `path`, the nodes whose tokens were emitted (root first: the accepted
         drafts' parents, then the node the target's own token follows); `finished` when a stopping criterion cut the
         step."""
+
+    def observe_rows(self, trees: list[DraftTree], paths: list[list[int]], finished: list[bool]) -> None:
+        """`observe` for every row of the last `propose_rows`."""
+        for tree, path, done in zip(trees, paths, finished):
+            self.observe(tree, path, done)
+
+    def keep_rows(self, rows: list[int]) -> None:
+        """Keeps only the rows `rows` (indices into the current rows, increasing) for the next steps."""
+        raise NotImplementedError(f"{type(self).__name__} does not decode batches")
 
 
 class DraftSource:
@@ -99,25 +121,32 @@ END_MASS = 0.9
 
 class TreeDrafter(Drafter):
     """
-    EAGLE-2 dynamic tree with a `SpecVLMDraftModel`: catch up on the committed positions, take the `top_k` children of
-    the root, then `depth - 1` times expand the `top_k` best frontier nodes by cumulative log-probability; finally
-    keep the `total_tokens - 1` best of all scored nodes. The draft runs through `LeanDraftForward`, whose cache holds
-    the committed positions followed, during a step, by the tree's levels. With an auto `config` the shape comes from
-    the draft's `TreeTuner` each step.
+    EAGLE-2 dynamic tree with a `SpecVLMDraftModel`, for every row of a batch at once: catch up on the committed
+    positions, take the `top_k` children of the root, then `depth - 1` times expand the `top_k` best frontier nodes by
+    cumulative log-probability; finally keep the `total_tokens - 1` best of all scored nodes. Each row grows its own
+    tree of one shared shape. The draft runs through `LeanDraftForward`, whose cache holds the committed positions
+    followed, during a step, by the tree's levels. With an auto `config` the shape comes from the draft's `TreeTuner`
+    each step.
 
-    When the tuner picks a plain step, `propose` returns the root alone (the target's forward is then plain decoding's)
-    and keeps the committed positions to feed at the next step that drafts (the prompt's included).
+    Rows commit different numbers of positions per step, so the cache's entries are shared slots: `self.live`
+    (`(rows, length)`) says which slots hold a row's committed position, and every mask lets a row attend to its own
+    live slots only. With one row every slot is live and the masks are those of a single sequence.
+
+    When the tuner picks a plain step, `propose_rows` returns the roots alone (the target's forward is then plain
+    decoding's) and keeps the committed positions to feed at the next step that drafts (the prompt's included).
 
     A drafted end token (`eos_token_id`) is never expanded: if the target accepts it, generation stops there, and if
     it does not, the path leaves the tree there, so its children could never be emitted. The tree stops growing when
-    every frontier node is an end token or when the drafted end tokens hold `END_MASS` of the draft's probability
-    (short answers then cost one or two draft levels, not `depth`; this needs a host sync per level).
+    in every row every frontier node is an end token or the drafted end tokens hold `END_MASS` of the draft's
+    probability (short answers then cost one or two draft levels, not `depth`; this needs a host sync per level).
     """
+
+    supports_batches = True
 
     def __init__(self, draft, config: SpeculativeConfig):
         self.draft = draft
         self.config = config if config.is_auto else config.fixed()
-        self.forward = LeanDraftForward(draft)
+        self.forward = LeanDraftForward(draft)  # one row; `begin` makes one for the batch's rows
         self.feature_layers = draft.feature_layers
         self.tuner = None
         self.shape = self.config
@@ -125,128 +154,182 @@ class TreeDrafter(Drafter):
         self._prompt_step = False  # the step whose drafting included the draft's pass over the prompt
         self._end_tokens = None  # LongTensor of end-token ids, or None
         self._levels = 0  # draft levels the last step ran
-        self._pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # not yet fed: (embeds, ...)
+        self.live: torch.Tensor | None = None  # (rows, cache length) bool: slots holding a row's committed position
+        # per row, not yet fed: [(embeds, features, position_ids)], each (1, n, ...)
+        self._pending: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = []
         self._described: dict = {}
 
-    def begin(self, adapter, do_sample: bool, prompt_len: int, end_tokens: tuple[int, ...] = ()) -> None:
+    def begin(
+        self, adapter, do_sample: bool, prompt_len: int, end_tokens: tuple[int, ...] = (), rows: int = 1
+    ) -> None:
+        if rows > 1:
+            self.forward = LeanDraftForward(self.draft, rows=rows)
+        device = self.draft.fc.weight.device
         if self.config.is_auto:
-            self.tuner = self.draft.tree_tuner(adapter, do_sample, prompt_len)
+            self.tuner = self.draft.tree_tuner(adapter, do_sample, prompt_len, rows)
             self.tuner.start_call()
         if end_tokens:
-            self._end_tokens = torch.tensor(end_tokens, device=self.draft.fc.weight.device)
+            self._end_tokens = torch.tensor(end_tokens, device=device)
 
     def describe(self) -> dict:
         return dict(self._described)
 
+    def keep_rows(self, rows: list[int]) -> None:
+        index = torch.tensor(rows, device=self.live.device)
+        self.forward.cache.keep_rows(index)
+        self.live = self.live[index]
+        self._pending = [self._pending[row] for row in rows]
+
     def observe(self, tree: DraftTree, path: list[int], finished: bool) -> None:
+        self.observe_rows([tree], [path], [finished])
+
+    def observe_rows(self, trees: list[DraftTree], paths: list[list[int]], finished: list[bool]) -> None:
         if self.tuner is None:
             return
         now = time.perf_counter()
         if self.shape is None:
             self.tuner.observe_plain(now - self._started)
-        else:
-            drafted, total = self._drafted - self._started, now - self._started
-            ranks = [tree.children[tree.parents[node]].index(node) for node in path[1:]]
-            shape = replace(self.shape, depth=self._levels)  # as drafted: a chain stops at an end token
-            self.tuner.observe(shape, ranks, drafted, total, finished, timed=not self._prompt_step)
+            return
+        drafted, total = self._drafted - self._started, now - self._started
+        ranks = [
+            [tree.children[tree.parents[node]].index(node) for node in path[1:]] for tree, path in zip(trees, paths)
+        ]
+        shape = replace(self.shape, depth=self._levels)  # as drafted: a chain stops at an end token
+        self.tuner.observe(shape, ranks, drafted, total, finished, timed=not self._prompt_step)
+
+    def propose(self, state: DraftState) -> DraftTree:
+        return self.propose_rows([state])[0]
 
     @torch.no_grad()
-    def propose(self, state: DraftState) -> DraftTree:
+    def propose_rows(self, states: list[DraftState]) -> list[DraftTree]:
         self._started = time.perf_counter()
-        embeds, features, position_ids = state.inputs_embeds, state.features, state.position_ids
-        if state.image_mask is not None:
-            embeds, features, position_ids = self.draft.prompt_input(state)
-            self._described = self.draft.describe_prompt(state, embeds)
-        self._pending.append((embeds, features, position_ids))
+        if self.live is None:  # the first step
+            self.live = torch.zeros(len(states), 0, dtype=torch.bool, device=self.draft.fc.weight.device)
+            self._pending = [[] for _ in states]
+        for row, state in enumerate(states):
+            embeds, features, position_ids = state.inputs_embeds, state.features, state.position_ids
+            if state.image_mask is not None:
+                embeds, features, position_ids = self.draft.prompt_input(state)
+                if row == 0:
+                    self._described = self.draft.describe_prompt(state, embeds)
+            self._pending[row].append((embeds, features, position_ids))
+        roots = [state.input_ids[0, -1:] for state in states]
         if self.tuner is not None:
             self.shape = self.tuner.choose()
-            if self.shape is None:  # a plain step: verify the root alone, feed the draft later
-                return build_tree(state.input_ids[0, -1:], [-1])
-        self._prompt_step = self.forward.cache.length == 0  # this step's drafting includes the prompt
-        if len(self._pending) == 1:
-            embeds, features, position_ids = self._pending[0]
-        else:
-            embeds, features, position_ids = (torch.cat(parts, dim=1) for parts in zip(*self._pending))
-        self._pending = []
-        k, depth = self.shape.top_k, self.shape.depth
-        root = state.input_ids[0, -1]
-        root_position = state.input_ids.shape[1] - 1
-        self.forward.reserve_positions(root_position + depth)  # the deepest level sits at root_position + depth - 1
+            if self.shape is None:  # a plain step: verify the roots alone, feed the draft later
+                return [build_tree(root, [-1]) for root in roots]
         cache = self.forward.cache
-        committed = cache.length + embeds.shape[1]  # cache entries of committed positions after the catch-up
-        hidden = self.forward(embeds, features, position_ids, causal_attention_mask(
-            embeds.shape[1], cache.length, self.draft.fc.weight.dtype, embeds.device
-        ))  # fmt: skip
-        device, dtype = hidden.device, hidden.dtype
+        self._prompt_step = cache.length == 0  # this step's drafting includes the prompt
+        embeds, features, position_ids, lengths = _pad_rows(self._pending)
+        self._pending = [[] for _ in states]
+        rows, k, depth = len(states), self.shape.top_k, self.shape.depth
+        device = embeds.device
+        # The draft numbers a row's positions by its sequence indices: the root sits at index seq_len - 1.
+        ends = [state.input_ids.shape[1] - 1 for state in states]
+        root_positions = torch.tensor(ends, device=device)
+        self.forward.reserve_positions(max(ends) + depth)  # the deepest level sits at root + depth - 1
+        past = cache.length
+        fed = torch.arange(embeds.shape[1], device=device) < lengths[:, None]  # (rows, n): entries, not padding
+        live = torch.cat([self.live, fed], dim=1)  # (rows, committed)
+        committed = live.shape[1]  # cache entries of committed positions after the catch-up
+        dtype = self.draft.fc.weight.dtype
+        causal = torch.ones(embeds.shape[1], committed, dtype=torch.bool, device=device).tril(diagonal=past)
+        hidden = self.forward(embeds, features, position_ids, additive_mask(causal & live[:, None], dtype))
+        self.live = live
         embed = self.draft.embed_tokens
 
-        # Level 1: the root's top_k children. Pool = every scored node: tokens, scores, parent pool index (-1 = root).
-        log_probs = torch.log_softmax(self.draft.compute_logits(hidden[0, -1:]).float(), dim=-1)  # [1, V]
-        tokens, scores = expand_level(log_probs.new_zeros(1), log_probs, k)
-        tokens, scores = tokens[0], scores[0]  # [k]
+        # Level 1: the roots' top_k children. Pool = every scored node: tokens, scores, parent pool index (-1 = root).
+        root_hidden = hidden[torch.arange(rows, device=device), lengths - 1]  # (rows, hidden): each row's last entry
+        log_probs = torch.log_softmax(self.draft.compute_logits(root_hidden).float(), dim=-1)  # [rows, V]
+        tokens, scores = expand_level(log_probs.new_zeros(rows), log_probs, k)  # [rows, k]
         if self.tuner is not None:
             self.tuner.observe_mass(log_probs[0].topk(max(self.tuner.widths)).values.exp())
         ended = self._end_mass(tokens, scores)
         pool_tokens, pool_scores = [tokens], [scores]
         pool_parents = [torch.full_like(tokens, -1)]
-        frontier = torch.arange(k, device=device)  # pool indices of the frontier
-        frontier_hidden = hidden[0, -1:].expand(k, -1)  # predicted feature feeding each frontier node
+        frontier = torch.arange(k, device=device).expand(rows, k)  # pool indices of the frontier
+        frontier_hidden = root_hidden[:, None].expand(rows, k, -1)  # predicted feature feeding each frontier node
         scores = self._without_end_tokens(tokens, scores)
-        # Tree part of the level mask, over the tree entries fed so far and the frontier's own: every node sees the
-        # committed cache, its ancestors and itself. A chain's node sees every entry, so its mask is all zeros.
-        eye = torch.eye(k, dtype=torch.bool, device=device)
+        # Tree part of the level mask, over the tree entries fed so far and the frontier's own: every node sees its
+        # row's committed entries, its ancestors and itself.
+        eye = torch.eye(k, dtype=torch.bool, device=device).expand(rows, k, k)
         tree_allowed = eye
         n_pool = k
+        past_allowed = live[:, None].expand(rows, k, committed)
 
         self._levels = 1
         for level in range(1, depth):
-            if self._end_tokens is not None and bool(scores.isinf().all() | (ended >= END_MASS)):
-                break  # every frontier node is an end token, or the draft expects the answer to have ended
+            if self._end_tokens is not None and bool((scores.isinf().all(dim=1) | (ended >= END_MASS)).all()):
+                break  # in every row every frontier node is an end token, or the draft expects the answer has ended
             self._levels = level + 1
-            # Feed the frontier (depth `level`) at position root + level - 1.
-            mask = torch.zeros(1, 1, k, committed + level * k, dtype=dtype, device=device)
-            if k > 1:
-                mask[0, 0, :, committed:].masked_fill_(~tree_allowed, torch.finfo(dtype).min)
-            positions = torch.full((1, k), root_position + level - 1, device=device)
-            out = self.forward(embed(tokens)[None], frontier_hidden[None], positions, mask)
-            log_probs = torch.log_softmax(self.draft.compute_logits(out[0]).float(), dim=-1)  # [k, V]
-            child_tokens, child_scores = expand_level(scores, log_probs, k)  # [k, k]
-            pool_tokens.append(child_tokens.flatten())
-            pool_scores.append(child_scores.flatten())
-            ended = ended + self._end_mass(pool_tokens[-1], pool_scores[-1])
-            pool_parents.append(frontier.repeat_interleave(k))
-            best = child_scores.flatten().topk(k).indices  # next frontier, as indices into this level's k*k
+            # Feed the frontier (depth `level`) at each row's root position + level - 1.
+            mask = additive_mask(torch.cat([past_allowed, tree_allowed], dim=2), dtype)
+            positions = (root_positions + level - 1)[:, None].expand(rows, k)
+            out = self.forward(embed(tokens), frontier_hidden, positions, mask)  # [rows, k, hidden]
+            log_probs = torch.log_softmax(self.draft.compute_logits(out).float(), dim=-1)  # [rows, k, V]
+            child_tokens, child_scores = expand_level(scores, log_probs, k)  # [rows, k, k]
+            child_tokens, child_scores = child_tokens.flatten(1), child_scores.flatten(1)  # [rows, k * k]
+            pool_tokens.append(child_tokens)
+            pool_scores.append(child_scores)
+            ended = ended + self._end_mass(child_tokens, child_scores)
+            pool_parents.append(frontier.repeat_interleave(k, dim=1))
+            best = child_scores.topk(k, dim=1).indices  # next frontier, as indices into this level's k*k
             parent_slot = best // k
-            if k > 1:
-                tree_allowed = torch.cat([tree_allowed[parent_slot], eye], dim=1)
+            tree_allowed = torch.cat([tree_allowed.gather(1, parent_slot[..., None].expand_as(tree_allowed)), eye], 2)
             frontier = n_pool + best
-            frontier_hidden = out[0, parent_slot]
-            tokens, scores = (
-                child_tokens.flatten()[best],
-                self._without_end_tokens(child_tokens.flatten()[best], child_scores.flatten()[best]),
-            )
+            frontier_hidden = out.gather(1, parent_slot[..., None].expand(rows, k, out.shape[-1]))
+            tokens = child_tokens.gather(1, best)
+            scores = self._without_end_tokens(tokens, child_scores.gather(1, best))
             n_pool += k * k
 
         cache.truncate(committed)  # drop the tree entries, keep the committed prefix
-        pool = torch.cat(pool_scores)
+        pool, parents, pool_tokens = (torch.cat(parts, dim=1) for parts in (pool_scores, pool_parents, pool_tokens))
         keep = self.shape.total_tokens - 1
-        if self._end_tokens is not None and k > 1:
-            keep = min(keep, int(pool.isfinite().sum()))  # no child of an end token
-        selected, tree_parents = rerank_nodes(pool, torch.cat(pool_parents), keep)
-        tree_tokens = torch.cat([root.view(1), torch.cat(pool_tokens)[selected]])
-        tree = build_tree(tree_tokens, [-1] + tree_parents.tolist())  # tolist() waits for the device
+        trees = []
+        finite = pool.isfinite().sum(dim=1).tolist() if self._end_tokens is not None and k > 1 else None
+        for row in range(rows):
+            row_keep = keep if finite is None else min(keep, finite[row])  # no child of an end token
+            selected, tree_parents = rerank_nodes(pool[row], parents[row], row_keep)
+            tree_tokens = torch.cat([roots[row], pool_tokens[row, selected]])
+            trees.append(build_tree(tree_tokens, [-1] + tree_parents.tolist()))  # tolist() waits for the device
         self._drafted = time.perf_counter()
-        return tree
+        return trees
 
     def _end_mass(self, tokens: torch.Tensor, scores: torch.Tensor) -> torch.Tensor | float:
-        """The draft's probability that the answer ends at one of these nodes: the sum of `exp(score)` over the end
-        tokens among `tokens` (their paths are disjoint, so the events are too)."""
+        """Per row, the draft's probability that the answer ends at one of these nodes (`(rows, n)` each): the sum of
+        `exp(score)` over the end tokens among `tokens` (their paths are disjoint, so the events are too)."""
         if self._end_tokens is None:
             return 0.0
-        return scores.exp().masked_fill(~torch.isin(tokens, self._end_tokens), 0.0).sum()
+        return scores.exp().masked_fill(~torch.isin(tokens, self._end_tokens), 0.0).sum(dim=-1)
 
     def _without_end_tokens(self, tokens: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        """Frontier `scores` (shape `(k,)`) with `-inf` at end tokens: their children score `-inf` and are dropped."""
+        """Frontier `scores` (shape `(rows, k)`) with `-inf` at end tokens: their children score `-inf` and are
+        dropped."""
         if self._end_tokens is None:
             return scores
         return scores.masked_fill(torch.isin(tokens, self._end_tokens), float("-inf"))
+
+
+def _pad_rows(pending: list[list[tuple[torch.Tensor, ...]]]):
+    """
+    Each row's not-yet-fed draft inputs, concatenated per row and right-padded with zeros into one batch.
+
+    Args:
+        pending: per row, a list of `(embeds, features, position_ids)`, each `(1, n_i, ...)`.
+
+    Returns:
+        `(embeds, features, position_ids, lengths)`: `(rows, n, ...)` each, `n` the longest row's, and `lengths`
+        (`(rows,)`) the entries of each row (the rest is padding).
+    """
+    rows = [[torch.cat(parts, dim=1) for parts in zip(*row)] for row in pending]
+    lengths = [row[0].shape[1] for row in rows]
+    width = max(lengths)
+    if len(rows) == 1:
+        embeds, features, positions = rows[0]
+    else:
+        embeds, features, positions = (
+            torch.cat([torch.nn.functional.pad(row[i][0], (0, 0) * (row[i].dim() - 2) + (0, width - n))[None]
+                       for row, n in zip(rows, lengths)])
+            for i in range(3)
+        )  # fmt: skip
+    return embeds, features, positions, torch.tensor(lengths, device=embeds.device)

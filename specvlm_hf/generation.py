@@ -18,7 +18,7 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from ._compat import CACHE_KWARG
 from .adapters import get_adapter
-from .cache import check_cache, commit_accepted
+from .cache import check_cache, commit_accepted, commit_rows, keep_rows, row_entries
 from .drafter import DraftSource
 from .loop import Emitter, prefill, prompt_draft_state, step_draft_state, verify, walk_tree
 from .metrics import SpeculativeStats
@@ -114,14 +114,31 @@ def check_decoding_options(generation_config: GenerationConfig) -> None:
 
 def _check_request(adapter, input_ids, generation_config: GenerationConfig, model_kwargs: dict) -> None:
     check_decoding_options(generation_config)
-    if input_ids.shape[0] != 1:
-        raise ValueError(f"Tree speculative decoding supports batch size 1, got a batch of {input_ids.shape[0]}.")
     unknown = sorted(set(model_kwargs) - _KNOWN_MODEL_KWARGS - adapter.model_kwargs)
     if unknown:
         raise ValueError(f"Tree speculative decoding does not support these generate() arguments: {unknown}.")
     mask = model_kwargs.get("attention_mask")
-    if mask is not None and not bool((mask == 1).all()):
-        raise ValueError("Tree speculative decoding does not support padded inputs (attention_mask with zeros).")
+    if mask is not None:
+        if mask.dim() != 2 or mask.shape != input_ids.shape or not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError(
+                f"attention_mask must be a 0/1 padding mask of the prompt's shape {tuple(input_ids.shape)}, got "
+                f"shape {tuple(mask.shape)}."
+            )
+        if not bool(mask[:, -1].all()) or not bool((mask.diff(dim=1) >= 0).all()):
+            raise ValueError(
+                "Tree speculative decoding needs left-padded prompts (padding first, attention_mask 0...0 1...1 in "
+                "every row); this batch has padding after a prompt token (right padding). Tokenize with "
+                "padding_side='left' (e.g. processor.tokenizer.padding_side = 'left'), as plain generate() also "
+                "expects for a decoder-only target."
+            )
+    rows = input_ids.shape[0]
+    if rows > 1:
+        for flag in ("output_scores", "output_logits"):
+            if generation_config.return_dict_in_generate and getattr(generation_config, flag, False):
+                raise ValueError(
+                    f"Tree speculative decoding of a batch does not return per-step {flag.split('_', 1)[1]} (rows "
+                    f"advance by different numbers of tokens per step); unset `{flag}` or decode one prompt at a time."
+                )
     for flag in ("output_attentions", "output_hidden_states"):
         if getattr(generation_config, flag, False):
             raise ValueError(f"Tree speculative decoding does not return {flag.split('_', 1)[1]}; unset `{flag}`.")
@@ -162,16 +179,22 @@ def tree_decoding(
     **model_kwargs,
 ):
     """
-    Lossless tree speculative decoding of one sequence. Arguments are those `generate()` passes to a decoding method.
+    Lossless tree speculative decoding of a batch of prompts. Arguments are those `generate()` passes to a decoding
+    method.
+
+    Each row decodes as plain batched decoding decodes it: its own tree per step, verified with the other rows' in one
+    target forward, the target's tokens emitted and the row's stopping criteria called per token. Rows accept
+    different numbers of tokens per step; a row that has finished leaves the batch, and its output is padded as plain
+    decoding pads it (`Emitter`).
 
     Args:
         target (`PreTrainedModel`): the model being decoded (an architecture of `adapters.ADAPTERS`).
-        input_ids (`torch.LongTensor` of shape `(1, prompt_len)`): the prompt.
+        input_ids (`torch.LongTensor` of shape `(rows, prompt_len)`): the prompts, left-padded (`attention_mask`).
         draft_source (`DraftSource`): makes the `Drafter` (a bound `SpecVLMDraftModel`, `draft.with_tree(...)`, ...).
 
     Returns:
-        `torch.LongTensor` of shape `(1, seq_len)`, or `SpeculativeDecoderOutput` if `return_dict_in_generate`. The
-        returned cache holds every position but the last, as plain decoding's does.
+        `torch.LongTensor` of shape `(rows, seq_len)`, or `SpeculativeDecoderOutput` if `return_dict_in_generate`.
+        The returned cache holds every position but the last, laid out as plain decoding's.
     """
     if "prepare_inputs_for_generation" in vars(target):  # peft's prompt learning swaps it in for generate()
         raise ValueError(
@@ -185,44 +208,92 @@ def tree_decoding(
     _check_request(adapter, input_ids, generation_config, model_kwargs)
     cache = _target_cache(model_kwargs)
     drafter = draft_source.new_drafter(target)
+    rows, prompt_len = input_ids.shape
+    if rows > 1 and not drafter.supports_batches:
+        raise ValueError(f"{type(drafter).__name__} drafts for one prompt at a time; this call has {rows} rows.")
+    if rows > 1 and streamer is not None:
+        raise ValueError("A streamer streams one sequence; decode a batch without `streamer` (as plain generate()).")
     clock = _Clock(draft_source.speculative_config.profile, input_ids.device)
     do_sample = bool(generation_config.do_sample)
     batched = is_history_free(logits_processor)
-    emitter = Emitter(input_ids, stopping_criteria, generation_config, streamer)
     stats = SpeculativeStats()
-    prompt_len = input_ids.shape[1]
+    mask = model_kwargs.get("attention_mask")
+    padded = mask is not None and not bool(mask.all())
+    pads = (prompt_len - mask.sum(dim=1)).tolist() if padded else [0] * rows  # left padding per row
+    # Plain decoding pads a finished row when an end-token criterion is installed, and decodes it on otherwise.
+    pads_finished = rows == 1 or any(hasattr(criterion, "eos_token_id") for criterion in stopping_criteria)
+    emitters = [
+        Emitter(input_ids[row : row + 1], stopping_criteria, generation_config, streamer, pads_finished)
+        for row in range(rows)
+    ]
 
     layout = adapter.layout(input_ids, model_kwargs)
     layers = drafter.feature_layers
-    embeds, features, draft_features = prefill(adapter, input_ids, layout, cache, layers)
-    walk_tree(build_tree(input_ids[0, -1:], [-1]), adapter.logits(features[:, -1]), emitter, logits_processor,
-              do_sample, batched)  # fmt: skip
+    embeds, features, draft_features = prefill(adapter, input_ids, layout, cache, layers, mask if padded else None)
+    first_logits = adapter.logits(features[:, -1])
+    for row, emitter in enumerate(emitters):
+        walk_tree(build_tree(input_ids[row, -1:], [-1]), first_logits[row : row + 1], emitter, logits_processor,
+                  do_sample, batched)  # fmt: skip
     stats.target_forwards += 1
-    state = prompt_draft_state(adapter, emitter.input_ids, embeds, draft_features, layout.visual_mask)
-    if not emitter.finished:
-        drafter.begin(adapter, do_sample, prompt_len, _end_tokens(generation_config))
+    rows_stats = [[] for _ in range(rows)]  # accepted lengths per row
+    # Each row's draft state, as for the row decoded alone: its prompt without padding.
+    states = [
+        prompt_draft_state(
+            adapter, emitters[row].input_ids[:, pads[row] :], embeds[row : row + 1, pads[row] :],
+            draft_features[row : row + 1, pads[row] :], layout.visual_mask[row, pads[row] :],
+        )
+        for row in range(rows)
+    ]  # fmt: skip
+    live = None  # the cache slots of each row's committed positions; None: one unpadded row, every slot
+    if rows > 1 or padded:
+        live = mask.bool() if mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+    active = list(range(rows))  # rows still decoding, in batch order
+    parked: dict[int, tuple] = {}  # finished rows: their cache layers' (keys, values) and live slots
+    full_layout = layout
+    _settle_limits(emitters)
+    if not all(emitter.done for emitter in emitters):
+        drafter.begin(adapter, do_sample, prompt_len, _end_tokens(generation_config), rows)
+    active, states, live, layout = _drop_done(emitters, active, states, live, layout, cache, drafter, parked)
 
-    while not emitter.finished:
+    while active:
         step_start = clock.now()
-        tree = drafter.propose(state)
+        trees = drafter.propose_rows(states)
         clock.add("draft", step_start)
-        root_position = emitter.input_ids.shape[1] - 1  # = the cache's length; the root is not cached yet
+        roots = torch.tensor([emitters[row].input_ids.shape[1] - 1 for row in active], device=input_ids.device)
         verify_start = clock.now()
-        tree_features, tree_logits = verify(adapter, tree, cache, root_position, layout, layers)
+        tree_features, tree_logits = verify(adapter, trees, cache, roots, layout, layers, live)
         clock.add("verify", verify_start)
-        nodes = walk_tree(tree, tree_logits, emitter, logits_processor, do_sample, batched)
-        commit_accepted(cache, root_position, nodes)  # the emitted tokens' entries; the last one is the next root
-        drafter.observe(tree, nodes, emitter.finished)
+        paths = []
+        for i, (row, tree) in enumerate(zip(active, trees)):
+            paths.append(walk_tree(tree, tree_logits[i, : tree.num_nodes], emitters[row], logits_processor,
+                                   do_sample, batched))  # fmt: skip
+            rows_stats[row].append(len(paths[-1]))
+        if live is None:
+            commit_accepted(cache, int(roots[0]), paths[0])  # the emitted tokens' entries; the last is the next root
+        else:
+            live = commit_rows(cache, live, paths)
+        drafter.observe_rows(trees, paths, [emitters[row].done for row in active])
         stats.target_forwards += 1
-        stats.accepted_lengths.append(len(nodes))
-        if not emitter.finished:
-            state = step_draft_state(adapter, emitter.input_ids, tree_features[:, nodes], root_position)
+        states = [
+            step_draft_state(adapter, emitters[row].input_ids[:, pads[row] :], tree_features[i : i + 1, path],
+                             int(roots[i]) - pads[row])
+            for i, (row, path) in enumerate(zip(active, paths))
+        ]  # fmt: skip
+        _settle_limits(emitters)
+        active, states, live, layout = _drop_done(emitters, active, states, live, layout, cache, drafter, parked)
         clock.add("step", step_start)
 
     if streamer is not None:
         streamer.end()
-    sequences = emitter.input_ids
-    stats.new_tokens = sequences.shape[1] - prompt_len
+    sequences = _sequences(emitters, generation_config)
+    if rows > 1:
+        _assemble_cache(adapter, cache, parked, sequences, pads, full_layout)
+    lengths = [emitter.input_ids.shape[1] - prompt_len for emitter in emitters]
+    stats.new_tokens = sum(lengths)
+    stats.target_forwards = sum(len(steps) + 1 for steps in rows_stats)
+    stats.accepted_lengths = [n for steps in rows_stats for n in steps]
+    if rows > 1:
+        stats.row_new_tokens, stats.row_accepted_lengths = lengths, rows_stats
     described = drafter.describe()
     stats.compressor_branch = described.get("compressor_branch")
     stats.draft_visual_tokens = described.get("draft_visual_tokens")
@@ -230,11 +301,103 @@ def tree_decoding(
         stats.step_time, stats.verify_time, stats.draft_time = (clock.totals[k] for k in ("step", "verify", "draft"))
     if not generation_config.return_dict_in_generate:
         return sequences
+    emitter = emitters[0]
     output = SpeculativeDecoderOutput(
         sequences=sequences, scores=emitter.scores, logits=emitter.logits, speculative_stats=stats
     )
     setattr(output, CACHE_KWARG, cache)
     return output
+
+
+def _settle_limits(emitters: list[Emitter]) -> None:
+    """Once every row has finished, plain batched decoding stops at the length where the last one finished: rows that
+    decode on after finishing (no end-token criterion) stop there too."""
+    if emitters[0].stop_on_finish or emitters[0].limit is not None or not all(e.finished for e in emitters):
+        return
+    limit = max(emitter.finished_length for emitter in emitters)
+    for emitter in emitters:
+        emitter.limit = limit
+        emitter.input_ids = emitter.input_ids[:, :limit]
+
+
+def _drop_done(emitters, active, states, live, layout, cache, drafter, parked):
+    """
+    Takes the rows that are done out of the batch: their cache entries and live slots are parked (for
+    `_assemble_cache`), and the cache, the live slots, the layout, the drafter and the draft states keep the others.
+
+    Returns:
+        `(active, states, live, layout)` for the rows that go on.
+    """
+    keep = [i for i, row in enumerate(active) if not emitters[row].done]
+    if len(keep) == len(active) or live is None:
+        return [active[i] for i in keep], [states[i] for i in keep], live, layout
+    for i, row in enumerate(active):
+        if i not in keep:
+            parked[row] = (row_entries(cache, i), live[i])
+    if keep:
+        index = torch.tensor(keep, device=live.device)
+        keep_rows(cache, index)
+        live, layout = live[index], layout.keep_rows(index)
+        drafter.keep_rows(keep)
+    return [active[i] for i in keep], [states[i] for i in keep], live, layout
+
+
+def _sequences(emitters: list[Emitter], generation_config: GenerationConfig) -> torch.Tensor:
+    """The rows' sequences, `(rows, seq_len)`; a row that finished early is padded with the pad token, as plain
+    decoding pads it."""
+    length = max(emitter.input_ids.shape[1] for emitter in emitters)
+    pad = generation_config._pad_token_tensor
+    out = []
+    for emitter in emitters:
+        ids = emitter.input_ids
+        if ids.shape[1] < length:
+            if pad is None:
+                raise ValueError("A row finished before the others and no pad_token_id is set to pad it.")
+            ids = torch.cat([ids, ids.new_full((1, length - ids.shape[1]), int(pad))], dim=1)
+        out.append(ids)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def _assemble_cache(adapter, cache, parked: dict, sequences: torch.Tensor, pads: list[int], layout) -> None:
+    """
+    Lays the batch's cache out as plain batched decoding returns it: per row, the prompt's slots (padding
+    included) and then one entry per sequence index, up to the last but one. Rows that finished early lack the
+    entries of their last token and the padding after it, which plain decoding computed: one target forward per such
+    row adds them, with the row's padding masked as `generate()` masks it.
+
+    Args:
+        parked (`dict[int, tuple]`): every row's `(per-layer (keys, values), live slots)` (`_drop_done`).
+        sequences (`torch.LongTensor` of shape `(rows, seq_len)`): the output.
+        pads (`list[int]`): left padding per row.
+        layout (`PromptLayout`): the whole batch's.
+    """
+    length = sequences.shape[1] - 1
+    prompt_len = layout.positions.shape[-1]
+    rows = []
+    for row in range(sequences.shape[0]):
+        entries, live = parked[row]
+        slots = torch.cat([
+            torch.arange(prompt_len, device=live.device), prompt_len + live[prompt_len:].nonzero()[:, 0]
+        ])[:length]  # fmt: skip
+        entries = [(keys[:, :, slots], values[:, :, slots]) for keys, values in entries]
+        have = slots.shape[0]
+        if have < length:
+            partial = DynamicCache()
+            for index, (keys, values) in enumerate(entries):
+                partial.update(keys, values, index)
+            tokens = sequences[row : row + 1, have:length]
+            positions = layout.keep_rows(torch.tensor([row], device=tokens.device)).positions_at(
+                torch.arange(have, length, device=tokens.device)
+            )
+            padding = torch.ones(1, length, dtype=torch.long, device=tokens.device)
+            padding[:, : pads[row]] = 0
+            adapter.forward(adapter.embed_tokens(tokens), positions, partial, padding)
+            entries = [(layer.keys, layer.values) for layer in partial.layers]
+        rows.append(entries)
+    for index, layer in enumerate(cache.layers):
+        layer.keys = torch.cat([entries[index][0] for entries in rows])
+        layer.values = torch.cat([entries[index][1] for entries in rows])
 
 
 def _end_tokens(generation_config: GenerationConfig) -> tuple[int, ...]:

@@ -13,18 +13,18 @@ from transformers.generation.stopping_criteria import StoppingCriteriaList
 
 from .adapters import PromptLayout
 from .drafter import DraftState
-from .tree import DraftTree, tree_attention_mask
+from .tree import DraftTree, additive_mask, tree_attention_mask
 from .verify import accept_greedy, accept_node, accept_sampling
 
 
 def target_forward(adapter, embeds, positions, cache, mask=None, layers: tuple[int, ...] | None = None):
     """
-    The target's text model over `embeds` (`(1, q_len, hidden_size)`), extending `cache`.
+    The target's text model over `embeds` (`(rows, q_len, hidden_size)`), extending `cache`.
 
     Returns:
-        `(features, draft_features)`: the target's features (`(1, q_len, hidden_size)`, the `lm_head` input), and
+        `(features, draft_features)`: the target's features (`(rows, q_len, hidden_size)`, the `lm_head` input), and
         what the draft reads of the target there: the same features when `layers` is `None`, else the hidden states
-        entering those layers, concatenated (`(1, q_len, len(layers) * hidden_size)`, EAGLE-3).
+        entering those layers, concatenated (`(rows, q_len, len(layers) * hidden_size)`, EAGLE-3).
     """
     if layers is None:
         features = adapter.forward(embeds, positions, cache, mask)
@@ -32,42 +32,85 @@ def target_forward(adapter, embeds, positions, cache, mask=None, layers: tuple[i
     return adapter.forward_with_layers(embeds, positions, layers, cache, mask)
 
 
-def prefill(adapter, input_ids: torch.Tensor, layout: PromptLayout, cache, layers: tuple[int, ...] | None = None):
+def prefill(
+    adapter, input_ids: torch.Tensor, layout: PromptLayout, cache, layers: tuple[int, ...] | None = None, padding=None
+):
     """
-    The target's forward over the prompt, its visual tokens scattered into their slots, at the layout's positions.
+    The target's forward over the prompts, their visual tokens scattered into their slots, at the layout's positions.
 
     Args:
-        input_ids (`torch.LongTensor` of shape `(1, prompt_len)`)
+        input_ids (`torch.LongTensor` of shape `(rows, prompt_len)`)
         layout (`PromptLayout`): `adapter.layout(input_ids, ...)`.
-        cache (`transformers.DynamicCache`): empty; holds the prompt afterwards.
+        cache (`transformers.DynamicCache`): empty; holds the prompts afterwards.
         layers (`tuple[int, ...]`, *optional*): the draft's `feature_layers` (`target_forward`).
+        padding (`torch.LongTensor` of shape `(rows, prompt_len)`, *optional*): the `attention_mask` of left-padded
+            prompts (0 at padding), applied as `generate()` applies it.
 
     Returns:
-        `(embeds, features, draft_features)`: the text model's input embeddings and features, `(1, prompt_len,
+        `(embeds, features, draft_features)`: the text model's input embeddings and features, `(rows, prompt_len,
         hidden_size)` each, and the draft's view of the target (`target_forward`).
     """
     embeds = adapter.embed(input_ids, layout.visual_features)
-    return embeds, *target_forward(adapter, embeds, layout.positions, cache, layers=layers)
+    return embeds, *target_forward(adapter, embeds, layout.positions, cache, padding, layers)
 
 
 def verify(
-    adapter, tree: DraftTree, cache, root_position: int, layout: PromptLayout, layers: tuple[int, ...] | None = None
+    adapter,
+    trees: list[DraftTree],
+    cache,
+    roots: torch.Tensor,
+    layout: PromptLayout,
+    layers: tuple[int, ...] | None = None,
+    live: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """
-    The target's forward over a tree whose root sits at sequence index `root_position` (= the cache's length): each
-    node sees the cached prefix and its own ancestors, at the position plain decoding gives index
-    `root_position + depth` (`layout.positions_at`). The cache is extended by every node; `commit_accepted` cuts it
-    back to the emitted ones.
+    The target's forward over one tree per row, each node at the position plain decoding gives its row's sequence
+    index `roots[row] + depth` (`layout.positions_at`), seeing its row's committed entries and its own ancestors.
+    Trees are padded to the largest with nodes that see only themselves. The cache is extended by every node;
+    `commit_accepted` / `commit_rows` cut it back to the emitted ones.
+
+    Args:
+        trees (`list[DraftTree]`): one per row; node 0 is the row's root (its last emitted token, not yet cached).
+        roots (`torch.LongTensor` of shape `(rows,)`): each root's sequence index (prompt padding included).
+        live (`torch.BoolTensor` of shape `(rows, cache_len)`, *optional*): the cache slots holding each row's
+            committed positions; `None`: every slot, and the cache's length is `roots[0]` (one unpadded row).
 
     Returns:
-        `(draft_features, logits)`: the draft's view of the target at each node (`target_forward`; `(1, num_nodes,
-        hidden_size)` without `layers`) and the target's logits, `(num_nodes, vocab_size)` in float32.
+        `(draft_features, logits)`: the draft's view of the target at each node (`target_forward`; `(rows,
+        num_nodes, hidden_size)` without `layers`) and the target's logits, `(rows, num_nodes, vocab_size)` in
+        float32, `num_nodes` the largest tree's.
     """
-    embeds = adapter.embed_tokens(tree.tokens)[None]
-    mask = tree_attention_mask(tree.mask, root_position, embeds.dtype)
-    positions = layout.positions_at(root_position + tree.depths)
+    if live is None:
+        (tree,) = trees
+        embeds = adapter.embed_tokens(tree.tokens)[None]
+        mask = tree_attention_mask(tree.mask, int(roots[0]), embeds.dtype)
+        positions = layout.positions_at(roots[0] + tree.depths)
+    else:
+        width = max(tree.num_nodes for tree in trees)
+        tokens = torch.stack([pad_to(tree.tokens, width, tree.token_list[0]) for tree in trees])
+        depths = torch.stack([pad_to(tree.depths, width, 0) for tree in trees])
+        own = torch.eye(width, dtype=torch.bool, device=tokens.device)
+        allowed = [torch.cat([live[row, None].expand(width, -1), pad_mask(tree.mask, own)], dim=1)
+                   for row, tree in enumerate(trees)]  # fmt: skip
+        embeds = adapter.embed_tokens(tokens)
+        mask = additive_mask(torch.stack(allowed), embeds.dtype)
+        positions = layout.positions_at(roots[:, None] + depths)
     features, draft_features = target_forward(adapter, embeds, positions, cache, mask, layers)
-    return draft_features, adapter.logits(features[0])
+    return draft_features, adapter.logits(features)
+
+
+def pad_to(values: torch.Tensor, width: int, fill) -> torch.Tensor:
+    """`values` (`(n,)`) padded with `fill` to `(width,)`."""
+    return torch.cat([values, values.new_full((width - values.shape[0],), fill)])
+
+
+def pad_mask(tree_mask: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+    """A tree's ancestor mask (`(n, n)`) in the top-left corner of `own` (`(width, width)`, the identity): padding
+    nodes see only themselves."""
+    n = tree_mask.shape[0]
+    out = own.clone()
+    out[:n, :n] = tree_mask
+    return out
 
 
 def prompt_draft_state(
@@ -112,39 +155,56 @@ def step_draft_state(adapter, input_ids: torch.Tensor, features: torch.Tensor, r
 
 class Emitter:
     """
-    Appends the target's tokens one at a time, exactly as plain decoding (`GenerationMixin._sample`) does per token:
-    record scores and logits, append the token, call every stopping criterion with `(input_ids, scores)`, stream it.
+    Appends the target's tokens to one sequence (a row of the batch) one at a time, exactly as plain decoding
+    (`GenerationMixin._sample`) does per token: record scores and logits, append the token, call every stopping
+    criterion with `(input_ids, scores)`, stream it.
+
+    The row is `done` once a stopping criterion fires, unless `stop_on_finish` is False: plain batched decoding goes on
+    decoding a finished row as long as another row runs, when no criterion is an end-token criterion (otherwise it
+    pads it). Such a row is done when it reaches `limit` tokens, set once every row has finished.
     """
 
-    def __init__(self, input_ids, stopping_criteria: StoppingCriteriaList, generation_config, streamer=None):
+    def __init__(
+        self, input_ids, stopping_criteria: StoppingCriteriaList, generation_config, streamer=None, stop_on_finish=True
+    ):
         self.input_ids = input_ids  # [1, seq_len], a new tensor per token as in plain decoding
         self.criteria = stopping_criteria
         keep = generation_config.return_dict_in_generate
         self.scores = () if keep and generation_config.output_scores else None
         self.logits = () if keep and generation_config.output_logits else None
         self.streamer = streamer
+        self.stop_on_finish = stop_on_finish
         self.finished = False
+        self.finished_length: int | None = None  # the sequence's length when a criterion first fired
+        self.limit: int | None = None
+
+    @property
+    def done(self) -> bool:
+        """No token is to be appended any more."""
+        if self.limit is not None:
+            return self.input_ids.shape[1] >= self.limit
+        return self.finished and self.stop_on_finish
 
     def emit(self, token: int, scores: torch.Tensor, logits: torch.Tensor) -> bool:
-        """Appends `token` (chosen from `scores`, both `[1, V]`); returns True once a stopping criterion fires."""
+        """Appends `token` (chosen from `scores`, both `[1, V]`); returns `done`."""
         if self.scores is not None:
             self.scores += (scores.clone(),)
         if self.logits is not None:
             self.logits += (logits.clone(),)
         new = self.input_ids.new_full((1, 1), token)
         self.input_ids = torch.cat([self.input_ids, new], dim=-1)
-        self.finished = bool(self.criteria(self.input_ids, self.scores).all())
+        if not self.finished and bool(self.criteria(self.input_ids, self.scores).all()):
+            self.finished, self.finished_length = True, self.input_ids.shape[1]
         if self.streamer is not None:
             self.streamer.put(new[0].cpu())
-        return self.finished
+        return self.done
 
 
 def walk_tree(
     tree: DraftTree, logits: torch.Tensor, emitter: Emitter, logits_processor, do_sample: bool, batched: bool
 ) -> list[int]:
     """
-    Emits the target's tokens along the tree: the accepted drafts, then the bonus token, until a stopping criterion
-    fires. Returns the nodes whose processed scores chose the emitted tokens (root first): the accepted path, cut
+    Emits the target's tokens along the tree: the accepted drafts, then the bonus token, until the emitter is done. Returns the nodes whose processed scores chose the emitted tokens (root first): the accepted path, cut
     where generation stopped.
 
     Args:

@@ -50,7 +50,11 @@ class SpeculativeStats:
         compressor_branch (`str`, *optional*): the elastic visual compressor's branch for this prompt (select
             mode), when the draft has one and the prompt an image.
         draft_visual_tokens (`int`, *optional*): visual pairs that reached the draft's cache (every visual token
-            without a compressor), when the draft drafted.
+            without a compressor), when the draft drafted (the first row's, for a batch).
+
+    For a batch, `new_tokens`, `target_forwards` and `accepted_lengths` sum over its rows (a row counts the forwards
+    it took part in), so `mean_accepted_length` is tokens per forward per row; `row_new_tokens` and
+    `row_accepted_lengths` give each row's.
     """
 
     new_tokens: int = 0
@@ -62,6 +66,8 @@ class SpeculativeStats:
     draft_time: float | None = None
     compressor_branch: str | None = None
     draft_visual_tokens: int | None = None
+    row_new_tokens: list[int] | None = None
+    row_accepted_lengths: list[list[int]] | None = None
 
     @property
     def mean_accepted_length(self) -> float:

@@ -253,13 +253,13 @@ class SpecVLMDraftModel(PreTrainedModel, DraftSource):
             )
         return TreeDrafter(self, speculative_config or self.speculative_config)
 
-    def tree_tuner(self, adapter, do_sample: bool, prompt_len: int) -> TreeTuner:
-        """The auto tree's controller for the bound target in this decoding mode, kept across calls; the device's
-        costs are measured on first use (`tuning.device_costs`)."""
+    def tree_tuner(self, adapter, do_sample: bool, prompt_len: int, rows: int = 1) -> TreeTuner:
+        """The auto tree's controller for the bound target in this decoding mode and batch size, kept across calls;
+        the device's costs for that batch size are measured on first use (`tuning.device_costs`)."""
         weight = self.fc.weight
-        key = (weight.device, weight.dtype, bool(do_sample))
+        key = (weight.device, weight.dtype, bool(do_sample), rows)
         if key not in self._tuners:
-            self._tuners[key] = TreeTuner(device_costs(adapter, self, prompt_len))
+            self._tuners[key] = TreeTuner(device_costs(adapter, self, prompt_len, rows))
         return self._tuners[key]
 
     # ----------------------------------------------------------------------------------------------- compute

@@ -89,16 +89,17 @@ def expand_level(scores: torch.Tensor, log_probs: torch.Tensor, top_k: int) -> t
     Proposes the `top_k` most likely children of every frontier node.
 
     Args:
-        scores (`torch.FloatTensor` of shape `(k,)`): cumulative log-probabilities of the frontier nodes.
-        log_probs (`torch.FloatTensor` of shape `(k, vocab_size)`): the draft's next-token log-probabilities at each
-            frontier node.
+        scores (`torch.FloatTensor` of shape `(..., k)`): cumulative log-probabilities of the frontier nodes (leading
+            dimensions: rows of a batch).
+        log_probs (`torch.FloatTensor` of shape `(..., k, vocab_size)`): the draft's next-token log-probabilities at
+            each frontier node.
 
     Returns:
-        `(tokens, cumulative_scores)`, both of shape `(k, top_k)`: child tokens and `parent score + log p(child)`.
+        `(tokens, cumulative_scores)`, both of shape `(..., k, top_k)`: child tokens and `parent score + log p(child)`.
     """
     child_log_probs, child_tokens = log_probs.topk(top_k, dim=-1)
     # log p <= 0, so a child never outscores its parent: any top-n by score is ancestor-closed (see rerank_nodes).
-    return child_tokens, scores[:, None] + child_log_probs.clamp(max=0.0)
+    return child_tokens, scores[..., None] + child_log_probs.clamp(max=0.0)
 
 
 def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -107,13 +108,16 @@ def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     mask is silently wrong under eager attention).
 
     Args:
-        allowed (`torch.BoolTensor` of shape `(q_len, kv_len)`): True where a query may attend.
+        allowed (`torch.BoolTensor` of shape `(q_len, kv_len)`, or `(rows, q_len, kv_len)` per row): True where a
+            query may attend.
 
     Returns:
-        `torch.FloatTensor` of shape `(1, 1, q_len, kv_len)`: 0 where allowed, `finfo(dtype).min` elsewhere.
+        `torch.FloatTensor` of shape `(1, 1, q_len, kv_len)`, or `(rows, 1, q_len, kv_len)`: 0 where allowed,
+        `finfo(dtype).min` elsewhere.
     """
     mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[None, None]
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[:, None] if mask.dim() == 3 else mask[None, None]
 
 
 def tree_attention_mask(tree_mask: torch.Tensor, past_len: int, dtype: torch.dtype) -> torch.Tensor:

@@ -94,44 +94,49 @@ class CostCurve:
 
 
 @torch.no_grad()
-def measure_verify_curve(adapter, cache, prefix_len: int, layout, sizes=VERIFY_SIZES, repeats: int = 5) -> CostCurve:
+def measure_verify_curve(
+    adapter, cache, prefix_len: int, layout, sizes=VERIFY_SIZES, repeats: int = 5, rows: int = 1
+) -> CostCurve:
     """
     T(q) for each q in `sizes` (1 added): the median over `repeats` rounds (after a warm-up round, rounds interleaved
-    across q) of the loop's `verify` of a q-token tree over `cache`, which holds `prefix_len` entries of a sequence
-    whose prompt has `layout` (`adapters.PromptLayout`), and is cut back to them after each forward; made
-    non-decreasing in q (`monotone`).
+    across q) of the loop's `verify` of a q-token tree per row over `cache`, which holds `prefix_len` entries of
+    `rows` sequences whose prompts have `layout` (`adapters.PromptLayout`), and is cut back to them after each
+    forward; made non-decreasing in q (`monotone`).
     """
     from .loop import verify  # loop imports drafter, which imports this module's users
 
     device = adapter.lm_head.weight.device
     sizes = sorted({1, *sizes})
     trees = {q: build_tree(torch.zeros(q, dtype=torch.long, device=device), [-1] + [0] * (q - 1)) for q in sizes}
-    calls = {q: lambda t=trees[q]: verify(adapter, t, cache, prefix_len, layout) for q in sizes}
+    roots = torch.full((rows,), prefix_len, device=device)
+    live = None if rows == 1 else torch.ones(rows, prefix_len, dtype=torch.bool, device=device)
+    calls = {q: lambda t=trees[q]: verify(adapter, [t] * rows, cache, roots, layout, live=live) for q in sizes}
     seconds = interleaved_medians(calls, device, repeats, reset=lambda: commit_accepted(cache, prefix_len, []))
     return CostCurve(tuple(sizes), tuple(seconds.values()), prefix_len)
 
 
 @torch.no_grad()
-def measure_draft_levels(draft, prefix_len: int, widths=WIDTHS, repeats: int = 15) -> dict[int, float]:
-    """Seconds of one draft level of each width k (k rows through the lean draft forward, the shared `lm_head`,
-    log-softmax and top-k) over a draft cache of `prefix_len` entries: the median over `repeats` rounds (after a
-    warm-up round, rounds interleaved across k), made non-decreasing in k (`monotone`)."""
+def measure_draft_levels(draft, prefix_len: int, widths=WIDTHS, repeats: int = 15, rows: int = 1) -> dict[int, float]:
+    """Seconds of one draft level of each width k (k nodes of each of `rows` sequences through the lean draft
+    forward, the shared `lm_head`, log-softmax and top-k) over a draft cache of `prefix_len` entries: the median over
+    `repeats` rounds (after a warm-up round, rounds interleaved across k), made non-decreasing in k (`monotone`)."""
     from .draft_step import LeanDraftForward
     from .tree import causal_attention_mask
 
     weight = draft.fc.weight
     device, dtype, hidden = weight.device, weight.dtype, draft.config.hidden_size
-    forward = LeanDraftForward(draft, capacity=prefix_len + max(widths))
+    forward = LeanDraftForward(draft, capacity=prefix_len + max(widths), rows=rows)
     noise = torch.Generator(device=device).manual_seed(0)  # the caller's random stream stays untouched
     prefix = torch.randn(1, prefix_len + max(widths), hidden, device=device, dtype=dtype, generator=noise)
-    forward(prefix[:, :prefix_len], prefix[:, :prefix_len], torch.arange(prefix_len, device=device)[None],
+    prefix = prefix.expand(rows, -1, -1)
+    forward(prefix[:, :prefix_len], prefix[:, :prefix_len], torch.arange(prefix_len, device=device).expand(rows, -1),
             causal_attention_mask(prefix_len, 0, dtype, device))  # fmt: skip
 
     def level(k: int) -> None:
-        rows = prefix[:, prefix_len : prefix_len + k]
-        mask = torch.zeros(1, 1, k, prefix_len + k, dtype=dtype, device=device)
-        out = forward(rows, rows, torch.full((1, k), prefix_len, device=device), mask)
-        torch.log_softmax(draft.compute_logits(out[0]).float(), dim=-1).topk(k, dim=-1)
+        nodes = prefix[:, prefix_len : prefix_len + k]
+        mask = torch.zeros(rows, 1, k, prefix_len + k, dtype=dtype, device=device)
+        out = forward(nodes, nodes, torch.full((rows, k), prefix_len, device=device), mask)
+        torch.log_softmax(draft.compute_logits(out).float(), dim=-1).topk(k, dim=-1)
         forward.cache.truncate(prefix_len)
 
     return interleaved_medians({k: lambda k=k: level(k) for k in sorted(widths)}, device, repeats)
@@ -206,9 +211,10 @@ def cache_dir() -> Path:
 COSTS_FORMAT = 2  # bump when what is measured changes
 
 
-def costs_key(target, draft) -> str:
+def costs_key(target, draft, rows: int = 1) -> str:
     """Identifies what the costs depend on: device (and CPU threads), dtype, the target's and the draft's
-    architecture and attention kernels. Weights do not change costs, so a retrained draft reuses them."""
+    architecture and attention kernels, the batch size. Weights do not change costs, so a retrained draft reuses
+    them."""
     device = draft.fc.weight.device
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     parts = [
@@ -221,18 +227,21 @@ def costs_key(target, draft) -> str:
         draft.config.to_json_string(use_diff=False),
         str(draft.config._attn_implementation),
     ]
+    if rows > 1:
+        parts.append(f"rows={rows}")
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
 
 
 _MEMORY: dict[str, DeviceCosts] = {}
 
 
-def device_costs(adapter, draft, prefix_len: int) -> DeviceCosts:
-    """The costs of (this device, target, draft): from memory, else from disk, else measured over a synthetic prefix
-    of `prefix_len` tokens and stored in both."""
+def device_costs(adapter, draft, prefix_len: int, rows: int = 1) -> DeviceCosts:
+    """The costs of (this device, target, draft, batch size `rows`): from memory, else from disk, else measured over
+    a synthetic prefix of `prefix_len` tokens per row and stored in both. A batch's costs are per step of the whole
+    batch: its verification forward (`rows` trees) and its draft levels (`rows` rows each)."""
     from .loop import prefill  # loop imports drafter, which imports this module's users
 
-    key = costs_key(adapter.target, draft)
+    key = costs_key(adapter.target, draft, rows)
     if key in _MEMORY:
         return _MEMORY[key]
     path = cache_dir() / f"costs-{key}.json"
@@ -248,11 +257,13 @@ def device_costs(adapter, draft, prefix_len: int) -> DeviceCosts:
         vocab = adapter.lm_head.weight.shape[0]
         tokens = torch.randint(0, vocab, (1, prefix_len), device=device, generator=noise)
         tokens[adapter.visual_mask(tokens)] = 0  # text only: no visual slots
+        tokens = tokens.expand(rows, -1)
         layout = adapter.layout(tokens, {})
         with torch.no_grad():
             prefill(adapter, tokens, layout, cache)
         costs = DeviceCosts(
-            measure_verify_curve(adapter, cache, prefix_len, layout), measure_draft_levels(draft, prefix_len)
+            measure_verify_curve(adapter, cache, prefix_len, layout, rows=rows),
+            measure_draft_levels(draft, prefix_len, rows=rows),
         )
         logger.info("measured tree costs in %.2f s (cached in %s)", time.perf_counter() - started, path)
         try:
@@ -411,15 +422,16 @@ class TreeTuner:
     def observe(
         self,
         shape: SpeculativeConfig,
-        ranks: list[int],
+        ranks: list[int] | list[list[int]],
         draft_seconds: float,
         step_seconds: float,
-        finished: bool,
+        finished: bool | list[bool],
         timed: bool = True,
     ) -> None:
         """
         Learns from one step of `shape`, whose accepted drafts were at `ranks` among their siblings (0 = the draft's
-        first choice), that spent `draft_seconds` drafting and `step_seconds` in all.
+        first choice), that spent `draft_seconds` drafting and `step_seconds` in all. For a batch, `ranks` and
+        `finished` hold one entry per row: every row's tree teaches acceptance, the step's time is the batch's.
 
         Verification tries a node's children in rank order (greedy: the target's token is one of them; sampling:
         recursive rejection in that order), so a tree of width w < `shape.top_k` would have accepted exactly the
@@ -429,8 +441,11 @@ class TreeTuner:
         """
         self._take_mass()
         self._best = None
-        if self._probing and not finished:
-            self.probe_gap = min(2 * self.probe_gap, self.max_probe_every) if not ranks else self.probe_every
+        if isinstance(finished, bool):
+            ranks, finished = [ranks], [finished]
+        if self._probing and not all(finished):
+            accepted_any = any(row for row, done in zip(ranks, finished) if not done)
+            self.probe_gap = min(2 * self.probe_gap, self.max_probe_every) if not accepted_any else self.probe_every
         k, depth = shape.top_k, shape.depth
         if timed and draft_seconds > 0 and step_seconds > draft_seconds:
             predicted_draft, predicted_verify = self._draft[k][depth - 1], self._verify[k][depth - 1]
@@ -438,15 +453,16 @@ class TreeTuner:
             self.draft_scale += rate * (draft_seconds / predicted_draft - self.draft_scale)
             self.verify_scale += rate * ((step_seconds - draft_seconds) / predicted_verify - self.verify_scale)
         self.steps += 1
-        if finished:
-            return
-        for width in self.widths:
-            if width > k:
-                break
-            accepted = next((i for i, rank in enumerate(ranks) if rank >= width), len(ranks))
-            for reached, accepted_counts in ((self.reached, self.accepted), (self.call_reached, self.call_accepted)):
-                reached[width][: min(accepted + 1, depth)] += 1
-                accepted_counts[width][:accepted] += 1
+        for row_ranks, done in zip(ranks, finished):
+            if done:
+                continue
+            for width in self.widths:
+                if width > k:
+                    break
+                accepted = next((i for i, rank in enumerate(row_ranks) if rank >= width), len(row_ranks))
+                for reached, counts in ((self.reached, self.accepted), (self.call_reached, self.call_accepted)):
+                    reached[width][: min(accepted + 1, depth)] += 1
+                    counts[width][:accepted] += 1
 
 
 def _expected_tokens(alphas: np.ndarray) -> np.ndarray:

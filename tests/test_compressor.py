@@ -93,7 +93,7 @@ def test_identity_ratio_reproduces_eaglevlm_input(target, spec):
     embeds, features, _ = prefill(adapter, inputs["input_ids"], layout, DynamicCache())
     first = torch.tensor([[5]])
     state = prompt_draft_state(
-        adapter, torch.cat([inputs["input_ids"], first], 1), embeds, features, layout.visual_mask
+        adapter, torch.cat([inputs["input_ids"], first], 1), embeds, features, layout.visual_mask[0]
     )
     got = compressor([spec])(state.inputs_embeds, state.features, state.position_ids, state.image_mask)
     assert torch.equal(got[0], state.inputs_embeds) and torch.equal(got[1], state.features)
@@ -193,7 +193,7 @@ def test_training_builds_the_decoding_loops_draft_input(tiny_testbed, tmp_path):
         layout = adapter.layout(ids, {"pixel_values": batch["pixel_values"][b : b + 1]})
         p_embeds, p_features, _ = prefill(adapter, ids, layout, DynamicCache())
         state = prompt_draft_state(
-            adapter, batch["input_ids"][b : b + 1, : prompt_len + 1], p_embeds, p_features, layout.visual_mask
+            adapter, batch["input_ids"][b : b + 1, : prompt_len + 1], p_embeds, p_features, layout.visual_mask[0]
         )
         want = draft.compressor(state.inputs_embeds, state.features, state.position_ids, state.image_mask)
         n = want[0].shape[1]

@@ -162,7 +162,7 @@ def _prompt_state(target, seed=4):
     embeds, features, _ = prefill(adapter, inputs["input_ids"], layout, DynamicCache())
     first = adapter.logits(features[:, -1]).argmax(-1, keepdim=True)
     state = prompt_draft_state(
-        adapter, torch.cat([inputs["input_ids"], first], 1), embeds, features, layout.visual_mask
+        adapter, torch.cat([inputs["input_ids"], first], 1), embeds, features, layout.visual_mask[0]
     )
     return adapter, state
 

@@ -2,17 +2,33 @@
 
 import pytest
 import torch
-from tiny import make_inputs, make_target
+from drafters import OracleDraft
+from tiny import VOCAB, make_inputs, make_target
 from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.generation.streamers import BaseStreamer
 
-from specvlm_hf import SpecVLMDraftModel, speculative_generate
+from specvlm_hf import SpeculativeConfig, SpecVLMDraftModel, speculative_generate
 
 
-def test_batch_size_above_one(target, draft):
+class _Silent(BaseStreamer):
+    def put(self, value):
+        pass
+
+    def end(self):
+        pass
+
+
+def test_a_batch_is_refused_where_it_cannot_be_decoded_exactly(target, draft):
     inputs = make_inputs(0, 4, False)
     batch = {"input_ids": inputs["input_ids"].repeat(2, 1)}
-    with pytest.raises(ValueError, match="batch size 1"):
-        target.generate(**batch, assistant_model=draft, max_new_tokens=4)
+    with pytest.raises(ValueError, match="OracleDrafter drafts for one prompt at a time; this call has 2 rows"):
+        target.generate(**batch, assistant_model=OracleDraft([], VOCAB, SpeculativeConfig(2, 1, 3)), max_new_tokens=4)
+    for flag in ("output_scores", "output_logits"):
+        with pytest.raises(ValueError, match=f"does not return per-step {flag[7:]}"):
+            target.generate(**batch, assistant_model=draft, max_new_tokens=4, return_dict_in_generate=True,
+                            **{flag: True})  # fmt: skip
+    with pytest.raises(ValueError, match="streamer streams one sequence"):
+        target.generate(**batch, assistant_model=draft, max_new_tokens=4, streamer=_Silent())
 
 
 @pytest.mark.parametrize(
@@ -44,11 +60,15 @@ def test_max_new_tokens_must_be_positive(target, draft, max_new_tokens):
         speculative_generate(target, draft, **make_inputs(0, 4), max_new_tokens=max_new_tokens)
 
 
-def test_padded_inputs_are_refused(target, draft):
+def test_right_padding_and_malformed_masks_are_refused(target, draft):
     inputs = make_inputs(0, 4)
     mask = torch.ones_like(inputs["input_ids"])
-    mask[0, 0] = 0
-    with pytest.raises(ValueError, match="padded inputs"):
+    mask[0, -1] = 0
+    with pytest.raises(ValueError, match="left-padded prompts.*right padding"):
+        target.generate(**inputs, attention_mask=mask, assistant_model=draft, max_new_tokens=4)
+    mask = torch.ones_like(inputs["input_ids"])
+    mask[0, 3] = 0  # a hole inside the prompt
+    with pytest.raises(ValueError, match="left-padded prompts"):
         target.generate(**inputs, attention_mask=mask, assistant_model=draft, max_new_tokens=4)
 
 

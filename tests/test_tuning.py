@@ -126,7 +126,7 @@ def test_auto_tree_through_generate_is_exact_and_learns(target, draft, do_sample
     out = target.generate(**inputs, **kwargs, assistant_model=draft)
     if not do_sample:
         assert torch.equal(out, plain)
-    tuner = draft._tuners[(draft.fc.weight.device, draft.fc.weight.dtype, do_sample)]
+    tuner = draft._tuners[(draft.fc.weight.device, draft.fc.weight.dtype, do_sample, 1)]
     assert tuner.steps > 0 and sum(r.sum() for r in tuner.reached.values()) > 0
 
 
@@ -211,19 +211,19 @@ def test_plain_steps_and_the_drafts_catch_up_keep_the_output(target, monkeypatch
     original = draft.new_drafter
     draft.new_drafter = lambda t, c=None: made.append(original(t, c)) or made[-1]
     roots = []  # the root's position at every step
-    propose = TreeDrafter.propose
+    propose = TreeDrafter.propose_rows
 
-    def recording(self, state):
-        roots.append(state.input_ids.shape[1] - 1)
-        return propose(self, state)
+    def recording(self, states):
+        roots.append(states[0].input_ids.shape[1] - 1)
+        return propose(self, states)
 
-    monkeypatch.setattr(TreeDrafter, "propose", recording)
+    monkeypatch.setattr(TreeDrafter, "propose_rows", recording)
     out = speculative_generate(target, draft, **inputs, max_new_tokens=20)
     assert torch.equal(out.sequences, target.generate(**inputs, max_new_tokens=20, do_sample=False))
     drafter = made[0]
     assert isinstance(drafter, TreeDrafter) and out.stats.target_forwards >= 15  # mostly one token per forward
     # every position before the last proposed root went into the draft's cache or waits to, none twice
-    fed = drafter.forward.cache.length + sum(p[0].shape[1] for p in drafter._pending)
+    fed = drafter.forward.cache.length + sum(p[0].shape[1] for p in drafter._pending[0])
     assert fed == roots[-1] and len(roots) == out.stats.target_forwards - 1
 
 

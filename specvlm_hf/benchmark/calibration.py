@@ -173,7 +173,7 @@ def replay(draft, target, context: ReplayContext, tree: SpeculativeConfig) -> tu
     device = target.device
     ids, p, embeds, features = context.input_ids, context.prompt_len, context.embeds, context.features
     total = ids.shape[1]
-    state = prompt_draft_state(adapter, ids[:, : p + 1], embeds[:, :p], features[:, :p], context.layout.visual_mask)
+    state = prompt_draft_state(adapter, ids[:, : p + 1], embeds[:, :p], features[:, :p], context.layout.visual_mask[0])
     root, emitted, seconds = p, [], []
     continuation = ids[0].tolist()
     while root < total - 1:

@@ -224,7 +224,11 @@ def ablation(output: Path, steps: int, prompts: int, max_new_tokens: int, only: 
     layout = adapter.layout(first["input_ids"], first)
     embeds, features, _ = prefill(adapter, first["input_ids"], layout, DynamicCache())
     state = prompt_draft_state(
-        adapter, torch.cat([first["input_ids"], first["input_ids"][:, -1:]], 1), embeds, features, layout.visual_mask
+        adapter,
+        torch.cat([first["input_ids"], first["input_ids"][:, -1:]], 1),
+        embeds,
+        features,
+        layout.visual_mask[0],
     )
 
     results = []
