@@ -213,6 +213,8 @@ def tree_decoding(
         raise ValueError(f"{type(drafter).__name__} drafts for one prompt at a time; this call has {rows} rows.")
     if rows > 1 and streamer is not None:
         raise ValueError("A streamer streams one sequence; decode a batch without `streamer` (as plain generate()).")
+    if rows > 1:
+        _check_row_processors(logits_processor)
     clock = _Clock(draft_source.speculative_config.profile, input_ids.device)
     do_sample = bool(generation_config.do_sample)
     batched = is_history_free(logits_processor)
@@ -307,6 +309,29 @@ def tree_decoding(
     )
     setattr(output, CACHE_KWARG, cache)
     return output
+
+
+# Processors whose output for a row depends on the row's index in the batch or on state kept across the whole batch:
+# called one row at a time (a batch's rows advance by different numbers of tokens), they would compute otherwise.
+_BATCH_BOUND_PROCESSORS = {
+    "PrefixConstrainedLogitsProcessor": "prefix_allowed_tokens_fn (it receives the row's batch index)",
+    "UnbatchedClassifierFreeGuidanceLogitsProcessor": "guidance_scale with a negative prompt (its cache spans the batch)",
+    "SynthIDTextWatermarkLogitsProcessor": "a SynthID watermarking_config (its state spans the batch)",
+}
+
+
+def _check_row_processors(logits_processor) -> None:
+    """In a batch every logits processor and stopping criterion is called on one row at a time, with that row's ids
+    (plain decoding calls them on the whole batch at once): row-wise ones compute the same. Raises a `ValueError`
+    naming the argument for the processors that depend on the batch as a whole."""
+    for processor in logits_processor:
+        name = type(processor).__name__
+        if name in _BATCH_BOUND_PROCESSORS:
+            raise ValueError(
+                f"Tree speculative decoding of a batch calls logits processors one row at a time; "
+                f"{_BATCH_BOUND_PROCESSORS[name]} depends on the whole batch. Decode these prompts one at a time, "
+                "or drop it."
+            )
 
 
 def _settle_limits(emitters: list[Emitter]) -> None:

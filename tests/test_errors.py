@@ -29,6 +29,8 @@ def test_a_batch_is_refused_where_it_cannot_be_decoded_exactly(target, draft):
                             **{flag: True})  # fmt: skip
     with pytest.raises(ValueError, match="streamer streams one sequence"):
         target.generate(**batch, assistant_model=draft, max_new_tokens=4, streamer=_Silent())
+    with pytest.raises(ValueError, match="prefix_allowed_tokens_fn .* depends on the whole batch"):
+        target.generate(**batch, assistant_model=draft, max_new_tokens=4, prefix_allowed_tokens_fn=lambda b, s: [3])
 
 
 @pytest.mark.parametrize(
