@@ -296,6 +296,7 @@ def tree_decoding(
     stats.accepted_lengths = [n for steps in rows_stats for n in steps]
     if rows > 1:
         stats.row_new_tokens, stats.row_accepted_lengths = lengths, rows_stats
+        stats.row_target_forwards = [len(steps) + 1 for steps in rows_stats]
     described = drafter.describe()
     stats.compressor_branch = described.get("compressor_branch")
     stats.draft_visual_tokens = described.get("draft_visual_tokens")

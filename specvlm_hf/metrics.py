@@ -53,8 +53,8 @@ class SpeculativeStats:
             without a compressor), when the draft drafted (the first row's, for a batch).
 
     For a batch, `new_tokens`, `target_forwards` and `accepted_lengths` sum over its rows (a row counts the forwards
-    it took part in), so `mean_accepted_length` is tokens per forward per row; `row_new_tokens` and
-    `row_accepted_lengths` give each row's.
+    it took part in), so `mean_accepted_length` is tokens per forward per row; `row_new_tokens`,
+    `row_target_forwards` and `row_accepted_lengths` give each row's (`None` for one prompt).
     """
 
     new_tokens: int = 0
@@ -67,6 +67,7 @@ class SpeculativeStats:
     compressor_branch: str | None = None
     draft_visual_tokens: int | None = None
     row_new_tokens: list[int] | None = None
+    row_target_forwards: list[int] | None = None
     row_accepted_lengths: list[list[int]] | None = None
 
     @property
