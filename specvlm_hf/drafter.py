@@ -165,6 +165,8 @@ class TreeDrafter(Drafter):
         if rows > 1:
             self.forward = LeanDraftForward(self.draft, rows=rows)
         device = self.draft.fc.weight.device
+        self.live = torch.zeros(rows, 0, dtype=torch.bool, device=device)
+        self._pending = [[] for _ in range(rows)]
         if self.config.is_auto:
             self.tuner = self.draft.tree_tuner(adapter, do_sample, prompt_len, rows)
             self.tuner.start_call()
@@ -175,7 +177,7 @@ class TreeDrafter(Drafter):
         return dict(self._described)
 
     def keep_rows(self, rows: list[int]) -> None:
-        index = torch.tensor(rows, device=self.live.device)
+        index = torch.tensor(rows, device=self.draft.fc.weight.device)
         self.forward.cache.keep_rows(index)
         self.live = self.live[index]
         self._pending = [self._pending[row] for row in rows]
@@ -203,7 +205,7 @@ class TreeDrafter(Drafter):
     @torch.no_grad()
     def propose_rows(self, states: list[DraftState]) -> list[DraftTree]:
         self._started = time.perf_counter()
-        if self.live is None:  # the first step
+        if self.live is None:  # driven without `begin` (a fixed tree, as the benchmark's replay drives it)
             self.live = torch.zeros(len(states), 0, dtype=torch.bool, device=self.draft.fc.weight.device)
             self._pending = [[] for _ in states]
         for row, state in enumerate(states):
