@@ -1,12 +1,13 @@
 """The benchmark harness on tiny in-process models: the JSON a run writes, its arithmetic (paired speedups, tokens per
 forward), the tree-budget chooser on synthetic cost curves, the replay behind it against the real loop, prompt files,
-the CLI, failure handling, the `evaluate` metric, the hf-assisted assistant's training data, and the GPU check's
-miniature."""
+the CLI, failure handling, the batch axis on a toy testbed, the `evaluate` metric, the hf-assisted assistant's
+training data, and the GPU check's miniature."""
 
 import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -17,7 +18,14 @@ import specvlm_hf
 from specvlm_hf import SpeculativeConfig, SpecVLMDraftModel, SpecVLMEagle3DraftModel, speculative_generate
 from specvlm_hf.benchmark import BenchmarkConfig, run_benchmark
 from specvlm_hf.benchmark.calibration import replay, replay_context
-from specvlm_hf.benchmark.methods import METHOD_NAMES, Method, UnknownMethodError, Vanilla, check_method_names
+from specvlm_hf.benchmark.methods import (
+    METHOD_NAMES,
+    Method,
+    UnknownMethodError,
+    Vanilla,
+    check_method_names,
+    row_tokens,
+)
 from specvlm_hf.benchmark.prompts import PromptFileError, Sample, load_prompts, select_prompts
 from specvlm_hf.benchmark.runner import Resources
 from specvlm_hf.benchmark.stats import first_mismatch, paired_speedup, spread, tokens_per_forward
@@ -148,6 +156,62 @@ def test_fixed_tree_is_used_as_given(target, draft):
     assert [s.method for s in result.summaries] == ["vanilla", "eaglevlm"]
 
 
+def test_batch_axis_on_the_tiny_testbed(tiny_testbed, tmp_path):
+    target, processor = tiny_testbed
+    torch.manual_seed(0)
+    draft = SpecVLMDraftModel.from_target(target)
+    side = processor.tokenizer.padding_side
+    with pytest.raises(ValueError, match="batch_sizes"):
+        BenchmarkConfig(batch_sizes=(0, 2))
+    with pytest.raises(ValueError, match="prepared samples"):
+        run_benchmark(BenchmarkConfig(batch_sizes=(2,)), resources=Resources(target, processor), samples=[])
+    config = BenchmarkConfig(
+        methods=("eaglevlm", "prompt-lookup"),  # a -default method would measure the tree costs per batch size
+        kind="long",
+        num_samples=3,  # batches of 2: [p0, p1], [p2, p0#2]
+        repeats=1,
+        max_new_tokens=8,
+        temperatures=(0,),
+        tree="3,2,6",
+        warmup_tokens=2,
+        batch_sizes=(1, 2),
+        output=str(tmp_path),
+        device="cpu",
+    )
+    result = run_benchmark(config, resources=Resources(target, processor, draft))
+    data = json.loads((tmp_path / "benchmark.json").read_text())
+    assert processor.tokenizer.padding_side == side  # left padding only for the batches
+
+    runs = data["batches"]["runs"]
+    assert {(r["method"], r["batch_size"]) for r in runs} == {("vanilla", 2), ("eaglevlm", 2)}
+    samples = data["config"]["samples"]
+    assert [r["rows"] for r in runs if r["method"] == "vanilla"] == [samples[:2], [samples[2], samples[0] + "#2"]]
+    assert len(data["batches"]["notes"]) == 1 and "1 row(s) repeating" in data["batches"]["notes"][0]
+    for run in runs:
+        assert run["error"] is None and run["wall_time"] > 0
+        assert len(run["row_new_tokens"]) == len(run["row_target_forwards"]) == 2
+        assert all(0 < n <= 8 for n in run["row_new_tokens"])
+    summary = {(s["method"], s["batch_size"]): s for s in data["batches"]["summary"]}
+    assert set(summary) == {(m, b) for m in ("vanilla", "eaglevlm", "prompt-lookup") for b in (1, 2)}
+    assert summary[("prompt-lookup", 2)]["skipped"] and summary[("prompt-lookup", 2)]["runs"] == 0
+    for method in ("vanilla", "eaglevlm"):
+        s = summary[(method, 2)]
+        assert s["rows_equal"] == s["rows_compared"] == 4  # lossless per row at T = 0
+        assert s["mean_accepted_length"] >= 1.0
+        mine = {r["batch"]: r for r in runs if r["method"] == method}
+        ratios = [
+            (mine[r["batch"]]["new_tokens"] / mine[r["batch"]]["wall_time"]) / (r["new_tokens"] / r["wall_time"])
+            for r in runs
+            if r["method"] == "vanilla"
+        ]
+        assert s["speedup"]["median"] == pytest.approx(float(np.median(ratios)))
+        assert math.isfinite(s["speedup"]["median"]) and s["speedup"]["median"] > 0
+    assert summary[("eaglevlm", 1)]["rows_equal"] == summary[("eaglevlm", 1)]["rows_compared"] == 3
+    table = result.markdown()
+    assert "| eaglevlm | 0 | 2 |" in table and "| vanilla | 0 | 2 |" in table and "| eaglevlm | 0 | 1 |" in table
+    assert "| prompt-lookup | 0 | 2 | skipped" in table and "| 4/4 |" in table
+
+
 # ------------------------------------------------------------------------------------------------ arithmetic
 def record(method, sample, wall, tokens, temperature=0.0, repeat=0, **kw):
     return RunRecord(
@@ -193,6 +257,8 @@ def test_tokens_per_forward_and_mismatch():
     assert first_mismatch([1, 2, 3], [1, 2, 3]) is None
     assert first_mismatch([1, 2, 4], [1, 2, 3]) == 2
     assert first_mismatch([1, 2], [1, 2, 3]) == 2
+    # A batch row's tokens end at its first end token: the padding after it is not the row's.
+    assert row_tokens([5, 2, 0, 0], (2,)) == [5, 2] and row_tokens([5, 6], (2,)) == [5, 6]
 
 
 # ------------------------------------------------------------------------------------------------ tree budget
@@ -412,6 +478,7 @@ def test_cli_help(capsys):
         "--repeats",
         "--max-new-tokens",
         "--temperatures",
+        "--batch-size",
         "--tree",
         "--draft",
         "--target",

@@ -15,6 +15,10 @@ def _floats(text: str) -> tuple[float, ...]:
     return tuple(float(t) for t in text.split(",") if t.strip())
 
 
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(t) for t in text.split(",") if t.strip())
+
+
 def _methods(text: str) -> tuple[str, ...]:
     names = tuple(t.strip() for t in text.split(",") if t.strip())
     try:
@@ -39,6 +43,7 @@ _FLAGS = {
     "--repeats": ("repeats", int),
     "--max-new-tokens": ("max_new_tokens", int),
     "--temperatures": ("temperatures", _floats),
+    "--batch-size": ("batch_sizes", _ints),
     "--tree": ("tree", str),
     "--calibration-samples": ("calibration_samples", int),
     "--calibration-tokens": ("calibration_tokens", int),
@@ -61,7 +66,8 @@ def register(subparsers) -> None:
         description=(
             "Runs the same prompts through several decoding methods in one process, interleaved per sample, and "
             "prints a markdown table (speedup tau paired with vanilla, sigma, target forwards, equality with vanilla, "
-            "peak memory, loop overhead); --output also writes benchmark.json and PNG plots. "
+            "peak memory, loop overhead); with --batch-size above 1 a second table on left-padded batches; --output "
+            "also writes benchmark.json and PNG plots. "
             f"Methods: {', '.join(METHOD_NAMES)}."
         ),
     )

@@ -49,6 +49,8 @@ class BenchmarkConfig:
         repeats (`int`): timed runs per method and sample.
         max_new_tokens (`int`): generation budget of every run.
         temperatures (`tuple[float, ...]`): 0 = greedy; > 0 samples (the same seed per sample for every method).
+        batch_sizes (`tuple[int, ...]`): 1 = one prompt per call (the per-sample sweep); B > 1 also decodes the
+            prompts in left-padded batches of B rows (`batches.py`), vanilla and the tree-loop methods only.
         tree (`str`): "auto" (choose per temperature on this device) or "DEPTH,TOP_K,TOTAL_TOKENS".
         calibration_samples (`int`), calibration_tokens (`int`), search_budget (`int`): the tree choice's prompts
             (taken after the benchmarked ones when the source has enough), tokens per calibration generation, and most
@@ -120,6 +122,14 @@ class BenchmarkConfig:
     repeats: int = field(default=3, metadata={"help": "Timed runs per method and sample."})
     max_new_tokens: int = field(default=256, metadata={"help": "New tokens per generation."})
     temperatures: tuple[float, ...] = field(default=(0.0, 1.0), metadata={"help": "Comma-separated temperatures."})
+    batch_sizes: tuple[int, ...] = field(
+        default=(1,),
+        metadata={
+            "help": "Comma-separated batch sizes. 1: one prompt per call; B > 1: the prompts in left-padded batches "
+            "of B rows (cycled when fewer), vanilla and the tree-loop methods (eaglevlm*, specvlm*, eagle3*) on the "
+            "same batches: tokens/s, ratio to vanilla's, sigma per row, rows equal to vanilla."
+        },
+    )
     tree: str = field(default="auto", metadata={"help": "'auto' or DEPTH,TOP_K,TOTAL_TOKENS."})
     calibration_samples: int = field(default=2, metadata={"help": "Prompts the tree choice is calibrated on."})
     calibration_tokens: int = field(default=128, metadata={"help": "New tokens per calibration generation."})
@@ -139,11 +149,14 @@ class BenchmarkConfig:
     def __post_init__(self):
         object.__setattr__(self, "methods", check_method_names(self.methods))
         object.__setattr__(self, "temperatures", tuple(float(t) for t in self.temperatures))
+        object.__setattr__(self, "batch_sizes", tuple(dict.fromkeys(int(b) for b in self.batch_sizes)))
         parse_tree(self.tree)
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if any(t < 0 for t in self.temperatures) or not self.temperatures:
             raise ValueError(f"temperatures must be >= 0 (and at least one), got {self.temperatures}")
+        if not self.batch_sizes or min(self.batch_sizes) < 1:
+            raise ValueError(f"batch_sizes must be >= 1 (and at least one), got {self.batch_sizes}")
         if self.kind not in (None, "short", "long"):
             raise ValueError(f"kind must be 'short' or 'long', got {self.kind!r}")
         for name in (

@@ -1,7 +1,8 @@
 """The decoding methods compared by the benchmark, behind one interface: `generate(target, inputs, temperature=...,
 max_new_tokens=...) -> MethodResult`. Every method decodes with the same `GenerationConfig` (`generation_config`), and
 target forwards are counted the same way for all of them: a hook on the target's text model records the cache length
-at the start of each forward (`stats.tokens_per_forward`)."""
+at the start of each forward (`stats.tokens_per_forward`). Methods that decode batches (`supports_batches`) also
+take a left-padded batch (`generate_rows`)."""
 
 from __future__ import annotations
 
@@ -55,6 +56,30 @@ class MethodResult:
     def mean_accepted_length(self) -> float:
         """`metrics.mean_accepted_length` of this run (0.0 before any forward)."""
         return mean_accepted_length(self.new_tokens, self.target_forwards) or 0.0
+
+
+@dataclass(frozen=True)
+class RowsResult:
+    """
+    One generation of a left-padded batch.
+
+    Attributes:
+        tokens (`list[list[int]]`): each row's generated ids up to its end (`row_tokens`).
+        target_forwards (`list[int]`): target forwards each row took part in until its end, the first (prefill)
+            included; plain decoding: one per token.
+    """
+
+    tokens: list[list[int]]
+    target_forwards: list[int]
+
+
+def row_tokens(tokens: Sequence[int], end_tokens: Sequence[int]) -> list[int]:
+    """A row's generated ids up to and including its first end token (the padding a batch adds after a finished
+    row dropped); all of them when it has none."""
+    for i, token in enumerate(tokens):
+        if token in end_tokens:
+            return list(tokens[: i + 1])
+    return list(tokens)
 
 
 def generation_config(target, temperature: float, max_new_tokens: int) -> GenerationConfig:
@@ -112,6 +137,7 @@ class Method:
     """A decoding method. Subclasses implement `_generate` and list the models they add to the target in `models`."""
 
     name = ""
+    supports_batches = False  # whether `generate_rows` decodes a batch
 
     @property
     def models(self) -> tuple[nn.Module, ...]:
@@ -134,8 +160,24 @@ class Method:
             **profile,
         )
 
+    def generate_rows(self, target, inputs: dict, *, temperature: float, max_new_tokens: int) -> RowsResult:
+        """Decodes a left-padded batch (`inputs` with its `attention_mask`) in one call; seed as for `generate`."""
+        if not self.supports_batches:
+            raise ValueError(f"{self.name} decodes one prompt at a time")
+        config = generation_config(target, temperature, max_new_tokens)
+        eos = config.eos_token_id
+        end_tokens = () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
+        prompt_len = inputs["input_ids"].shape[1]
+        sequences, stats = self._generate(target, inputs, config, temperature)
+        tokens = [row_tokens(row.tolist(), end_tokens) for row in sequences[:, prompt_len:]]
+        if stats is None:  # plain decoding: one token per forward, until the row ends
+            forwards = [len(row) for row in tokens]
+        else:
+            forwards = stats.row_target_forwards or [stats.target_forwards]
+        return RowsResult(tokens, forwards)
+
     def _generate(self, target, inputs: dict, config: GenerationConfig, temperature: float):
-        """Returns `(sequences [1, seq_len], SpeculativeStats or None)`."""
+        """Returns `(sequences [rows, seq_len], SpeculativeStats or None)`."""
         raise NotImplementedError
 
 
@@ -143,6 +185,7 @@ class Vanilla(Method):
     """Plain autoregressive `target.generate`: the reference every speedup is paired with."""
 
     name = "vanilla"
+    supports_batches = True
 
     def _generate(self, target, inputs, config, temperature):
         return target.generate(**inputs, generation_config=config), None
@@ -184,6 +227,7 @@ class EagleVLM(Method):
     temperature (`--tree`)."""
 
     name = "eaglevlm"
+    supports_batches = True
 
     def __init__(self, draft, trees: Mapping[float, SpeculativeConfig]):
         self.draft = draft
@@ -219,6 +263,12 @@ class EagleVLMDefault(EagleVLM):
         # machine (`tuning.device_costs`).
         self.draft.tree_tuner(get_adapter(target), temperature > 0, inputs["input_ids"].shape[1])
         return super().generate(target, inputs, temperature=temperature, max_new_tokens=max_new_tokens)
+
+    def generate_rows(self, target, inputs: dict, *, temperature: float, max_new_tokens: int) -> RowsResult:
+        # The costs are measured per batch size: once per machine and size, as for a user.
+        rows, prompt_len = inputs["input_ids"].shape
+        self.draft.tree_tuner(get_adapter(target), temperature > 0, prompt_len, rows)
+        return super().generate_rows(target, inputs, temperature=temperature, max_new_tokens=max_new_tokens)
 
 
 class SpecVLM(EagleVLM):

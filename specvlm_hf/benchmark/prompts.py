@@ -76,14 +76,58 @@ class Sample:
 
 def prepare_samples(prompts: Iterable[Prompt], processor, device: torch.device, dtype: torch.dtype) -> list[Sample]:
     """Processor outputs moved to `device` (pixel values cast to `dtype`)."""
-    samples = []
-    for prompt in prompts:
-        inputs = {
-            k: v.to(device=device, dtype=dtype) if k == "pixel_values" else v.to(device)
-            for k, v in prompt.inputs(processor).items()
-        }
-        samples.append(Sample(prompt.id, prompt.kind, inputs))
-    return samples
+    return [Sample(p.id, p.kind, _on_device(p.inputs(processor), device, dtype)) for p in prompts]
+
+
+def _on_device(inputs: dict, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return {k: v.to(device=device, dtype=dtype) if k == "pixel_values" else v.to(device) for k, v in inputs.items()}
+
+
+@dataclass(frozen=True)
+class Batch:
+    """
+    Prompts decoded together: the processor's left-padded inputs on the benchmark's device.
+
+    Attributes:
+        id (`str`): `batch<B>:<index>`.
+        rows (`tuple[str, ...]`): each row's prompt id; a prompt repeated to fill the batch is `<id>#<n>` (its n-th
+            appearance in the batch sweep).
+    """
+
+    id: str
+    rows: tuple[str, ...]
+    inputs: dict[str, torch.Tensor]
+
+
+def batch_inputs(prompts: Sequence[Prompt], processor) -> dict[str, torch.Tensor]:
+    """The processor's inputs for `prompts` as one batch, left-padded (the tokenizer's `padding_side` is restored
+    afterwards): `input_ids`, `attention_mask` (and `pixel_values` of every row's image, in row order)."""
+    texts = [processor.apply_chat_template(p.chat(), add_generation_prompt=True) for p in prompts]
+    images = [p.image for p in prompts if p.image is not None] or None
+    tokenizer = getattr(processor, "tokenizer", processor)
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        return dict(processor(images=images, text=texts, padding=True, return_tensors="pt"))
+    finally:
+        tokenizer.padding_side = side
+
+
+def prepare_batches(
+    prompts: Sequence[Prompt], processor, batch_size: int, device: torch.device, dtype: torch.dtype
+) -> list[Batch]:
+    """`prompts` in order, in batches of `batch_size` rows; the last batch (or the only one, with fewer prompts than
+    rows) is filled by cycling through the prompts again from the first. Pixel values are cast to `dtype`."""
+    if not prompts:
+        return []
+    count = -(-len(prompts) // batch_size) * batch_size
+    rows = [(prompts[i % len(prompts)], i // len(prompts)) for i in range(count)]
+    batches = []
+    for start in range(0, count, batch_size):
+        chunk = rows[start : start + batch_size]
+        inputs = _on_device(batch_inputs([p for p, _ in chunk], processor), device, dtype)
+        ids = tuple(p.id if n == 0 else f"{p.id}#{n + 1}" for p, n in chunk)
+        batches.append(Batch(f"batch{batch_size}:{start // batch_size}", ids, inputs))
+    return batches
 
 
 def select_prompts(prompts: Sequence[Prompt], n: int | None, kind: str | None = None) -> list[Prompt]:

@@ -1,5 +1,5 @@
 """What a benchmark run leaves behind: the environment it ran in, a markdown table, a JSON file with every figure, and
-PNG plots (speedup per method; histogram of tokens per target forward)."""
+PNG plots (speedup per method; histogram of tokens per target forward); with the batch axis, a second table."""
 
 from __future__ import annotations
 
@@ -7,13 +7,14 @@ import json
 import os
 import platform
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import transformers
 
 from .. import __version__
+from . import batches
 from .summary import MethodSummary, paired_speedups
 from .sweep import RunRecord
 
@@ -156,6 +157,22 @@ def failure_lines(summaries: Sequence[MethodSummary]) -> list[str]:
     return lines
 
 
+def batch_failure_lines(summaries: Sequence[batches.BatchSummary]) -> list[str]:
+    """Failures and rows unequal to vanilla's at T = 0 of batch sizes above 1 (batch size 1's are in
+    `failure_lines`)."""
+    lines = []
+    for s in summaries:
+        if s.batch_size == 1:
+            continue
+        lines += [f"- {s.method} (T={s.temperature:g}, batch {s.batch_size}) failed on {e}" for e in s.errors]
+        if s.temperature == 0 and s.rows_equal < s.rows_compared:
+            lines.append(
+                f"- {s.method} (T=0, batch {s.batch_size}): {s.rows_compared - s.rows_equal} of {s.rows_compared} "
+                "rows differ from vanilla's"
+            )
+    return lines
+
+
 def plot_speedups(records: Sequence[RunRecord], summaries: Sequence[MethodSummary], path: Path) -> None:
     """Box plot of the paired speedups of each method, one panel per temperature."""
     import matplotlib
@@ -223,7 +240,10 @@ class BenchmarkResult:
         models (`dict`): what each model is (source, parameter count, bytes).
         trees (`list[dict]`): per temperature, the tree shape used and its calibration (`runner.tree_report`).
         cost_curve (`dict`): T(q) measured in this run (`sizes`, `seconds`, `prefix_len`), behind the free-draft bound.
-        records (`list[RunRecord]`), summaries (`list[MethodSummary]`).
+        records (`list[RunRecord]`), summaries (`list[MethodSummary]`): the per-sample sweep (batch size 1).
+        batch_records (`list[batches.BatchRecord]`), batch_summaries (`list[batches.BatchSummary]`), batch_notes
+            (`list[str]`): the batch axis (batch sizes above 1; its summaries repeat batch size 1 from `summaries`),
+            empty without it.
     """
 
     config: dict
@@ -233,9 +253,12 @@ class BenchmarkResult:
     cost_curve: dict
     records: list[RunRecord]
     summaries: list[MethodSummary]
+    batch_records: list[batches.BatchRecord] = field(default_factory=list)
+    batch_summaries: list[batches.BatchSummary] = field(default_factory=list)
+    batch_notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        return {
+        data = {
             "schema_version": SCHEMA_VERSION,
             "environment": self.environment,
             "config": self.config,
@@ -245,6 +268,13 @@ class BenchmarkResult:
             "summary": [s.to_dict() for s in self.summaries],
             "runs": [r.to_dict() for r in self.records],
         }
+        if self.batch_summaries:
+            data["batches"] = {
+                "notes": self.batch_notes,
+                "summary": [s.to_dict() for s in self.batch_summaries],
+                "runs": [r.to_dict() for r in self.batch_records],
+            }
+        return data
 
     def markdown(self) -> str:
         env = self.environment
@@ -252,13 +282,17 @@ class BenchmarkResult:
             f"Benchmark on {env['device_name']} ({env['device']}, {env['dtype']}, {env['torch_threads']} threads), "
             f"{len(self.config['samples'])} samples x {self.config['repeats']} repeats, "
             f"max_new_tokens={self.config['max_new_tokens']}, draft: {self.models.get('draft', {}).get('source', '-')}",
-            "",
-            markdown_table(self.summaries),
-            "",
-            LEGEND,
+        ]
+        if self.summaries:
+            lines += ["", markdown_table(self.summaries), "", LEGEND]
+        if self.batch_summaries:
+            lines += ["", "Batches (left-padded, one call per batch):", "", batches.batch_table(self.batch_summaries)]
+            lines += ["", batches.LEGEND, *(f"- {note}" for note in self.batch_notes)]
+        lines += [
             "",
             *tree_lines(self.trees),
             *failure_lines(self.summaries),
+            *batch_failure_lines(self.batch_summaries),
         ]
         return "\n".join(lines)
 
@@ -272,6 +306,8 @@ class BenchmarkResult:
             "accepted": directory / ACCEPTED_PLOT,
         }
         paths["json"].write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        if not self.records:  # the batch axis alone: no per-sample plots
+            return {"json": paths["json"]}
         plot_speedups(self.records, self.summaries, paths["speedup"])
         plot_accepted_lengths(self.records, paths["accepted"])
         return paths

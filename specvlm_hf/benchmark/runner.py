@@ -1,5 +1,6 @@
 """`run_benchmark`: load the models and prompts a `BenchmarkConfig` names, choose the tree per temperature, run the
-interleaved sweep, and summarise it into a `BenchmarkResult` (written to `config.output` when set)."""
+interleaved sweep (per sample, and per batch for `config.batch_sizes` above 1), and summarise it into a
+`BenchmarkResult` (written to `config.output` when set)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from ..modeling_draft import SpecVLMDraftModel
 from ..modeling_eagle3 import SpecVLMEagle3DraftModel
 from ..testbed.store import draft_location, is_testbed
 from ..tuning import VERIFY_SIZES
+from .batches import BatchRecord, BatchSummary, run_batch_sweep, summarize_batches
 from .calibration import TreeCalibration, calibrate_tree, measure_cost_curve, replay_context
 from .config import BenchmarkConfig
 from .methods import (
@@ -28,11 +30,12 @@ from .methods import (
     TREE_METHODS,
     EagleVLM,
     HFAssisted,
+    Method,
     Vanilla,
     build_methods,
     generation_config,
 )
-from .prompts import Prompt, Sample, load_prompts, prepare_samples, select_prompts
+from .prompts import Prompt, Sample, load_prompts, prepare_batches, prepare_samples, select_prompts
 from .report import BenchmarkResult, environment
 from .summary import MethodSummary, summarize
 from .sweep import RunRecord, run_sweep
@@ -284,6 +287,41 @@ def _check_load(device: torch.device) -> list[float] | None:
     return load
 
 
+def run_batches(
+    config: BenchmarkConfig, resources: Resources, prompts: Sequence[Prompt], methods: dict[str, Method]
+) -> tuple[list[BatchRecord], list[str]]:
+    """The batch axis: `prompts` in left-padded batches of each size of `config.batch_sizes` above 1 (built with the
+    target's processor), every method that decodes batches on them at every temperature (`batches.run_batch_sweep`).
+    Returns the records and a note per batch size whose batches repeat prompts to fill their rows."""
+    sizes = [b for b in config.batch_sizes if b > 1]
+    if not sizes:
+        return [], []
+    if resources.processor is None:
+        raise ValueError("batch sizes above 1 need the target's processor to build the batches")
+    records, notes = [], []
+    for size in sizes:
+        batches = prepare_batches(prompts, resources.processor, size, config.torch_device, config.torch_dtype)
+        repeated = len(batches) * size - len(prompts)
+        if repeated:
+            notes.append(
+                f"batch size {size}: {len(prompts)} prompts fill {len(batches)} batch(es) of {size} rows, "
+                f"{repeated} row(s) repeating prompts from the first (ids `<prompt>#<n>`)"
+            )
+        for temperature in config.temperatures:
+            records += run_batch_sweep(
+                resources.target,
+                batches,
+                methods,
+                temperature=temperature,
+                repeats=config.repeats,
+                max_new_tokens=config.max_new_tokens,
+                device=config.torch_device,
+                seed=config.seed,
+                warmup_tokens=config.warmup_tokens,
+            )
+    return records, notes
+
+
 def run_benchmark(
     config: BenchmarkConfig,
     *,
@@ -297,14 +335,17 @@ def run_benchmark(
     Args:
         resources (`Resources`, *optional*): models to use instead of loading those `config` names.
         samples, calibration (`Sequence[Sample]`, *optional*): prepared samples instead of `config.prompts`
-            (`calibration` defaults to the first `config.calibration_samples` of `samples`).
+            (`calibration` defaults to the first `config.calibration_samples` of `samples`); the batch axis
+            (`config.batch_sizes` above 1) needs `config.prompts` instead.
     """
     if config.threads:
         torch.set_num_threads(config.threads)
     load_at_start = _check_load(config.torch_device)
-    overlap = False
+    overlap, prompts = False, []
     if samples is None:  # prompt files are read (and bad rows reported) before any model loads
         prompts, calibration_prompts, overlap = select_prompt_sets(config)
+    elif max(config.batch_sizes) > 1:
+        raise ValueError("batch sizes above 1 build their batches from config.prompts, not from prepared samples")
     resources = resources or load_resources(config)
     if samples is None:
         device, dtype = config.torch_device, config.torch_dtype
@@ -325,7 +366,7 @@ def run_benchmark(
         prompt_lookup_tokens=config.prompt_lookup_tokens,
     )
     records = []
-    for temperature in config.temperatures:
+    for temperature in config.temperatures if 1 in config.batch_sizes else ():
         records += run_sweep(
             resources.target,
             samples,
@@ -337,12 +378,19 @@ def run_benchmark(
             seed=config.seed,
             warmup_tokens=config.warmup_tokens,
         )
+    batch_records, batch_notes = run_batches(config, resources, prompts, methods)
     if resources.specvlm_draft is not None and hasattr(resources.specvlm_draft.compressor, "branch_counts"):
         # the compressor's choice per input over the whole run (warm-up runs included)
         chosen = dict(resources.specvlm_draft.compressor.branch_counts)
         resources.info.setdefault("specvlm-draft", {})["branches_chosen"] = chosen
-    curve = bound_curve(config, resources, calibration, calibrations)
+    curve = bound_curve(config, resources, calibration, calibrations) if records else None
     summaries = summarize(records, curve)
+    batch_summaries = []
+    if batch_records:
+        skipped = [name for name, method in methods.items() if not method.supports_batches]
+        batch_summaries = [BatchSummary.from_method_summary(s) for s in summaries]
+        batch_summaries += summarize_batches(batch_records, list(methods), skipped)
+        batch_summaries.sort(key=lambda s: (s.temperature, s.batch_size))  # stable: method order kept
     run_config = {**asdict(config), "calibration_overlaps_benchmark": overlap, "samples": [s.id for s in samples]}
     result = BenchmarkResult(
         config=run_config,
@@ -352,6 +400,9 @@ def run_benchmark(
         cost_curve=asdict(curve) if curve is not None else {},
         records=records,
         summaries=summaries,
+        batch_records=batch_records,
+        batch_summaries=batch_summaries,
+        batch_notes=batch_notes,
     )
     if config.output:
         result.write(config.output)
