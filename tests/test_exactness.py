@@ -1,7 +1,8 @@
 """Less common generate() arguments behave exactly as in plain generate() (float32, greedy unless stated), or are
-refused with an error naming them: the returned cache, user stopping criteria, tensor EOS, stateful processors,
-classifier-free guidance, sliding windows, a caller's cache, the tree's width knob, the sampling residual, stock
-speculative options, and the generate() route on an untested transformers."""
+refused with an error naming them: the returned cache, user stopping criteria and EOS at every offset of an accepted
+path, tensor EOS, stateful and history-free processors, classifier-free guidance, sliding windows, a caller's cache,
+the tree's width knob, the sampling residual, stock speculative options, and the generate() route on an untested
+transformers."""
 
 import copy
 
@@ -17,9 +18,11 @@ from transformers.generation.stopping_criteria import (
     StoppingCriteriaList,
 )
 
+import specvlm_hf.loop
 import specvlm_hf.verify
-from specvlm_hf import SpeculativeConfig, SpecVLMDraftModel, integration, speculative_generate
+from specvlm_hf import DraftSource, SpeculativeConfig, SpecVLMDraftModel, integration, speculative_generate
 from specvlm_hf._compat import CACHE_KWARG
+from specvlm_hf.drafter import Drafter
 from specvlm_hf.tree import build_tree
 from specvlm_hf.verify import accept_node, accept_sampling
 
@@ -129,6 +132,46 @@ def test_a_criterion_that_stops_after_n_calls(target, inputs, oracle):
     assert torch.equal(ours, plain)
 
 
+@pytest.fixture(scope="module")
+def varied(target):
+    """A prompt whose first 14 greedy tokens are all distinct (an end token placed at any of them stops plain decoding
+    there), its greedy continuation, and an oracle whose paths of depth 6 are accepted whole."""
+    inputs = make_inputs(21, 6, True)
+    full = target.generate(**inputs, max_new_tokens=60, do_sample=False)[0].tolist()
+    new = full[inputs["input_ids"].shape[1] :]
+    assert len(set(new[:14])) == 14
+    return inputs, new, OracleDraft(full, VOCAB, SpeculativeConfig(depth=6, top_k=2, total_tokens=12))
+
+
+class Unchanged(LogitsProcessor):
+    """Returns the scores as they are; not a history-free type, so the loop calls it node by node."""
+
+    def __call__(self, input_ids, scores):
+        return scores
+
+
+@pytest.mark.parametrize("offset", range(7))
+@pytest.mark.parametrize("stop", ["eos", "criterion"])
+@pytest.mark.parametrize("walk", ["batched", "node-by-node"])
+def test_a_stop_at_every_offset_of_an_accepted_path(target, varied, walk, stop, offset):
+    """The first verification step accepts the oracle's whole path (6 drafts and the target's own token); an end
+    token, or a criterion, fires at the token chosen at node `offset` of that path: emission stops there, mid-path,
+    with output and returned cache as plain decoding's, whether the nodes' scores are processed at once or one
+    node at a time (`walk_tree`)."""
+    inputs, new, oracle = varied
+    if stop == "eos":
+        kwargs = dict(eos_token_id=new[1 + offset])  # new[0] comes from the prefill's logits, new[1:8] from the path
+    else:
+        kwargs = dict(stopping_criteria=StoppingCriteriaList([Recorder(after=2 + offset)]))
+    if walk == "node-by-node":
+        kwargs["logits_processor"] = [Unchanged()]
+    plain, ours = both(target, oracle, inputs, max_new_tokens=20, return_dict_in_generate=True, **kwargs)
+    assert plain.sequences.shape[1] == inputs["input_ids"].shape[1] + 2 + offset
+    assert torch.equal(ours.sequences, plain.sequences)
+    assert ours.speculative_stats.accepted_lengths == [offset + 1]
+    assert cache_of(ours).get_seq_length() == cache_of(plain).get_seq_length()
+
+
 # EOS -----------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("as_tensor", [lambda t: torch.tensor([t]), lambda t: torch.tensor([t, 3]), lambda t: [90, t]])
 def test_eos_token_id_as_a_tensor_or_list(target, inputs, oracle, draft, as_tensor):
@@ -165,6 +208,64 @@ def test_stateful_user_processor_is_called_once_per_token(target, inputs, oracle
     )
     assert torch.equal(ours, plain)
     assert our_proc.calls == plain_proc.calls == 16
+
+
+class SiblingsDraft(DraftSource):
+    """An oracle whose tree holds, at each of `depth` levels under the true token, the `siblings` and then the
+    reference's next token (`reference[len(ids):]`)."""
+
+    def __init__(self, reference: list[int], siblings: list[int], depth: int):
+        self.reference, self.siblings = reference, siblings
+        width = len(siblings) + 1
+        self.speculative_config = SpeculativeConfig(depth=depth, top_k=width, total_tokens=1 + depth * width)
+
+    def new_drafter(self, target) -> Drafter:
+        return _SiblingsDrafter(self)
+
+
+class _SiblingsDrafter(Drafter):
+    def __init__(self, source: SiblingsDraft):
+        self.source = source
+
+    def propose(self, state):
+        ids = state.input_ids[0].tolist()
+        tokens, parents, parent = [ids[-1]], [-1], 0
+        for token in self.source.reference[len(ids) : len(ids) + self.source.speculative_config.depth]:
+            level = [t for t in self.source.siblings if t != token] + [token]
+            tokens += level
+            parents += [parent] * len(level)
+            parent = len(tokens) - 1
+        return build_tree(torch.tensor(tokens), parents)
+
+
+def test_history_free_processors_score_every_node_at_once(target, varied, monkeypatch):
+    """`suppress_tokens` alone is history-free (`is_history_free`): each step's nodes are processed in one call and
+    accepted by `accept_greedy`, never node by node, and the output is plain greedy's. Every level of the tree holds
+    the suppressed tokens beside the true one, and the target prefers them at some nodes: a node whose scores were
+    not processed would accept one or emit one."""
+    inputs, new, _ = varied
+    suppressed = new[12:14]  # greedy loops on these two from its 13th token on
+    kwargs = dict(max_new_tokens=24, do_sample=False, suppress_tokens=suppressed)
+    plain = target.generate(**inputs, **kwargs)
+    emitted = plain[0, inputs["input_ids"].shape[1] :].tolist()
+    assert emitted[:12] == new[:12] and emitted[12] != new[12]  # suppression changes a token a tree node chooses
+    source = SiblingsDraft(plain[0].tolist(), suppressed, depth=5)
+    greedy_calls = []
+
+    def accept_greedy(tree, target_tokens):
+        greedy_calls.append(tree.num_nodes)
+        return specvlm_hf.verify.accept_greedy(tree, target_tokens)
+
+    def accept_node(*args):
+        raise AssertionError("history-free processors were called node by node")
+
+    monkeypatch.setattr(specvlm_hf.loop, "accept_greedy", accept_greedy)
+    monkeypatch.setattr(specvlm_hf.loop, "accept_node", accept_node)
+    out = speculative_generate(target, source, **inputs, **kwargs)
+    assert torch.equal(out.sequences, plain)
+    assert len(greedy_calls) == out.stats.target_forwards  # every step's tree, the prefill's root alone included
+    assert max(greedy_calls) == source.speculative_config.total_tokens
+    assert out.stats.mean_accepted_length > 4
 
 
 def test_classifier_free_guidance_matches(target, draft):

@@ -9,7 +9,7 @@ from PIL import Image
 from tiny import make_target
 from transformers import TrainerCallback
 
-from specvlm_hf import SpecVLMDraftModel, SpecVLMEagle3DraftModel
+from specvlm_hf import SpecVLMDraftModel, SpecVLMEagle3DraftModel, speculative_generate
 from specvlm_hf.adapters import get_adapter
 from specvlm_hf.cli import build_parser
 from specvlm_hf.compressor import compressor_for
@@ -225,7 +225,32 @@ def test_mismatched_draft_fails_before_training(tiny_testbed, tmp_path):
         train_draft(target, processor, rows(2), config(tmp_path), draft=draft)
 
 
-def test_per_epoch_curve_is_measured_and_drawn(tiny_testbed, tmp_path):
+def weights_of(model) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+class WeightsAtEachEpoch(TrainerCallback):
+    """Keeps a copy of the model's weights before training and at the end of every epoch."""
+
+    def __init__(self):
+        self.weights = []
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.weights.append(weights_of(model))
+
+    def on_epoch_end(self, args, state, control, model=None, **kwargs):
+        self.weights.append(weights_of(model))
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_per_epoch_curve_is_measured_and_drawn(tiny_testbed, tmp_path, monkeypatch):
+    """Each point of the curve is the accepted length of the draft as it was at that epoch (untrained at epoch 0):
+    the weights it decoded with are that epoch's, and decoding the held-out prompts greedy with a copy of them and
+    the configured tree reproduces its counts. (At this size two epochs leave the accepted length where it starts,
+    so the weights, not the figures, tell the epochs apart.)"""
     target, processor = tiny_testbed
     prompts = [dict(p.inputs(processor)) for p in heldout_prompts(kind="long", n=2, image_size=48)]
     args = config(
@@ -237,11 +262,37 @@ def test_per_epoch_curve_is_measured_and_drawn(tiny_testbed, tmp_path):
         eval_at_start=True,
         save_steps=100,
     )
-    _, summary = train_draft(target, processor, rows(4), args, eval_prompts=prompts)
-    assert [p["epoch"] for p in summary["curve"]] == [0.0, 1.0, 2.0]
-    assert all(p["mean_accepted_length"] >= 1.0 for p in summary["curve"])
+    measured = []  # the draft's weights at each of the curve's decodes
+
+    def spy(target, draft, **kwargs):
+        measured.append(weights_of(draft))
+        return speculative_generate(target, draft, **kwargs)
+
+    monkeypatch.setattr("specvlm_hf.training.evaluation.speculative_generate", spy)
+    snapshots = WeightsAtEachEpoch()
+    draft = SpecVLMDraftModel.from_target(target)
+    _, summary = train_draft(
+        target, processor, rows(4), args, eval_prompts=prompts, draft=draft, callbacks=[snapshots]
+    )
+    curve = summary["curve"]
+    assert [(p["epoch"], p["step"]) for p in curve] == [(0.0, 0), (1.0, 2), (2.0, 4)] and summary["steps"] == 4
+    assert len(snapshots.weights) == len(curve) and not same_weights(snapshots.weights[0], snapshots.weights[-1])
+    assert len(measured) == len(curve) * len(prompts)
+    replay = SpecVLMDraftModel.from_target(target).eval()
+    for i, (point, weights) in enumerate(zip(curve, snapshots.weights)):
+        assert all(same_weights(m, weights) for m in measured[i * len(prompts) : (i + 1) * len(prompts)])
+        replay.load_state_dict(weights)
+        new_tokens = forwards = 0
+        for inputs in prompts:
+            out = speculative_generate(
+                target, replay, **inputs, max_new_tokens=args.eval_max_new_tokens, depth=args.eval_depth,
+                tree_top_k=args.eval_top_k, total_tokens=args.eval_total_tokens,
+            )  # fmt: skip
+            new_tokens, forwards = new_tokens + out.stats.new_tokens, forwards + out.stats.target_forwards
+        assert (point["new_tokens"], point["target_forwards"]) == (new_tokens, forwards)
+        assert point["mean_accepted_length"] == round(new_tokens / forwards, 4)
     # the target's output does not depend on the draft, so every epoch decodes the same tokens
-    assert len({p["new_tokens"] for p in summary["curve"]}) == 1 and 0 < summary["curve"][0]["new_tokens"] <= 12
+    assert len({p["new_tokens"] for p in curve}) == 1 and 0 < curve[0]["new_tokens"] <= 12
     assert (tmp_path / "acceptance_curve.png").stat().st_size > 1000
 
 
