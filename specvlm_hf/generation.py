@@ -213,8 +213,10 @@ def tree_decoding(
         raise ValueError(f"{type(drafter).__name__} drafts for one prompt at a time; this call has {rows} rows.")
     if rows > 1 and streamer is not None:
         raise ValueError("A streamer streams one sequence; decode a batch without `streamer` (as plain generate()).")
+    row_processors = [logits_processor] * rows
     if rows > 1:
         _check_row_processors(logits_processor)
+        row_processors = [_row_processors(logits_processor, row, rows) for row in range(rows)]
     clock = _Clock(draft_source.speculative_config.profile, input_ids.device)
     do_sample = bool(generation_config.do_sample)
     batched = is_history_free(logits_processor)
@@ -234,7 +236,7 @@ def tree_decoding(
     embeds, features, draft_features = prefill(adapter, input_ids, layout, cache, layers, mask if padded else None)
     first_logits = adapter.logits(features[:, -1])
     for row, emitter in enumerate(emitters):
-        walk_tree(build_tree(input_ids[row, -1:], [-1]), first_logits[row : row + 1], emitter, logits_processor,
+        walk_tree(build_tree(input_ids[row, -1:], [-1]), first_logits[row : row + 1], emitter, row_processors[row],
                   do_sample, batched)  # fmt: skip
     stats.target_forwards += 1
     rows_stats = [[] for _ in range(rows)]  # accepted lengths per row
@@ -267,7 +269,7 @@ def tree_decoding(
         clock.add("verify", verify_start)
         paths = []
         for i, (row, tree) in enumerate(zip(active, trees)):
-            paths.append(walk_tree(tree, tree_logits[i, : tree.num_nodes], emitters[row], logits_processor,
+            paths.append(walk_tree(tree, tree_logits[i, : tree.num_nodes], emitters[row], row_processors[row],
                                    do_sample, batched))  # fmt: skip
             rows_stats[row].append(len(paths[-1]))
         if live is None:
@@ -333,6 +335,21 @@ def _check_row_processors(logits_processor) -> None:
                 f"{_BATCH_BOUND_PROCESSORS[name]} depends on the whole batch. Decode these prompts one at a time, "
                 "or drop it."
             )
+
+
+def _row_processors(logits_processor, row: int, rows: int):
+    """The processors of batch row `row`: those `generate()` built with one value per row (the prompt padding
+    `RepetitionPenaltyLogitsProcessor` skips, the prompts `EncoderRepetitionPenaltyLogitsProcessor` reads) hold that
+    row's value alone; the others are shared."""
+    out = type(logits_processor)()
+    for processor in logits_processor:
+        for name in ("prompt_ignore_length", "encoder_input_ids"):
+            value = getattr(processor, name, None)
+            if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == rows:
+                processor = copy.copy(processor)
+                setattr(processor, name, value[row : row + 1])
+        out.append(processor)
+    return out
 
 
 def _settle_limits(emitters: list[Emitter]) -> None:

@@ -161,7 +161,8 @@ class Emitter:
 
     The row is `done` once a stopping criterion fires, unless `stop_on_finish` is False: plain batched decoding goes on
     decoding a finished row as long as another row runs, when no criterion is an end-token criterion (otherwise it
-    pads it). Such a row is done when it reaches `limit` tokens, set once every row has finished.
+    pads it). Such a row is done when it reaches `limit` tokens, set once every row has finished, or the criteria's
+    `max_length`, which no row outgrows.
     """
 
     def __init__(
@@ -177,10 +178,13 @@ class Emitter:
         self.finished = False
         self.finished_length: int | None = None  # the sequence's length when a criterion first fired
         self.limit: int | None = None
+        self.max_length = stopping_criteria.max_length  # no row of plain decoding grows past it
 
     @property
     def done(self) -> bool:
         """No token is to be appended any more."""
+        if self.max_length is not None and self.input_ids.shape[1] >= self.max_length:
+            return True
         if self.limit is not None:
             return self.input_ids.shape[1] >= self.limit
         return self.finished and self.stop_on_finish

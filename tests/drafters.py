@@ -1,6 +1,8 @@
 """Test doubles that draft through the real `Drafter` interface: an oracle that knows the target's greedy
 continuation (long paths get accepted), one that knows it only for its first levels, and a random drafter (almost
-everything is rejected), and the reference tree drafter that the lean one is compared with."""
+everything is rejected), and the reference tree drafter that the lean one is compared with. For batches: an oracle
+that knows every row's continuation (`BatchOracleDraft`) and `RowwiseDraft`, which drafts each row with a double of
+one sequence."""
 
 from __future__ import annotations
 
@@ -44,24 +46,32 @@ class _OracleDrafter(Drafter):
     def propose(self, state: DraftState) -> torch.Tensor:
         cfg = self.source.speculative_config
         truth = self.path(state.input_ids.shape[1], cfg.depth)
-        tokens, parents = [int(state.input_ids[0, -1])], [-1]
-        parent = 0
-        for token in truth:
-            if len(tokens) >= cfg.total_tokens:
-                break
-            level = [token] + _siblings(self.rng, self.source.vocab, {token}, cfg.top_k - 1)
-            self.rng.shuffle(level)
-            level = level[: cfg.total_tokens - len(tokens)]
-            if token not in level:
-                level[-1] = token
-            next_parent = None
-            for t in level:
-                tokens.append(t)
-                parents.append(parent)
-                if t == token:
-                    next_parent = len(tokens) - 1
-            parent = next_parent
-        return build_tree(torch.tensor(tokens, device=state.input_ids.device), parents)
+        return _tree_around(
+            self.rng, int(state.input_ids[0, -1]), truth, self.source.vocab, cfg, state.input_ids.device
+        )
+
+
+def _tree_around(rng: random.Random, root: int, path: list[int], vocab: int, cfg: SpeculativeConfig, device):
+    """A tree under `root` holding `path` as one path (cut to `total_tokens` nodes), with `top_k - 1` random siblings
+    per level, in random order."""
+    tokens, parents = [root], [-1]
+    parent = 0
+    for token in path:
+        if len(tokens) >= cfg.total_tokens:
+            break
+        level = [token] + _siblings(rng, vocab, {token}, cfg.top_k - 1)
+        rng.shuffle(level)
+        level = level[: cfg.total_tokens - len(tokens)]
+        if token not in level:
+            level[-1] = token
+        next_parent = None
+        for t in level:
+            tokens.append(t)
+            parents.append(parent)
+            if t == token:
+                next_parent = len(tokens) - 1
+        parent = next_parent
+    return build_tree(torch.tensor(tokens, device=device), parents)
 
 
 class PartialOracleDraft(OracleDraft):
@@ -196,3 +206,100 @@ class ReferenceDraft(DraftSource):
     def new_drafter(self, target) -> Drafter:
         self.drafters.append(ReferenceTreeDrafter(self.draft, self.speculative_config))
         return self.drafters[-1]
+
+
+class BatchOracleDraft(DraftSource):
+    """
+    An oracle for batches (`supports_batches`): row `b`'s tree holds the row's true continuation as one path, hidden
+    among `top_k - 1` random siblings per level, within `total_tokens` nodes, as `OracleDraft`'s. `references[b]` is
+    row `b`'s plain output without its left padding (what the loop's draft states hold).
+
+    With `truth="random"` the path tells the truth for a random number of levels per row and step (0 to `depth`,
+    then random wrong tokens): rows accept different numbers of tokens in one step, so the cache's holes are
+    exercised. Every state is checked against its row's reference (a state of another row, or one that left the
+    truth, fails loudly; past the reference's end the tree is the root alone or random); `steps` records each step's
+    rows (batch indices) and `kept` every `keep_rows` call.
+    """
+
+    def __init__(self, references: list[list[int]], vocab: int, config: SpeculativeConfig, seed: int = 0,
+                 truth: str = "full"):  # fmt: skip
+        self.references, self.vocab, self.speculative_config = references, vocab, config
+        self.seed, self.truth = seed, truth
+        self.drafters: list[_BatchOracleDrafter] = []
+
+    def new_drafter(self, target) -> Drafter:
+        self.drafters.append(_BatchOracleDrafter(self, random.Random(self.seed)))
+        return self.drafters[-1]
+
+
+class _BatchOracleDrafter(Drafter):
+    supports_batches = True
+
+    def __init__(self, source: BatchOracleDraft, rng: random.Random):
+        self.source, self.rng = source, rng
+        self.rows: list[int] = []
+        self.steps: list[list[int]] = []
+        self.kept: list[list[int]] = []
+
+    def begin(self, adapter, do_sample, prompt_len, end_tokens=(), rows=1) -> None:
+        self.rows = list(range(rows))
+
+    def keep_rows(self, rows: list[int]) -> None:
+        self.kept.append(list(rows))
+        self.rows = [self.rows[i] for i in rows]
+
+    def propose_rows(self, states: list[DraftState]) -> list[DraftTree]:
+        assert len(states) == len(self.rows), f"{len(states)} states for rows {self.rows}"
+        self.steps.append(list(self.rows))
+        return [self._tree(row, state) for row, state in zip(self.rows, states)]
+
+    def _tree(self, row: int, state: DraftState) -> DraftTree:
+        source, cfg = self.source, self.source.speculative_config
+        ids, reference = state.input_ids[0].tolist(), source.references[row]
+        # A row that has met its criteria may decode on past its reference until the last row finishes (no end-token
+        # criterion): only the tokens both have are compared.
+        n = min(len(ids), len(reference))
+        assert ids[:n] == reference[:n], f"row {row}'s state {ids} leaves its reference {reference}"
+        truth = reference[len(ids) : len(ids) + cfg.depth]
+        if source.truth == "random":
+            told = self.rng.randint(0, cfg.depth)
+            truth = truth[:told] + [
+                _siblings(self.rng, source.vocab, set(truth[level : level + 1]), 1)[0]
+                for level in range(told, cfg.depth)
+            ]
+        return _tree_around(self.rng, ids[-1], truth, source.vocab, cfg, state.input_ids.device)
+
+
+class RowwiseDraft(DraftSource):
+    """A batch drafter made of single-row sources, `sources[b]` drafting row `b` (as it drafts that row alone):
+    `RandomDraft`, `OracleDraft` with the row's own reference, ..."""
+
+    def __init__(self, sources: list[DraftSource]):
+        self.sources = sources
+        self.speculative_config = sources[0].speculative_config
+
+    def new_drafter(self, target) -> Drafter:
+        return _RowwiseDrafter([source.new_drafter(target) for source in self.sources])
+
+
+class _RowwiseDrafter(Drafter):
+    supports_batches = True
+
+    def __init__(self, drafters: list[Drafter]):
+        self.drafters = drafters
+
+    def begin(self, adapter, do_sample, prompt_len, end_tokens=(), rows=1) -> None:
+        assert rows == len(self.drafters), f"{rows} rows for {len(self.drafters)} drafters"
+        for drafter in self.drafters:
+            drafter.begin(adapter, do_sample, prompt_len, end_tokens)
+
+    def keep_rows(self, rows: list[int]) -> None:
+        self.drafters = [self.drafters[row] for row in rows]
+
+    def propose_rows(self, states: list[DraftState]) -> list[DraftTree]:
+        assert len(states) == len(self.drafters), f"{len(states)} states for {len(self.drafters)} rows"
+        return [drafter.propose(state) for drafter, state in zip(self.drafters, states)]
+
+    def observe_rows(self, trees, paths, finished) -> None:
+        for drafter, tree, path, done in zip(self.drafters, trees, paths, finished):
+            drafter.observe(tree, path, done)

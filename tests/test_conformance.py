@@ -14,6 +14,9 @@ For each architecture and both targets:
   inside one: plain `generate()`'s output every time;
 * cache compaction after a tree forward equals the cache rebuilt from the prompt and the accepted path, at the
   positions the adapter's layout gives (0, 1, 2, ... or M-RoPE's);
+* left-padded batches of 2 and 4 rows of the prompt cases (a text row beside visual ones): plain batched
+  `generate()`'s output for the real draft on a fixed tree and the auto tree, and for an oracle whose rows accept
+  different numbers of tokens per step, one row stopping at an end token, and the returned cache;
 
 and per architecture, T > 0 on the tiny vocabulary: the exact conditionals (`LayoutExactTarget`) are generate()'s own
 scores, and speculative sampling passes `test_sampling`'s certificate against them.
@@ -31,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import torch
-from drafters import OracleDraft, RandomDraft
+from drafters import BatchOracleDraft, OracleDraft, RandomDraft
 from test_sampling import (
     HISTORY_FREE,
     N_OTHER_DRAFTS,
@@ -44,6 +47,7 @@ from test_sampling import (
     speculative_draw,
 )
 from tiny import (
+    left_pad,
     make_llava_prompt,
     make_llava_tester_target,
     make_next_inputs,
@@ -221,6 +225,53 @@ def test_greedy_equals_plain_generate(bound, name, variant, prompt, family):
         )
         assert_same(spec.sequences, expected, f"{name}/{variant} {prompt!r} seed {seed} {tree} tree")
         assert spec.stats.new_tokens == NEW
+
+
+def assert_same_rows(out: torch.Tensor, expected: torch.Tensor, case: str) -> None:
+    """`assert_same` for each row of a batch (`(rows, seq_len)` both)."""
+    assert out.shape == expected.shape, f"{case}: shape {tuple(out.shape)} instead of {tuple(expected.shape)}"
+    for row in range(expected.shape[0]):
+        assert_same(out[row : row + 1], expected[row : row + 1], f"{case}, row {row}")
+
+
+# Batches of the prompt cases, each architecture's text row among visual ones: 2 rows ("text", "image"), 4 rows (every
+# case, cycled). Both draft families on the tiny targets, the EAGLE-2-style one on the testers'.
+BATCH_CASES = [(name, variant, rows, "eagle") for name, variant in VARIANTS for rows in (2, 4)] + [
+    (name, "tiny", rows, "eagle3") for name in ARCHITECTURES for rows in (2, 4)
+]
+
+
+@pytest.mark.parametrize(("name", "variant", "rows", "family"), BATCH_CASES)
+def test_batches_equal_plain_batched_generate(bound, name, variant, rows, family):
+    """A left-padded batch through `generate(assistant_model=...)`: the real draft on a fixed tree and the auto tree,
+    and an oracle that tells the truth for a random number of levels per row and step (rows accept different numbers
+    of tokens), also with an end token that stops one row alone (which then leaves the batch); the oracle's returned
+    cache is plain decoding's."""
+    target, draft = bound(name, variant, family)
+    prompts = ARCHITECTURES[name].prompts
+    cases = list(itertools.islice(itertools.cycle(prompts), rows))
+    batch = left_pad([prompts[case](target, 20 + seed) for seed, case in enumerate(cases)],
+                     target.generation_config.pad_token_id)  # fmt: skip
+    prompt_len, pads = batch["input_ids"].shape[1], (1 - batch["attention_mask"]).sum(dim=1).tolist()
+    label = f"{name}/{variant} {family} batch of {cases}"
+    expected = plain(target, batch)
+    for assistant in (draft.with_tree(depth=4, top_k=2, total_tokens=8), draft):
+        routed = target.generate(**batch, max_new_tokens=NEW, do_sample=False, assistant_model=assistant)
+        assert_same_rows(routed, expected, label)
+    new = expected[:, prompt_len:]
+    others = [set(torch.cat([new[:row], new[row + 1 :]]).flatten().tolist()) for row in range(rows)]
+    ends = [int(t) for row in range(rows) for t in new[row, 2:] if int(t) not in others[row]][:1]  # stops one row
+    for eos in [None, *ends]:
+        kwargs = dict(max_new_tokens=NEW, do_sample=False, eos_token_id=eos, return_dict_in_generate=True)
+        reference = target.generate(**batch, **kwargs)
+        references = [reference.sequences[row, pad:].tolist() for row, pad in enumerate(pads)]
+        oracle = BatchOracleDraft(references, vocabulary(target), SpeculativeConfig(5, 2, 11), truth="random")
+        out = target.generate(**batch, **kwargs, assistant_model=oracle)
+        assert_same_rows(out.sequences, reference.sequences, f"{label}, oracle, end token {eos}")
+        for ours, theirs in zip(out.past_key_values.layers, reference.past_key_values.layers, strict=True):
+            assert ours.keys.shape == theirs.keys.shape, f"{label}: cache of shape {tuple(ours.keys.shape)}"
+            torch.testing.assert_close(ours.keys, theirs.keys, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(ours.values, theirs.values, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize(("name", "variant"), VARIANTS)

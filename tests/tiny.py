@@ -329,3 +329,31 @@ def sharp_attention(model, scale: float = 4.0):
                 if projection.bias is not None:
                     projection.bias.mul_(scale)
     return model
+
+
+# ------------------------------------------------------------------------------------------------ batches
+def left_pad(rows: list[dict], pad_id: int, attention_mask: bool = True) -> dict:
+    """A left-padded batch of single-prompt inputs `rows` (each as `make_inputs`, `make_llava_prompt`,
+    `make_next_inputs` or `make_qwen_inputs` builds it), as a processor with `padding_side="left"` builds it:
+    `input_ids` padded with `pad_id`, the `attention_mask` (0 at padding; left out with `attention_mask=False`),
+    `mm_token_type_ids` padded with 0, and every visual input of the rows that have one stacked in row order
+    (LLaVA-NeXT's crops padded with zeros to the most crops of any image)."""
+    length = max(row["input_ids"].shape[1] for row in rows)
+    pads = [length - row["input_ids"].shape[1] for row in rows]
+    batch = {"input_ids": torch.cat([torch.nn.functional.pad(row["input_ids"], (pad, 0), value=pad_id)
+                                     for row, pad in zip(rows, pads)])}  # fmt: skip
+    if attention_mask:
+        batch["attention_mask"] = (torch.arange(length) >= torch.tensor(pads)[:, None]).long()
+    if any("mm_token_type_ids" in row for row in rows):
+        batch["mm_token_type_ids"] = torch.cat([
+            torch.nn.functional.pad(row.get("mm_token_type_ids", torch.zeros_like(row["input_ids"])), (pad, 0))
+            for row, pad in zip(rows, pads)
+        ])  # fmt: skip
+    keys = dict.fromkeys(key for row in rows for key in row)
+    for key in keys.keys() - {"input_ids", "attention_mask", "mm_token_type_ids"}:
+        values = [row[key] for row in rows if key in row]
+        if key == "pixel_values" and values[0].dim() == 5:  # LLaVA-NeXT: (images, crops, 3, side, side)
+            crops = max(value.shape[1] for value in values)
+            values = [torch.nn.functional.pad(v, (0, 0) * 3 + (0, crops - v.shape[1])) for v in values]
+        batch[key] = torch.cat(values)
+    return batch
