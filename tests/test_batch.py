@@ -51,9 +51,7 @@ PAD = 0  # tiny.make_target's pad id
 # (seed, text_len, image) per row: prompts of 20, 10, 22 and 2 tokens, so 2, 12, 0 and 20 padding slots.
 ROWS = [(0, 3, True), (1, 9, False), (2, 5, True), (3, 1, False)]
 NEW = 20
-# The config's end token, which these rows do not emit: with it a row at max_new_tokens is done (without an end token
-# it decodes on until the last row is done: test_a_row_at_max_new_tokens_leaves_the_batch).
-EOS = 2
+EOS = 2  # the config's end token, which these rows do not emit
 ORACLE_TREE = SpeculativeConfig(5, 2, 11)
 TREES = {"wide": SpeculativeConfig(3, 3, 8), "chain": SpeculativeConfig(5, 1, 5), "deep": SpeculativeConfig(6, 2, 12)}
 
@@ -150,15 +148,15 @@ def test_drafters_match_plain_batched_generate(target, kind, rows):
     """An oracle (every row accepts whole paths), one that tells the truth for a random number of levels per row and
     step (rows accept different numbers of tokens: the cache's holes) and random trees (almost all rejected)."""
     batch = llava_batch(ROWS[:rows])
-    expected = plain(target, batch, 30, eos_token_id=EOS)
+    expected = plain(target, batch, 30)
     if kind == "random":
         shapes = [(1, 1, 2), (3, 2, 6), (4, 3, 13), (7, 2, 16)]
         source = RowwiseDraft([RandomDraft(VOCAB, SpeculativeConfig(*shapes[row]), row) for row in range(rows)])
     else:
         source = oracle(batch, expected, SpeculativeConfig(5, 3, 14), "full" if kind == "oracle" else "random")
-    out = speculative_generate(target, source, **batch, max_new_tokens=30, do_sample=False, eos_token_id=EOS)
+    out = speculative_generate(target, source, **batch, max_new_tokens=30, do_sample=False)
     assert_same_rows(out.sequences, expected, kind)
-    assert_row_stats(out.stats, new_tokens(batch, expected, EOS))
+    assert_row_stats(out.stats, [30] * rows)
     steps = list(zip(*out.stats.row_accepted_lengths))
     if kind == "oracle":
         assert all(n == 6 for lengths in out.stats.row_accepted_lengths for n in lengths[:-1])
@@ -176,11 +174,10 @@ def test_real_draft_on_fixed_trees_and_the_auto_tree(target, draft, tree):
     assert_same_rows(target.generate(**batch, max_new_tokens=NEW, do_sample=False, assistant_model=assistant),
                      expected, f"{tree} tree, generate()")  # fmt: skip
     tree_top_k = None if tree == "auto" else TREES[tree].top_k
-    expected = plain(target, batch, eos_token_id=EOS)
-    out = speculative_generate(target, draft, **batch, max_new_tokens=NEW, do_sample=False, eos_token_id=EOS,
-                               tree_top_k=tree_top_k, **knobs)  # fmt: skip
+    out = speculative_generate(target, draft, **batch, max_new_tokens=NEW, do_sample=False, tree_top_k=tree_top_k,
+                               **knobs)  # fmt: skip
     assert_same_rows(out.sequences, expected, f"{tree} tree")
-    assert_row_stats(out.stats, new_tokens(batch, expected, EOS))
+    assert_row_stats(out.stats, [NEW] * 3)
 
 
 @pytest.mark.parametrize("family", ["eagle", "eagle3"])
@@ -291,6 +288,22 @@ def test_a_criterion_without_an_end_token_decodes_finished_rows_on(target, draft
             out = plain(target, batch, 30, eos_token_id=None, stopping_criteria=[StopOn(*tokens)],
                         assistant_model=source)  # fmt: skip
             assert_same_rows(out, expected, case)
+
+
+def test_statistics_add_up_when_finished_rows_decode_on(target):
+    """No end token and a criterion that stops every row early: plain decoding stops where the last row finished, and
+    the rows' tokens past that length are cut from the output. Each row's accepted lengths count the tokens it keeps
+    (the prefill's and each step's), as they do when rows stop at an end token."""
+    batch = llava_batch(ROWS)
+    prompt_len = batch["input_ids"].shape[1]
+    new = plain(target, batch, 30)[:, prompt_len:]
+    criteria = [StopOn(end_token(new, 0, at=2), *new[1:, 8].tolist())]
+    expected = plain(target, batch, 30, eos_token_id=None, stopping_criteria=criteria)
+    source = oracle(batch, expected, truth="full")
+    out = speculative_generate(target, source, **batch, max_new_tokens=30, do_sample=False, eos_token_id=None,
+                               stopping_criteria=criteria)  # fmt: skip
+    assert_same_rows(out.sequences, expected)
+    assert_row_stats(out.stats, [expected.shape[1] - prompt_len] * len(ROWS))
 
 
 def test_a_row_at_max_new_tokens_leaves_the_batch(target):

@@ -556,12 +556,13 @@ def batch_cases(draw) -> BatchCase:
     eos_as_tensor = isinstance(eos, tuple) and draw(st.booleans())
     # With the pad id among the end tokens generate() infers no mask: the batch would not be left-padded for either.
     assume(batch_mask or PAD not in (eos if isinstance(eos, tuple) else (eos,)))
-    # The row-wise processors. The batch-bound ones are refused (test_errors.py); the two repetition penalties, which
-    # generate() builds for the whole batch, fail on batches for now
-    # (test_batch.py::test_penalties_built_for_the_batch) and join these options once that passes.
+    # The processors that compute row by row (the batch-bound ones are refused: test_errors.py), the two repetition
+    # penalties among them: generate() builds them with one value per row, which the loop slices.
     options = {
         "min_new_tokens": st.integers(0, new_tokens),
         "min_length": st.integers(0, prompt_len + new_tokens),
+        "repetition_penalty": st.floats(0.5, 3.0),
+        "encoder_repetition_penalty": st.floats(0.5, 3.0),
         "no_repeat_ngram_size": st.integers(1, 4),
         "bad_words_ids": st.lists(tokens, min_size=1, max_size=3),
         "sequence_bias": st.lists(st.tuples(tokens, st.floats(-8.0, 8.0)).map(list), min_size=1, max_size=3),
