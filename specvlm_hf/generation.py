@@ -293,6 +293,8 @@ def tree_decoding(
     if rows > 1:
         _assemble_cache(adapter, cache, parked, sequences, pads, full_layout)
     lengths = [emitter.input_ids.shape[1] - prompt_len for emitter in emitters]
+    for steps, length in zip(rows_stats, lengths):
+        _cut_steps(steps, length - 1)  # the prefill emitted each row's first token
     stats.new_tokens = sum(lengths)
     stats.target_forwards = sum(len(steps) + 1 for steps in rows_stats)
     stats.accepted_lengths = [n for steps in rows_stats for n in steps]
@@ -350,6 +352,17 @@ def _row_processors(logits_processor, row: int, rows: int):
                 setattr(processor, name, value[row : row + 1])
         out.append(processor)
     return out
+
+
+def _cut_steps(steps: list[int], total: int) -> None:
+    """Trims a row's accepted lengths (`steps`, in place) to `total` tokens: a row that decoded on past where the last
+    row finished (no end-token criterion) had its tokens beyond that cut (`_settle_limits`)."""
+    while sum(steps) > total:
+        excess = sum(steps) - total
+        if steps[-1] > excess:
+            steps[-1] -= excess
+        else:
+            steps.pop()
 
 
 def _settle_limits(emitters: list[Emitter]) -> None:
