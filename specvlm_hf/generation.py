@@ -320,7 +320,7 @@ def tree_decoding(
 # called one row at a time (a batch's rows advance by different numbers of tokens), they would compute otherwise.
 _BATCH_BOUND_PROCESSORS = {
     "PrefixConstrainedLogitsProcessor": "prefix_allowed_tokens_fn (it receives the row's batch index)",
-    "UnbatchedClassifierFreeGuidanceLogitsProcessor": "guidance_scale with a negative prompt (its cache spans the batch)",
+    "UnbatchedClassifierFreeGuidanceLogitsProcessor": "guidance_scale (classifier-free guidance: its unconditional cache spans the batch)",
     "SynthIDTextWatermarkLogitsProcessor": "a SynthID watermarking_config (its state spans the batch)",
 }
 
