@@ -21,7 +21,7 @@ random trees per row, end tokens, row-wise stopping criteria and stop strings th
 row-wise logits processors; the sequences, the returned cache and the per-row statistics are checked against plain
 batched `generate()`.
 
-The fast profiles (100 cases, 80 batches) run in the default suite; `pytest -m fuzz_long tests/test_fuzz.py` runs
+The fast profiles (100 cases, 40 batches) run in the default suite; `pytest -m fuzz_long tests/test_fuzz.py` runs
 the long ones (3,000 cases, 1,000 batches).
 """
 
@@ -65,7 +65,7 @@ FAST = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 LONG = settings(FAST, max_examples=3000)
-BATCH_FAST = settings(FAST, max_examples=80)
+BATCH_FAST = settings(FAST, max_examples=40)
 BATCH_LONG = settings(FAST, max_examples=1000)
 TOLERANCE = dict(atol=1e-4, rtol=1e-4)
 STOP_ALPHABET = "abc"
