@@ -4,6 +4,7 @@ with a `SpecVLMDraftModel` (SpecVLM §1.3) while keeping the draft's own KV cach
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, replace
 
 import torch
@@ -95,8 +96,23 @@ class DraftSource:
         raise NotImplementedError
 
     def with_tree(self, **knobs) -> DraftSource:
-        """This source with other `SpeculativeConfig` knobs (`depth`, `top_k`, `total_tokens`, `profile`)."""
+        """This source with other tree knobs (`depth`, `tree_top_k`, `total_tokens`, `profile`: `tree_knobs`)."""
         raise TypeError(f"{type(self).__name__} does not take tree knobs")
+
+
+def tree_knobs(knobs: dict) -> dict:
+    """`with_tree`'s keyword arguments as `SpeculativeConfig` fields. The tree's width is `tree_top_k`, as in
+    `speculative_generate` (where `top_k` is the sampling filter); the earlier spelling `top_k` is read as it, with a
+    `FutureWarning`."""
+    knobs = dict(knobs)
+    if "top_k" in knobs:
+        if "tree_top_k" in knobs:
+            raise TypeError("with_tree() got both tree_top_k and top_k; the tree's width is tree_top_k")
+        warnings.warn("with_tree(top_k=) is now with_tree(tree_top_k=)", FutureWarning, stacklevel=3)
+        knobs["tree_top_k"] = knobs.pop("top_k")
+    if "tree_top_k" in knobs:
+        knobs["top_k"] = knobs.pop("tree_top_k")
+    return knobs
 
 
 class TreeDraftSpec(DraftSource):
@@ -110,7 +126,7 @@ class TreeDraftSpec(DraftSource):
         return self.draft.new_drafter(target, self.speculative_config)
 
     def with_tree(self, **knobs) -> TreeDraftSpec:
-        return TreeDraftSpec(self.draft, self.speculative_config.with_overrides(**knobs))
+        return TreeDraftSpec(self.draft, self.speculative_config.with_overrides(**tree_knobs(knobs)))
 
 
 # The tree stops growing once the draft's probability that the answer has ended inside it reaches this: every

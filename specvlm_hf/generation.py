@@ -98,7 +98,7 @@ def check_decoding_options(generation_config: GenerationConfig) -> None:
         if value is not None and value != unset:
             raise ValueError(
                 f"`{name}={value!r}` configures transformers' own assisted decoding, which a specvlm_hf draft "
-                "replaces; drop it (size the tree with draft.with_tree(depth=, top_k=, total_tokens=), or "
+                "replaces; drop it (size the tree with draft.with_tree(depth=, tree_top_k=, total_tokens=), or "
                 "speculative_generate(depth=, tree_top_k=, total_tokens=))."
             )
     mode = generation_config.get_generation_mode()
@@ -503,7 +503,7 @@ def speculative_generate(
     if max_new_tokens is not None and max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     _warn_if_top_k_meant_the_tree(target, generate_kwargs, tree_top_k)
-    knobs = {"depth": depth, "top_k": tree_top_k, "total_tokens": total_tokens, "profile": profile}
+    knobs = {"depth": depth, "tree_top_k": tree_top_k, "total_tokens": total_tokens, "profile": profile}
     if any(v is not None for v in knobs.values()):
         draft = draft.with_tree(**knobs)
     _return_the_stats(generate_kwargs)

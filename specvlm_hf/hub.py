@@ -15,10 +15,11 @@ TEMPLATE = Path(__file__).parent / "templates" / "draft_model_card.md"
 
 
 # The benchmark rows a card reports, in this order: a draft's plain `generate(assistant_model=draft)` and the chosen
-# tree, or for a draft with an elastic visual compressor the same two rows of the `specvlm` methods.
-SPEEDUP_METHODS = ("eaglevlm-default", "eaglevlm")
-COMPRESSOR_SPEEDUP_METHODS = ("specvlm-default", "specvlm")
-EAGLE3_SPEEDUP_METHODS = ("eagle3-default", "eagle3")
+# tree, or for a draft with an elastic visual compressor the same two rows of the `specvlm` methods. Records written
+# before the methods' renaming (`benchmark.methods.OLD_METHOD_NAMES`) are read under the new names.
+SPEEDUP_METHODS = ("eaglevlm-auto", "eaglevlm-fixed")
+COMPRESSOR_SPEEDUP_METHODS = ("specvlm-auto", "specvlm-fixed")
+EAGLE3_SPEEDUP_METHODS = ("eagle3-auto", "eagle3-fixed")
 
 
 def hub_id_or_none(name: str | None) -> str | None:
@@ -36,6 +37,8 @@ def benchmark_results(
     tau (median wall-clock speedup over plain `generate()`), sigma (mean accepted length) and the greedy exact-match
     count, for the benchmark rows `methods`, with the hardware named.
     """
+    from .benchmark.methods import OLD_METHOD_NAMES
+
     environment, config = benchmark["environment"], benchmark["config"]
     hardware = (
         f"{environment.get('device_name') or environment.get('device')}, {environment.get('torch_threads')} threads"
@@ -43,9 +46,10 @@ def benchmark_results(
     dataset = str(config.get("prompts") or "testbed held-out prompts")
     results, rows = [], []
     for summary in benchmark["summary"]:
-        if summary["method"] not in methods or summary["speedup"] is None:
+        method = OLD_METHOD_NAMES.get(summary["method"], summary["method"])
+        if method not in methods or summary["speedup"] is None:
             continue
-        t, method = summary["temperature"], summary["method"]
+        t = summary["temperature"]
         setting = f"{method}, T={t:g}, {config.get('kind') or 'all'} prompts, {hardware}, {environment.get('dtype')}"
         for metric, value, name in (
             ("speedup", summary["speedup"]["median"], "tau: wall-clock speedup over generate()"),

@@ -23,7 +23,7 @@ from ._compat import CACHE_KWARG
 from .adapters import get_adapter
 from .compressor import SpecVLMCompressor, SpecVLMCompressorConfig
 from .configuration import SpeculativeConfig, SpecVLMDraftConfig
-from .drafter import DraftSource, DraftState, TreeDrafter, TreeDraftSpec
+from .drafter import DraftSource, DraftState, TreeDrafter, TreeDraftSpec, tree_knobs
 from .peft_wrappers import unwrap_peft
 from .tree import causal_attention_mask
 from .tuning import TreeTuner, device_costs
@@ -242,9 +242,10 @@ class SpecVLMDraftModel(PreTrainedModel, DraftSource):
         }
 
     def with_tree(self, **knobs) -> TreeDraftSpec:
-        """This draft with other tree knobs (`depth`, `top_k`, `total_tokens`), for `generate(assistant_model=...)`.
-        Any knob set fixes the tree; `speculative_config` is auto by default (`tuning.py`)."""
-        return TreeDraftSpec(self, self.speculative_config.with_overrides(**knobs))
+        """This draft with other tree knobs (`depth`, `tree_top_k`, `total_tokens`, `profile`), for
+        `generate(assistant_model=...)`. Any knob set fixes the tree; `speculative_config` is auto by default
+        (`tuning.py`)."""
+        return TreeDraftSpec(self, self.speculative_config.with_overrides(**tree_knobs(knobs)))
 
     def new_drafter(self, target: nn.Module, speculative_config: SpeculativeConfig | None = None) -> TreeDrafter:
         if self.target is not unwrap_peft(target):

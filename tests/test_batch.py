@@ -170,7 +170,7 @@ def test_real_draft_on_fixed_trees_and_the_auto_tree(target, draft, tree):
     batch = llava_batch([ROWS[1], ROWS[0], ROWS[3]])
     expected = plain(target, batch)
     knobs = {} if tree == "auto" else dict(depth=TREES[tree].depth, total_tokens=TREES[tree].total_tokens)
-    assistant = draft if tree == "auto" else draft.with_tree(top_k=TREES[tree].top_k, **knobs)
+    assistant = draft if tree == "auto" else draft.with_tree(tree_top_k=TREES[tree].top_k, **knobs)
     assert_same_rows(target.generate(**batch, max_new_tokens=NEW, do_sample=False, assistant_model=assistant),
                      expected, f"{tree} tree, generate()")  # fmt: skip
     tree_top_k = None if tree == "auto" else TREES[tree].top_k
@@ -195,7 +195,7 @@ def test_each_row_drafts_the_trees_it_drafts_alone(target, draft, deep_target, e
         return proposed
 
     monkeypatch.setattr(TreeDrafter, "propose_rows", recording)
-    assistant = draft.with_tree(depth=4, top_k=3, total_tokens=12)
+    assistant = draft.with_tree(depth=4, tree_top_k=3, total_tokens=12)
     kwargs = dict(max_new_tokens=10, do_sample=False, eos_token_id=EOS, assistant_model=assistant)
     target.generate(**llava_batch(ROWS), **kwargs)
     batched = [step for step in trees if len(step) == len(ROWS)]  # the steps before a row left
@@ -214,7 +214,7 @@ def test_eagle3_draft(deep_target, eagle3_draft):
     free = plain(deep_target, batch)
     eos = end_token(free[:, batch["input_ids"].shape[1] :], 2)
     expected = plain(deep_target, batch, eos_token_id=eos)
-    for assistant in (eagle3_draft.with_tree(depth=4, top_k=2, total_tokens=8), eagle3_draft):
+    for assistant in (eagle3_draft.with_tree(depth=4, tree_top_k=2, total_tokens=8), eagle3_draft):
         out = deep_target.generate(**batch, max_new_tokens=NEW, do_sample=False, eos_token_id=eos,
                                    assistant_model=assistant)  # fmt: skip
         assert_same_rows(out, expected, "EAGLE-3")
@@ -233,7 +233,7 @@ def test_compressor_draft(target):
     free = plain(target, batch)
     eos = end_token(free[:, batch["input_ids"].shape[1] :], 1)
     for kwargs, expected in (({}, free), ({"eos_token_id": eos}, plain(target, batch, eos_token_id=eos))):
-        for assistant in (draft.with_tree(depth=3, top_k=3, total_tokens=8), draft):
+        for assistant in (draft.with_tree(depth=3, tree_top_k=3, total_tokens=8), draft):
             out = target.generate(**batch, max_new_tokens=NEW, do_sample=False, assistant_model=assistant, **kwargs)
             assert_same_rows(out, expected, f"compressor {kwargs}")
     assert sum(compressor.branch_counts.values()) >= 2
@@ -248,7 +248,7 @@ def test_an_end_token_stops_one_row(target, draft, kind):
     eos = end_token(free[:, batch["input_ids"].shape[1] :], 1, at=3)
     expected = plain(target, batch, 30, eos_token_id=eos)
     assert (expected[1] == PAD).sum() > (batch["attention_mask"][1] == 0).sum()  # padded after its end token
-    source = {"oracle": oracle(batch, expected), "real": draft.with_tree(depth=4, top_k=3, total_tokens=10)}
+    source = {"oracle": oracle(batch, expected), "real": draft.with_tree(depth=4, tree_top_k=3, total_tokens=10)}
     out = speculative_generate(target, source.get(kind, draft), **batch, max_new_tokens=30, do_sample=False,
                                eos_token_id=eos)  # fmt: skip
     assert_same_rows(out.sequences, expected, f"{kind}, end token {eos}")
@@ -268,7 +268,7 @@ def test_an_end_token_as_a_rows_first_token(target, draft, row):
     expected = plain(target, batch, eos_token_id=first)
     assert expected[row, -NEW:].tolist() == [first] + [PAD] * (NEW - 1)
     out = target.generate(**batch, max_new_tokens=NEW, do_sample=False, eos_token_id=first,
-                          assistant_model=draft.with_tree(depth=3, top_k=2, total_tokens=6))  # fmt: skip
+                          assistant_model=draft.with_tree(depth=3, tree_top_k=2, total_tokens=6))  # fmt: skip
     assert_same_rows(out, expected, f"end token {first}")
 
 
@@ -284,7 +284,7 @@ def test_a_criterion_without_an_end_token_decodes_finished_rows_on(target, draft
         expected = plain(target, batch, 30, eos_token_id=None, stopping_criteria=[StopOn(*tokens)])
         if case == "all stop early":
             assert expected.shape[1] < prompt_len + 30
-        for source in (oracle(batch, expected), draft.with_tree(depth=4, top_k=2, total_tokens=8)):
+        for source in (oracle(batch, expected), draft.with_tree(depth=4, tree_top_k=2, total_tokens=8)):
             out = plain(target, batch, 30, eos_token_id=None, stopping_criteria=[StopOn(*tokens)],
                         assistant_model=source)  # fmt: skip
             assert_same_rows(out, expected, case)
@@ -342,7 +342,7 @@ def test_stop_strings(target, draft, eos):
     expected = plain(target, batch, **kwargs)
     if eos is not None:
         assert (expected[0, prompt_len:] == PAD).any()  # row 0 stopped and was padded
-    for source in (oracle(batch, expected), draft.with_tree(depth=4, top_k=2, total_tokens=8)):
+    for source in (oracle(batch, expected), draft.with_tree(depth=4, tree_top_k=2, total_tokens=8)):
         out = speculative_generate(target, source, **batch, max_new_tokens=NEW, do_sample=False, **kwargs)
         assert_same_rows(out.sequences, expected, f"stop string {stop!r}")
 
@@ -365,7 +365,7 @@ def test_history_dependent_processors(target, draft):
     batch = llava_batch(ROWS)
     kwargs = dict(no_repeat_ngram_size=2, min_new_tokens=6, sequence_bias=[[[47], 3.0]], eos_token_id=[7, 9])
     expected = plain(target, batch, **kwargs)
-    for source in (oracle(batch, expected), draft.with_tree(depth=4, top_k=2, total_tokens=8)):
+    for source in (oracle(batch, expected), draft.with_tree(depth=4, tree_top_k=2, total_tokens=8)):
         out = speculative_generate(target, source, **batch, max_new_tokens=NEW, do_sample=False, **kwargs)
         assert_same_rows(out.sequences, expected, "processors")
 
@@ -380,7 +380,7 @@ def test_penalties_built_for_the_batch(target, draft, penalty):
         **batch,
         max_new_tokens=NEW,
         do_sample=False,
-        assistant_model=draft.with_tree(depth=3, top_k=2, total_tokens=6),
+        assistant_model=draft.with_tree(depth=3, tree_top_k=2, total_tokens=6),
         **{penalty: 1.8},
     )
     assert_same_rows(out, expected, penalty)
@@ -393,7 +393,7 @@ def test_batch_without_attention_mask(target, draft):
         batch, masked = llava_batch(rows, attention_mask=False), llava_batch(rows)
         expected = plain(target, batch)
         assert torch.equal(expected, plain(target, masked))
-        for source in (oracle(masked, expected), draft.with_tree(depth=3, top_k=2, total_tokens=6), draft):
+        for source in (oracle(masked, expected), draft.with_tree(depth=3, tree_top_k=2, total_tokens=6), draft):
             out = target.generate(**batch, max_new_tokens=NEW, do_sample=False, assistant_model=source)
             assert_same_rows(out, expected, case)
 
@@ -405,7 +405,7 @@ def test_one_left_padded_row(target, draft):
                  attention_mask=torch.nn.functional.pad(torch.ones_like(row["input_ids"]), (3, 0)))  # fmt: skip
     kwargs = dict(max_new_tokens=NEW, do_sample=False, return_dict_in_generate=True)
     expected = target.generate(**batch, **kwargs)
-    for source in (oracle(batch, expected.sequences), draft.with_tree(depth=3, top_k=2, total_tokens=6), draft):
+    for source in (oracle(batch, expected.sequences), draft.with_tree(depth=3, tree_top_k=2, total_tokens=6), draft):
         out = target.generate(**batch, **kwargs, assistant_model=source)
         assert_same_rows(out.sequences, expected.sequences, "one padded row")
         assert_cache_is_plains(out.past_key_values, expected.past_key_values)
@@ -423,7 +423,7 @@ def test_returned_cache_is_plain_decodings(target, draft, eos):
     else:
         kwargs = dict(eos_token_id=None, stopping_criteria=StoppingCriteriaList([StopOn(*early)]))
     expected = target.generate(**batch, max_new_tokens=24, do_sample=False, return_dict_in_generate=True, **kwargs)
-    for source in (oracle(batch, expected.sequences), draft.with_tree(depth=4, top_k=2, total_tokens=8)):
+    for source in (oracle(batch, expected.sequences), draft.with_tree(depth=4, tree_top_k=2, total_tokens=8)):
         out = target.generate(**batch, max_new_tokens=24, do_sample=False, return_dict_in_generate=True,
                               assistant_model=source, **kwargs)  # fmt: skip
         assert_same_rows(out.sequences, expected.sequences, "cache")
@@ -442,7 +442,7 @@ def test_llava_next_rows_with_images_of_different_sizes():
     free = plain(target, batch)
     eos = end_token(free[:, batch["input_ids"].shape[1] :], 1, at=3)
     for kwargs, expected in (({}, free), ({"eos_token_id": eos}, plain(target, batch, eos_token_id=eos))):
-        for source in (oracle(batch, expected), draft.with_tree(depth=3, top_k=3, total_tokens=8), draft):
+        for source in (oracle(batch, expected), draft.with_tree(depth=3, tree_top_k=3, total_tokens=8), draft):
             out = target.generate(**batch, max_new_tokens=NEW, do_sample=False, assistant_model=source, **kwargs)
             assert_same_rows(out, expected, f"LLaVA-NeXT {kwargs}")
 
@@ -466,7 +466,7 @@ def test_qwen_rows_of_an_image_a_video_and_text(kind):
     for kwargs in ({}, {"eos_token_id": eos}):
         expected = target.generate(**batch, max_new_tokens=NEW, do_sample=False, return_dict_in_generate=True,
                                    **kwargs)  # fmt: skip
-        for source in (oracle(batch, expected.sequences), draft.with_tree(depth=3, top_k=3, total_tokens=8), draft):
+        for source in (oracle(batch, expected.sequences), draft.with_tree(depth=3, tree_top_k=3, total_tokens=8), draft):
             out = target.generate(**batch, max_new_tokens=NEW, do_sample=False, return_dict_in_generate=True,
                                   assistant_model=source, **kwargs)  # fmt: skip
             assert_same_rows(out.sequences, expected.sequences, f"{kind} {kwargs}")

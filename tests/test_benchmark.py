@@ -110,20 +110,21 @@ def test_tiny_run_writes_the_json_schema(target, draft, assistant, tmp_path):
             assert run["tokens_per_forward"] == [1] * 8
         if run["temperature"] == 0:
             assert run["matches_vanilla"] is True  # lossless, every method
-        if run["method"] == "eaglevlm":
+        if run["method"] == "eaglevlm-fixed":
             assert run["step_time"] >= run["verify_time"] + run["draft_time"]
     summary = {(s["method"], s["temperature"]): s for s in data["summary"]}
     assert summary[("vanilla", 0.0)]["mean_accepted_length"] == 1.0
     assert summary[("vanilla", 0.0)]["speedup"]["median"] == pytest.approx(1.0)
-    assert summary[("eaglevlm", 0.0)]["exact_match_rate"] == 1.0
-    assert 0 <= summary[("eaglevlm", 0.0)]["overhead_share"] < 1
+    assert summary[("eaglevlm-fixed", 0.0)]["exact_match_rate"] == 1.0
+    assert 0 <= summary[("eaglevlm-fixed", 0.0)]["overhead_share"] < 1
     assert summary[("vanilla", 0.0)]["memory_ratio"] == pytest.approx(1.0)
-    assert set(summary[("eaglevlm", 0.0)]["speedup_by_kind"]) == {"short", "long"}
+    assert set(summary[("eaglevlm-fixed", 0.0)]["speedup_by_kind"]) == {"short", "long"}
     trees = {t["temperature"]: t for t in data["trees"]}
     assert set(trees) == {0.0, 1.0}
-    for tree in trees.values():
-        assert tree["mode"] == "auto" and tree["shapes_scored"] <= 2
-        assert tree["predicted_speedup"] > 0 and tree["measured_speedup"] > 0
+    for t, tree in trees.items():
+        assert tree["mode"] == "search" and tree["shapes_scored"] <= 2
+        assert tree["measured_speedup"] == summary[("eaglevlm-fixed", t)]["speedup"]["median"]
+        assert 0.05 < tree["predicted_speedup"] < 20  # a plain step's time over a predicted step's, on the tiny model
         assert tree["cost_curve_relative"]["1"] == 1.0
     for name in ("speedup.png", "accepted_lengths.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -133,7 +134,7 @@ def test_tiny_run_writes_the_json_schema(target, draft, assistant, tmp_path):
 
 def test_fixed_tree_is_used_as_given(target, draft):
     config = BenchmarkConfig(
-        methods=("eaglevlm",),
+        methods=("eaglevlm-fixed",),
         num_samples=1,
         repeats=1,
         max_new_tokens=6,
@@ -153,7 +154,7 @@ def test_fixed_tree_is_used_as_given(target, draft):
             "measured_speedup": result.summaries[1].speedup.median,
         }
     ]
-    assert [s.method for s in result.summaries] == ["vanilla", "eaglevlm"]
+    assert [s.method for s in result.summaries] == ["vanilla", "eaglevlm-fixed"]
 
 
 def test_batch_axis_on_the_tiny_testbed(tiny_testbed, tmp_path):
@@ -166,7 +167,7 @@ def test_batch_axis_on_the_tiny_testbed(tiny_testbed, tmp_path):
     with pytest.raises(ValueError, match="prepared samples"):
         run_benchmark(BenchmarkConfig(batch_sizes=(2,)), resources=Resources(target, processor), samples=[])
     config = BenchmarkConfig(
-        methods=("eaglevlm", "prompt-lookup"),  # a -default method would measure the tree costs per batch size
+        methods=("eaglevlm-fixed", "prompt-lookup"),  # an -auto method would measure the tree costs per batch size
         kind="long",
         num_samples=3,  # batches of 2: [p0, p1], [p2, p0#2]
         repeats=1,
@@ -183,7 +184,7 @@ def test_batch_axis_on_the_tiny_testbed(tiny_testbed, tmp_path):
     assert processor.tokenizer.padding_side == side  # left padding only for the batches
 
     runs = data["batches"]["runs"]
-    assert {(r["method"], r["batch_size"]) for r in runs} == {("vanilla", 2), ("eaglevlm", 2)}
+    assert {(r["method"], r["batch_size"]) for r in runs} == {("vanilla", 2), ("eaglevlm-fixed", 2)}
     samples = data["config"]["samples"]
     assert [r["rows"] for r in runs if r["method"] == "vanilla"] == [samples[:2], [samples[2], samples[0] + "#2"]]
     assert len(data["batches"]["notes"]) == 1 and "1 row(s) repeating" in data["batches"]["notes"][0]
@@ -192,23 +193,24 @@ def test_batch_axis_on_the_tiny_testbed(tiny_testbed, tmp_path):
         assert len(run["row_new_tokens"]) == len(run["row_target_forwards"]) == 2
         assert all(0 < n <= 8 for n in run["row_new_tokens"])
     summary = {(s["method"], s["batch_size"]): s for s in data["batches"]["summary"]}
-    assert set(summary) == {(m, b) for m in ("vanilla", "eaglevlm", "prompt-lookup") for b in (1, 2)}
+    assert set(summary) == {(m, b) for m in ("vanilla", "eaglevlm-fixed", "prompt-lookup") for b in (1, 2)}
     assert summary[("prompt-lookup", 2)]["skipped"] and summary[("prompt-lookup", 2)]["runs"] == 0
-    for method in ("vanilla", "eaglevlm"):
+    for method in ("vanilla", "eaglevlm-fixed"):
         s = summary[(method, 2)]
         assert s["rows_equal"] == s["rows_compared"] == 4  # lossless per row at T = 0
-        assert s["mean_accepted_length"] >= 1.0
         mine = {r["batch"]: r for r in runs if r["method"] == method}
+        forwards = sum(sum(r["row_target_forwards"]) for r in mine.values())
+        assert s["mean_accepted_length"] == pytest.approx(sum(r["new_tokens"] for r in mine.values()) / forwards)
         ratios = [
             (mine[r["batch"]]["new_tokens"] / mine[r["batch"]]["wall_time"]) / (r["new_tokens"] / r["wall_time"])
             for r in runs
             if r["method"] == "vanilla"
         ]
         assert s["speedup"]["median"] == pytest.approx(float(np.median(ratios)))
-        assert math.isfinite(s["speedup"]["median"]) and s["speedup"]["median"] > 0
-    assert summary[("eaglevlm", 1)]["rows_equal"] == summary[("eaglevlm", 1)]["rows_compared"] == 3
+    assert summary[("eaglevlm-fixed", 1)]["rows_equal"] == summary[("eaglevlm-fixed", 1)]["rows_compared"] == 3
     table = result.markdown()
-    assert "| eaglevlm | 0 | 2 |" in table and "| vanilla | 0 | 2 |" in table and "| eaglevlm | 0 | 1 |" in table
+    assert "| eaglevlm-fixed | 0 | 2 |" in table and "| vanilla | 0 | 2 |" in table
+    assert "| eaglevlm-fixed | 0 | 1 |" in table
     assert "| prompt-lookup | 0 | 2 | skipped" in table and "| 4/4 |" in table
 
 
@@ -456,13 +458,22 @@ def test_unknown_method_lists_the_valid_ones(capsys):
     with pytest.raises(UnknownMethodError) as err:
         check_method_names(["vanilla", "medusa"])
     assert "medusa" in str(err.value) and all(name in str(err.value) for name in METHOD_NAMES)
-    assert check_method_names(["eaglevlm"]) == ("vanilla", "eaglevlm")
+    assert check_method_names(["eaglevlm-fixed"]) == ("vanilla", "eaglevlm-fixed")
     from specvlm_hf.cli import main
 
     with pytest.raises(SystemExit) as exit_:
         main(["bench", "--methods", "vanilla,medusa"])
     assert exit_.value.code == 2
     assert "valid methods: vanilla, hf-assisted, prompt-lookup, eaglevlm" in capsys.readouterr().err
+
+
+def test_earlier_method_and_tree_spellings_still_work_with_a_warning():
+    with pytest.warns(FutureWarning, match="'eaglevlm-default' is now 'eaglevlm-auto'"):
+        names = check_method_names(["eaglevlm", "eaglevlm-default", "specvlm", "specvlm-default", "eagle3-default"])
+    assert names == ("vanilla", "eaglevlm-fixed", "eaglevlm-auto", "specvlm-fixed", "specvlm-auto", "eagle3-auto")
+    with pytest.warns(FutureWarning, match="--tree auto is now --tree search"):
+        config = BenchmarkConfig(tree="auto")
+    assert config.tree == "search" and config.fixed_tree is None
 
 
 def test_cli_help(capsys):
@@ -489,7 +500,7 @@ def test_cli_help(capsys):
         "--dtype",
     ):
         assert flag in out
-    assert "default: auto" in out and "default: 256" in out
+    assert " ".join(out.split()).count("(default: search)") == 1 and "default: 256" in out
 
 
 def test_cli_reports_a_bad_prompt_file(tmp_path, capsys):
@@ -563,15 +574,15 @@ def test_evaluate_metric_loads_by_local_path(monkeypatch):
     monkeypatch.setenv("HF_EVALUATE_OFFLINE", "1")
     metric = evaluate.load(str(METRIC_DIR))
     predictions = [
-        {"method": "eaglevlm", "wall_time": 1.0, "new_tokens": 12, "target_forwards": 4, "tokens": [5, 6, 7]},
-        {"method": "eaglevlm", "wall_time": 0.5, "new_tokens": 12, "target_forwards": 3, "tokens": [5, 6, 9]},
+        {"method": "eaglevlm-fixed", "wall_time": 1.0, "new_tokens": 12, "target_forwards": 4, "tokens": [5, 6, 7]},
+        {"method": "eaglevlm-fixed", "wall_time": 0.5, "new_tokens": 12, "target_forwards": 3, "tokens": [5, 6, 9]},
         {"method": "prompt-lookup", "wall_time": 2.0, "new_tokens": 12, "target_forwards": 12, "tokens": [5, 6, 7]},
     ]
     references = [{"wall_time": 2.0, "new_tokens": 12, "tokens": [5, 6, 7]}] * 3
     result = metric.compute(predictions=predictions, references=references)
-    assert result["eaglevlm"]["speedup_median"] == pytest.approx(3.0)  # 2x and 4x
-    assert result["eaglevlm"]["mean_accepted_length"] == pytest.approx(24 / 7)
-    assert (result["eaglevlm"]["exact_match"], result["eaglevlm"]["exact_match_rate"]) == (1, 0.5)
+    assert result["eaglevlm-fixed"]["speedup_median"] == pytest.approx(3.0)  # 2x and 4x
+    assert result["eaglevlm-fixed"]["mean_accepted_length"] == pytest.approx(24 / 7)
+    assert (result["eaglevlm-fixed"]["exact_match"], result["eaglevlm-fixed"]["exact_match_rate"]) == (1, 0.5)
     assert result["prompt-lookup"]["speedup_median"] == pytest.approx(1.0)
     assert result["prompt-lookup"]["mean_accepted_length"] == pytest.approx(1.0)
 

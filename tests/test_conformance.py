@@ -217,7 +217,7 @@ def test_greedy_equals_plain_generate(bound, name, variant, prompt, family):
         inputs = ARCHITECTURES[name].prompts[prompt](target, seed)
         expected = plain(target, inputs)
         knobs = dict(depth=config.depth, total_tokens=config.total_tokens)
-        assistant = draft if config.is_auto else draft.with_tree(top_k=config.top_k, **knobs)
+        assistant = draft if config.is_auto else draft.with_tree(tree_top_k=config.top_k, **knobs)
         routed = target.generate(**inputs, max_new_tokens=NEW, do_sample=False, assistant_model=assistant)
         assert_same(routed, expected, f"{name}/{variant} {prompt!r} seed {seed} {tree} tree, generate()")
         spec = speculative_generate(
@@ -255,7 +255,7 @@ def test_batches_equal_plain_batched_generate(bound, name, variant, rows, family
     prompt_len, pads = batch["input_ids"].shape[1], (1 - batch["attention_mask"]).sum(dim=1).tolist()
     label = f"{name}/{variant} {family} batch of {cases}"
     expected = plain(target, batch)
-    for assistant in (draft.with_tree(depth=4, top_k=2, total_tokens=8), draft):
+    for assistant in (draft.with_tree(depth=4, tree_top_k=2, total_tokens=8), draft):
         routed = target.generate(**batch, max_new_tokens=NEW, do_sample=False, assistant_model=assistant)
         assert_same_rows(routed, expected, label)
     new = expected[:, prompt_len:]

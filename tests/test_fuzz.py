@@ -461,7 +461,7 @@ def check(case: Case) -> None:
         stats = ours.stats
     else:
         if fixed_real:
-            source = draft.with_tree(depth=cfg.depth, top_k=cfg.top_k, total_tokens=cfg.total_tokens)
+            source = draft.with_tree(depth=cfg.depth, tree_top_k=cfg.top_k, total_tokens=cfg.total_tokens)
         ours = target.generate(**inputs, assistant_model=source, **our_kwargs)
         stats = ours.speculative_stats if case.return_dict else None
     our_sequences = ours.sequences if case.return_dict else ours
@@ -631,7 +631,7 @@ def check_batch(case: BatchCase) -> None:
     elif case.drafter == "random":
         source = RowwiseDraft([RandomDraft(case.target.vocab, cfg, case.draft_seed + row) for row in range(rows)])
     else:
-        knobs = dict(depth=cfg.depth, top_k=cfg.top_k, total_tokens=cfg.total_tokens)
+        knobs = dict(depth=cfg.depth, tree_top_k=cfg.top_k, total_tokens=cfg.total_tokens)
         source = draft if case.auto_tree else draft.with_tree(**knobs)
     our_kwargs = case.generate_kwargs(prompt_len)
     if case.route == "speculative_generate":

@@ -73,7 +73,7 @@ def test_eos_inside_the_tree(target, draft, kind, eos_at):
     reference = greedy(target, inputs, 20, eos_token_id=eos)
     assert reference[0, -1] == eos and reference.shape[1] == inputs["input_ids"].shape[1] + free.index(eos) + 1
     cfg = SpeculativeConfig(depth=6, top_k=2, total_tokens=14)
-    source = OracleDraft(free, VOCAB, cfg) if kind == "oracle" else draft.with_tree(depth=6, top_k=2, total_tokens=14)
+    source = OracleDraft(free, VOCAB, cfg) if kind == "oracle" else draft.with_tree(depth=6, tree_top_k=2, total_tokens=14)
     # The oracle must see the prompt too to index the continuation.
     if kind == "oracle":
         source.reference = inputs["input_ids"][0].tolist() + free

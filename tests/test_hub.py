@@ -44,7 +44,7 @@ def _benchmark(tau=2.5, sigma=6.0):
     summary = [
         {"method": "vanilla", "temperature": 0.0, "speedup": {"median": 1.0}, "mean_accepted_length": 1.0,
          "exact_match": 4, "compared": 4},
-        {"method": "eaglevlm-default", "temperature": 0.0, "speedup": {"median": tau}, "mean_accepted_length": sigma,
+        {"method": "eaglevlm-auto", "temperature": 0.0, "speedup": {"median": tau}, "mean_accepted_length": sigma,
          "exact_match": 4, "compared": 4},
         {"method": "hf-assisted", "temperature": 0.0, "speedup": {"median": 0.9}, "mean_accepted_length": 5.0,
          "exact_match": 4, "compared": 4},
@@ -67,7 +67,7 @@ def test_card_reports_the_benchmark_as_model_index(target, tmp_path):
     metrics = {(r.metric_type, r.metric_value) for r in loaded.data.eval_results}
     assert metrics == {("speedup", 2.5), ("mean_accepted_length", 6.0)}  # this project's rows only
     assert all("Test CPU" in r.metric_name for r in loaded.data.eval_results)
-    assert "| eaglevlm-default | 0 | 2.50x | 6.00 | 4/4 |" in loaded.text
+    assert "| eaglevlm-auto | 0 | 2.50x | 6.00 | 4/4 |" in loaded.text
     assert "specvlm-hf train --target x" in loaded.text
 
 

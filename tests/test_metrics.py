@@ -32,6 +32,6 @@ def test_every_reporter_uses_the_same_definitions():
         ).mean_accepted_length
         == 17 / 4
     )
-    record = RunRecord("eaglevlm", 0.0, "s", "long", 0, 0, wall_time=1.0, new_tokens=17, target_forwards=4)
+    record = RunRecord("eaglevlm-fixed", 0.0, "s", "long", 0, 0, wall_time=1.0, new_tokens=17, target_forwards=4)
     assert record.mean_accepted_length == 17 / 4
-    assert RunRecord("eaglevlm", 0.0, "s", "long", 0, 0, error="boom").mean_accepted_length is None
+    assert RunRecord("eaglevlm-fixed", 0.0, "s", "long", 0, 0, error="boom").mean_accepted_length is None

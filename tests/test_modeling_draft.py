@@ -78,3 +78,14 @@ def test_configs_validate_their_values():
         SpecVLMDraftConfig(hidden_size=64, num_attention_heads=4, num_hidden_layers=0)
     assert SpeculativeConfig(depth=3, top_k=2).max_nodes == 2 + 2 * 4
     assert SpeculativeConfig().with_overrides(depth=7, top_k=None) == SpeculativeConfig(depth=7)
+
+
+def test_with_tree_takes_the_tree_width_as_tree_top_k(draft):
+    tree = draft.with_tree(depth=4, tree_top_k=3, total_tokens=9).speculative_config
+    assert (tree.depth, tree.top_k, tree.total_tokens) == (4, 3, 9)
+    assert draft.with_tree(depth=4).with_tree(tree_top_k=2).speculative_config.top_k == 2
+    with pytest.warns(FutureWarning, match=r"with_tree\(top_k=\) is now with_tree\(tree_top_k=\)"):
+        assert draft.with_tree(top_k=5).speculative_config.top_k == 5
+    with pytest.raises(TypeError, match="both tree_top_k and top_k"):
+        draft.with_tree(top_k=2, tree_top_k=3)
+    assert draft.speculative_config.is_auto  # the draft's own default is untouched

@@ -107,7 +107,7 @@ def test_activated_lora_targets_are_refused():
     inputs = make_inputs(0)
     inputs["input_ids"] = torch.cat([inputs["input_ids"], torch.tensor([[7, 8]])], dim=1)
     with pytest.raises(ValueError, match="activated LoRA"):
-        model.generate(**inputs, max_new_tokens=6, assistant_model=draft.with_tree(depth=4, top_k=3, total_tokens=12))
+        model.generate(**inputs, max_new_tokens=6, assistant_model=draft.with_tree(depth=4, tree_top_k=3, total_tokens=12))
     assert not any(m._forward_pre_hooks for m in model.modules())
 
 
@@ -126,7 +126,7 @@ def test_the_benchmark_decodes_a_peft_target(peft_target, peft_draft):
     from specvlm_hf.benchmark.runner import Resources
 
     config = BenchmarkConfig(
-        methods=("eaglevlm", "prompt-lookup"), num_samples=2, repeats=1, max_new_tokens=12, temperatures=(0,),
+        methods=("eaglevlm-fixed", "prompt-lookup"), num_samples=2, repeats=1, max_new_tokens=12, temperatures=(0,),
         calibration_samples=1, calibration_tokens=8, search_budget=2, warmup_tokens=0, device="cpu",
     )  # fmt: skip
     samples = [Sample(f"peft:{i}", "long", make_inputs(i, 5, True)) for i in range(2)]

@@ -125,12 +125,12 @@ def test_the_benchmark_calibrates_and_runs_on_qwen(qwen):
 
     target, draft = qwen
     config = BenchmarkConfig(
-        methods=("eaglevlm", "prompt-lookup"), num_samples=2, repeats=1, max_new_tokens=12, temperatures=(0,),
+        methods=("eaglevlm-fixed", "prompt-lookup"), num_samples=2, repeats=1, max_new_tokens=12, temperatures=(0,),
         calibration_samples=1, calibration_tokens=8, search_budget=2, warmup_tokens=0, device="cpu",
     )  # fmt: skip
     samples = [Sample(f"qwen:{i}", "long", make_qwen_inputs(PROMPTS["two images"], seed=20 + i)) for i in range(3)]
     result = run_benchmark(config, resources=Resources(target, None, draft), samples=samples)
     runs = [r for r in result.records if r.method != "vanilla"]
-    assert {r.method for r in runs} == {"eaglevlm", "prompt-lookup"}
+    assert {r.method for r in runs} == {"eaglevlm-fixed", "prompt-lookup"}
     assert all(r.error is None and r.matches_vanilla for r in runs)
-    assert result.trees[0]["mode"] == "auto"
+    assert result.trees[0]["mode"] == "search"

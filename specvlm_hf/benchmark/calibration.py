@@ -31,7 +31,7 @@ from ..configuration import SpeculativeConfig
 from ..loop import prompt_draft_state, step_draft_state, target_forward
 from ..tree import DraftTree
 from ..tuning import CostCurve, measure_verify_curve
-from .methods import EagleVLM, generation_config
+from .methods import EagleVLMFixed, generation_config
 from .prompts import Sample
 from .tree_budget import TreeChoice, TreeEstimate, candidate_trees, search_tree, snap
 
@@ -214,7 +214,7 @@ def profile_loop(
     target, draft, sample: Sample, tree: SpeculativeConfig, temperature: float, max_new_tokens: int, seed: int
 ) -> LoopProfile:
     """Profiles a real generation with `tree` (after a discarded one)."""
-    method = EagleVLM(draft, {float(temperature): tree})
+    method = EagleVLMFixed(draft, {float(temperature): tree})
     for _ in range(2):
         torch.manual_seed(seed)
         result = method.generate(target, sample.inputs, temperature=temperature, max_new_tokens=max_new_tokens)

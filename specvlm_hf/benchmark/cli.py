@@ -62,13 +62,14 @@ def register(subparsers) -> None:
     help_text = BenchmarkConfig.field_help()
     parser = subparsers.add_parser(
         "bench",
-        help="Speedup and accepted length of eaglevlm side by side with vanilla, hf-assisted and prompt-lookup.",
+        help="Speedup and accepted length of the tree loop side by side with vanilla, hf-assisted and prompt-lookup.",
         description=(
             "Runs the same prompts through several decoding methods in one process, interleaved per sample, and "
             "prints a markdown table (speedup tau paired with vanilla, sigma, target forwards, equality with vanilla, "
             "peak memory, loop overhead); with --batch-size above 1 a second table on left-padded batches; --output "
             "also writes benchmark.json and PNG plots. "
-            f"Methods: {', '.join(METHOD_NAMES)}."
+            f"Methods: {', '.join(METHOD_NAMES)} (-auto: the draft's auto tree, as generate(assistant_model=draft) "
+            "runs it; -fixed: the tree --tree gives)."
         ),
     )
     defaults = BenchmarkConfig()

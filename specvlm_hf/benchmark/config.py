@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -13,14 +14,19 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def parse_tree(spec: str) -> SpeculativeConfig | None:
-    """`"auto"` -> `None` (choose on this device); `"D,K,N"` -> `SpeculativeConfig(depth=D, top_k=K, total_tokens=N)`."""
+    """`"search"` -> `None` (the `-fixed` methods' tree is searched for per temperature on this device, before the
+    timed runs); `"D,K,N"` -> `SpeculativeConfig(depth=D, top_k=K, total_tokens=N)`. The earlier spelling `"auto"`
+    means `"search"`, with a `FutureWarning` (the auto tree is the draft's online controller, `-auto` methods)."""
     if spec == "auto":
+        warnings.warn("--tree auto is now --tree search", FutureWarning, stacklevel=2)
+        spec = "search"
+    if spec == "search":
         return None
     parts = spec.split(",")
     try:
         depth, top_k, total_tokens = (int(p) for p in parts)
     except ValueError:
-        raise ValueError(f"--tree must be 'auto' or 'DEPTH,TOP_K,TOTAL_TOKENS' (e.g. 5,10,60), got {spec!r}") from None
+        raise ValueError(f"--tree must be 'search' or 'DEPTH,TOP_K,TOTAL_TOKENS' (e.g. 5,10,60), got {spec!r}") from None
     return SpeculativeConfig(depth=depth, top_k=top_k, total_tokens=total_tokens)
 
 
@@ -51,7 +57,8 @@ class BenchmarkConfig:
         temperatures (`tuple[float, ...]`): 0 = greedy; > 0 samples (the same seed per sample for every method).
         batch_sizes (`tuple[int, ...]`): 1 = one prompt per call (the per-sample sweep); B > 1 also decodes the
             prompts in left-padded batches of B rows (`batches.py`), vanilla and the tree-loop methods only.
-        tree (`str`): "auto" (choose per temperature on this device) or "DEPTH,TOP_K,TOTAL_TOKENS".
+        tree (`str`): the `-fixed` methods' tree: "search" (searched for per temperature on this device) or
+            "DEPTH,TOP_K,TOTAL_TOKENS".
         calibration_samples (`int`), calibration_tokens (`int`), search_budget (`int`): the tree choice's prompts
             (taken after the benchmarked ones when the source has enough), tokens per calibration generation, and most
             tree shapes replayed per temperature.
@@ -126,11 +133,17 @@ class BenchmarkConfig:
         default=(1,),
         metadata={
             "help": "Comma-separated batch sizes. 1: one prompt per call; B > 1: the prompts in left-padded batches "
-            "of B rows (cycled when fewer), vanilla and the tree-loop methods (eaglevlm*, specvlm*, eagle3*) on the "
+            "of B rows (cycled when fewer), vanilla and the tree-loop methods (eaglevlm-*, specvlm-*, eagle3-*) on the "
             "same batches: tokens/s, ratio to vanilla's, sigma per row, rows equal to vanilla."
         },
     )
-    tree: str = field(default="auto", metadata={"help": "'auto' or DEPTH,TOP_K,TOTAL_TOKENS."})
+    tree: str = field(
+        default="search",
+        metadata={
+            "help": "The -fixed methods' tree: 'search' (searched for on this device before the timed runs) or "
+            "DEPTH,TOP_K,TOTAL_TOKENS. The -auto methods run the draft's auto tree, as generate() does."
+        },
+    )
     calibration_samples: int = field(default=2, metadata={"help": "Prompts the tree choice is calibrated on."})
     calibration_tokens: int = field(default=128, metadata={"help": "New tokens per calibration generation."})
     search_budget: int = field(default=16, metadata={"help": "Most tree shapes replayed per temperature."})
@@ -151,6 +164,8 @@ class BenchmarkConfig:
         object.__setattr__(self, "temperatures", tuple(float(t) for t in self.temperatures))
         object.__setattr__(self, "batch_sizes", tuple(dict.fromkeys(int(b) for b in self.batch_sizes)))
         parse_tree(self.tree)
+        if self.tree == "auto":  # warned above
+            object.__setattr__(self, "tree", "search")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if any(t < 0 for t in self.temperatures) or not self.temperatures:

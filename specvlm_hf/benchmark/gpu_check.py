@@ -155,7 +155,8 @@ def check_benchmark(device, *, tiny: bool, draft_dir: str | None, assistant_dir:
     from .config import BenchmarkConfig
     from .runner import Resources, run_benchmark
 
-    methods = ("vanilla", "prompt-lookup", "eaglevlm", "specvlm") + (("hf-assisted",) if assistant_dir else ())
+    methods = ("vanilla", "prompt-lookup", "eaglevlm-fixed", "specvlm-fixed")
+    methods += ("hf-assisted",) if assistant_dir else ()
     overrides = dict(
         device=str(device), dtype="float32", methods=methods, draft=draft_dir, assistant=assistant_dir, output=str(out)
     )
@@ -169,7 +170,7 @@ def check_benchmark(device, *, tiny: bool, draft_dir: str | None, assistant_dir:
     draft = SpecVLMDraftModel.from_target(target)
     samples = [Sample(f"random:{i}", "", random_inputs(config, 6, device, torch.float32, seed=i)) for i in range(2)]
     run_config = BenchmarkConfig(
-        methods=("vanilla", "prompt-lookup", "eaglevlm"),
+        methods=("vanilla", "prompt-lookup", "eaglevlm-fixed"),
         num_samples=2,
         repeats=1,
         max_new_tokens=16,

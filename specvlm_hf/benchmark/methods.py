@@ -7,6 +7,7 @@ take a left-padded batch (`generate_rows`)."""
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -222,11 +223,11 @@ class PromptLookup(Method):
         return target.generate(**inputs, generation_config=config), None
 
 
-class EagleVLM(Method):
+class EagleVLMFixed(Method):
     """This project's lossless tree loop (`assistant_model=draft`), profiled, with the tree the benchmark chose per
     temperature (`--tree`)."""
 
-    name = "eaglevlm"
+    name = "eaglevlm-fixed"
     supports_batches = True
 
     def __init__(self, draft, trees: Mapping[float, SpeculativeConfig]):
@@ -243,17 +244,19 @@ class EagleVLM(Method):
 
     def _generate(self, target, inputs, config, temperature):
         tree = self.tree(temperature)
-        source = self.draft.with_tree(depth=tree.depth, top_k=tree.top_k, total_tokens=tree.total_tokens, profile=True)
+        source = self.draft.with_tree(
+            depth=tree.depth, tree_top_k=tree.top_k, total_tokens=tree.total_tokens, profile=True
+        )
         config.return_dict_in_generate = True
         output = target.generate(**inputs, generation_config=config, assistant_model=source)
         return output.sequences, output.speculative_stats
 
 
-class EagleVLMDefault(EagleVLM):
+class EagleVLMAuto(EagleVLMFixed):
     """The same loop as a user gets it from `generate(assistant_model=draft)` with no knobs: the draft's auto tree
     (`tuning.TreeTuner`), profiled."""
 
-    name = "eaglevlm-default"
+    name = "eaglevlm-auto"
 
     def __init__(self, draft):
         super().__init__(draft, {})
@@ -271,49 +274,64 @@ class EagleVLMDefault(EagleVLM):
         return super().generate_rows(target, inputs, temperature=temperature, max_new_tokens=max_new_tokens)
 
 
-class SpecVLM(EagleVLM):
+class SpecVLMFixed(EagleVLMFixed):
     """SpecVLM: the tree loop with a draft that sees the image through its elastic visual compressor
-    (`compressor.py`), with the tree chosen for `eaglevlm` (so the two differ only in the draft)."""
+    (`compressor.py`), with the tree chosen for `eaglevlm-fixed` (so the two differ only in the draft)."""
 
-    name = "specvlm"
+    name = "specvlm-fixed"
 
 
-class SpecVLMDefault(EagleVLMDefault):
+class SpecVLMAuto(EagleVLMAuto):
     """SpecVLM as a user gets it: `generate(assistant_model=draft)` with no knobs (the auto tree), the draft with its
     compressor."""
 
-    name = "specvlm-default"
+    name = "specvlm-auto"
 
 
-class Eagle3(EagleVLM):
-    """The tree loop with an EAGLE-3 draft (`modeling_eagle3.py`), with the tree chosen for `eaglevlm` (so the two
-    differ only in the draft)."""
+class Eagle3Fixed(EagleVLMFixed):
+    """The tree loop with an EAGLE-3 draft (`modeling_eagle3.py`), with the tree chosen for `eaglevlm-fixed` (so the
+    two differ only in the draft)."""
 
-    name = "eagle3"
+    name = "eagle3-fixed"
 
 
-class Eagle3Default(EagleVLMDefault):
+class Eagle3Auto(EagleVLMAuto):
     """An EAGLE-3 draft as a user gets it: `generate(assistant_model=draft)` with no knobs (the auto tree)."""
 
-    name = "eagle3-default"
+    name = "eagle3-auto"
 
 
 METHOD_NAMES = (
-    Vanilla.name, HFAssisted.name, PromptLookup.name, EagleVLM.name, EagleVLMDefault.name, SpecVLM.name,
-    SpecVLMDefault.name, Eagle3.name, Eagle3Default.name,
+    Vanilla.name, HFAssisted.name, PromptLookup.name, EagleVLMFixed.name, EagleVLMAuto.name, SpecVLMFixed.name,
+    SpecVLMAuto.name, Eagle3Fixed.name, Eagle3Auto.name,
 )  # fmt: skip
-DRAFT_METHODS = (EagleVLM.name, EagleVLMDefault.name)  # the methods that run `draft`
-COMPRESSOR_METHODS = (SpecVLM.name, SpecVLMDefault.name)  # the methods that run `specvlm_draft`
-EAGLE3_METHODS = (Eagle3.name, Eagle3Default.name)  # the methods that run `eagle3_draft`
-TREE_METHODS = (EagleVLM.name, SpecVLM.name, Eagle3.name)  # the methods that run the benchmark's chosen tree
+DRAFT_METHODS = (EagleVLMFixed.name, EagleVLMAuto.name)  # the methods that run `draft`
+COMPRESSOR_METHODS = (SpecVLMFixed.name, SpecVLMAuto.name)  # the methods that run `specvlm_draft`
+EAGLE3_METHODS = (Eagle3Fixed.name, Eagle3Auto.name)  # the methods that run `eagle3_draft`
+TREE_METHODS = (EagleVLMFixed.name, SpecVLMFixed.name, Eagle3Fixed.name)  # the methods that run `--tree`'s tree
+OLD_METHOD_NAMES = {
+    "eaglevlm": EagleVLMFixed.name, "eaglevlm-default": EagleVLMAuto.name, "specvlm": SpecVLMFixed.name,
+    "specvlm-default": SpecVLMAuto.name, "eagle3": Eagle3Fixed.name, "eagle3-default": Eagle3Auto.name,
+}  # fmt: skip  # earlier spellings, accepted with a FutureWarning; older benchmark records use them
 
 
 def check_method_names(names: Sequence[str]) -> tuple[str, ...]:
-    """`names` deduplicated in order, with "vanilla" first (every speedup is paired with it).
+    """`names` deduplicated in order, with "vanilla" first (every speedup is paired with it); an earlier spelling
+    (`OLD_METHOD_NAMES`) is read as its new name, with a `FutureWarning`.
 
     Raises:
         `UnknownMethodError` listing the valid names.
     """
+    renamed = [n for n in names if n in OLD_METHOD_NAMES]
+    if renamed:
+        warnings.warn(
+            "method names changed: "
+            + ", ".join(f"{n!r} is now {OLD_METHOD_NAMES[n]!r}" for n in renamed)
+            + " (-fixed: the tree --tree chooses; -auto: the draft's auto tree, as generate() runs it)",
+            FutureWarning,
+            stacklevel=2,
+        )
+        names = [OLD_METHOD_NAMES.get(n, n) for n in names]
     unknown = [n for n in names if n not in METHOD_NAMES]
     if unknown:
         raise UnknownMethodError(f"unknown method(s): {', '.join(unknown)}; valid methods: {', '.join(METHOD_NAMES)}")
@@ -344,15 +362,17 @@ def build_methods(
         elif name in EAGLE3_METHODS:
             if eagle3_draft is None:
                 raise ValueError(f"method {name!r} needs an EAGLE-3 draft")
-            methods[name] = Eagle3(eagle3_draft, trees or {}) if name == Eagle3.name else Eagle3Default(eagle3_draft)
+            methods[name] = (
+                Eagle3Fixed(eagle3_draft, trees or {}) if name == Eagle3Fixed.name else Eagle3Auto(eagle3_draft)
+            )
         elif name in COMPRESSOR_METHODS:
             if specvlm_draft is None:
                 raise ValueError(f"method {name!r} needs a draft with a compressor")
             methods[name] = (
-                SpecVLM(specvlm_draft, trees or {}) if name == SpecVLM.name else SpecVLMDefault(specvlm_draft)
+                SpecVLMFixed(specvlm_draft, trees or {}) if name == SpecVLMFixed.name else SpecVLMAuto(specvlm_draft)
             )
         else:
             if draft is None:
                 raise ValueError(f"method {name!r} needs a draft model")
-            methods[name] = EagleVLM(draft, trees or {}) if name == EagleVLM.name else EagleVLMDefault(draft)
+            methods[name] = EagleVLMFixed(draft, trees or {}) if name == EagleVLMFixed.name else EagleVLMAuto(draft)
     return methods

@@ -28,7 +28,7 @@ from .methods import (
     DRAFT_METHODS,
     EAGLE3_METHODS,
     TREE_METHODS,
-    EagleVLM,
+    EagleVLMFixed,
     HFAssisted,
     Method,
     Vanilla,
@@ -209,11 +209,11 @@ def tree_report(
     records: Sequence[RunRecord],
     summaries: Sequence[MethodSummary],
 ) -> dict:
-    """The tree used at `temperature`, and with `--tree auto` its calibration and predicted vs measured speedup."""
-    measured = next((s.speedup for s in summaries if s.method == EagleVLM.name and s.temperature == temperature), None)
+    """The tree used at `temperature`, and with `--tree search` its calibration and predicted vs measured speedup."""
+    measured = next((s.speedup for s in summaries if s.method == EagleVLMFixed.name and s.temperature == temperature), None)
     report = {
         "temperature": temperature,
-        "mode": "auto" if calibration else "fixed",
+        "mode": "search" if calibration else "fixed",
         **{k: getattr(tree, k) for k in ("depth", "top_k", "total_tokens")},
         "measured_speedup": measured.median if measured else None,
     }
@@ -354,7 +354,7 @@ def run_benchmark(
     elif calibration is None:
         calibration, overlap = samples[: config.calibration_samples], True
     trees, calibrations = {}, {}
-    if set(TREE_METHODS) & set(config.methods):  # calibrated on the EagleVLM draft (if run), run by all
+    if set(TREE_METHODS) & set(config.methods):  # calibrated on the EagleVLM draft (if run), run by every -fixed method
         trees, calibrations = choose_trees(config, resources, calibration)
     methods = build_methods(
         config.methods,
