@@ -6,13 +6,16 @@ take a left-padded batch (`generate_rows`)."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from torch import nn
-from transformers import GenerationConfig
+from transformers import GenerationConfig, LogitsProcessorList, SuppressTokensLogitsProcessor
+from transformers.utils import logging as transformers_logging
 
 from .._compat import CACHE_KWARG
 from ..adapters import get_adapter
@@ -207,7 +210,33 @@ class HFAssisted(Method):
         return (self.assistant,)
 
     def _generate(self, target, inputs, config, temperature):
-        return target.generate(**inputs, generation_config=config, assistant_model=self.assistant), None
+        # The same suppression as the other methods, given as a processor: transformers hands the target's processors
+        # to the assistant's own `generate()`, which would build a second one from `suppress_tokens` and warn.
+        suppress = LogitsProcessorList([SuppressTokensLogitsProcessor(config.suppress_tokens, device=target.device)])
+        config.suppress_tokens = None
+        with _quiet_assistant_calls():
+            sequences = target.generate(
+                **inputs, generation_config=config, assistant_model=self.assistant, logits_processor=suppress
+            )
+        return sequences, None
+
+
+class _quiet_assistant_calls(contextlib.AbstractContextManager):
+    """Drops transformers' deprecation notice about `generation_config` passed with other generation arguments while
+    it is active: its assisted decoding makes exactly such a call to the assistant itself, on every draft round (not
+    this package's call, and the user of stock assisted decoding sees it too)."""
+
+    NOTICE = "Passing `generation_config` together with generation-related"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.NOTICE)
+
+    def __enter__(self):
+        transformers_logging.get_logger("transformers.generation.utils").addFilter(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        transformers_logging.get_logger("transformers.generation.utils").removeFilter(self)
 
 
 class PromptLookup(Method):
