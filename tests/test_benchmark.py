@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny import VOCAB, make_inputs
+from tiny import VOCAB, make_inputs, make_qwen_target
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import specvlm_hf
@@ -19,6 +19,9 @@ from specvlm_hf import SpeculativeConfig, SpecVLMDraftModel, SpecVLMEagle3DraftM
 from specvlm_hf.benchmark import BenchmarkConfig, run_benchmark
 from specvlm_hf.benchmark.calibration import replay, replay_context
 from specvlm_hf.benchmark.methods import (
+    COMPRESSOR_METHODS,
+    DRAFT_METHODS,
+    EAGLE3_METHODS,
     METHOD_NAMES,
     Method,
     UnknownMethodError,
@@ -27,7 +30,7 @@ from specvlm_hf.benchmark.methods import (
     row_tokens,
 )
 from specvlm_hf.benchmark.prompts import PromptFileError, Sample, load_prompts, select_prompts
-from specvlm_hf.benchmark.runner import Resources
+from specvlm_hf.benchmark.runner import Resources, applicable_methods
 from specvlm_hf.benchmark.stats import first_mismatch, paired_speedup, spread, tokens_per_forward
 from specvlm_hf.benchmark.summary import paired_speedups, summarize
 from specvlm_hf.benchmark.sweep import RunRecord, run_sweep
@@ -42,6 +45,7 @@ from specvlm_hf.benchmark.tree_budget import (
     search_tree,
 )
 from specvlm_hf.compressor import compressor_for
+from specvlm_hf.testbed import store
 
 METRIC_DIR = Path(specvlm_hf.__file__).parent / "metrics_hub" / "speculative_decoding"
 
@@ -465,6 +469,23 @@ def test_unknown_method_lists_the_valid_ones(capsys):
         main(["bench", "--methods", "vanilla,medusa"])
     assert exit_.value.code == 2
     assert "valid methods: vanilla, hf-assisted, prompt-lookup, eaglevlm" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(
+    not (store.SHIPPED_QWEN2_VL_DRAFT_DIR / "config.json").is_file(), reason="no Qwen2-VL draft shipped in this checkout"
+)
+def test_without_methods_the_run_takes_those_that_apply_to_the_target(target):
+    qwen, qwen_testbed = BenchmarkConfig(target="testbed-qwen2-vl"), store.SHIPPED_QWEN2_VL_DIR
+    assert applicable_methods(qwen, None, qwen_testbed) == ("vanilla", "prompt-lookup", *DRAFT_METHODS)
+    given = BenchmarkConfig(target="testbed-qwen2-vl", eagle3_draft="runs/e3", assistant="runs/lm")
+    assert applicable_methods(given, None, qwen_testbed) == (
+        "vanilla", "hf-assisted", "prompt-lookup", *DRAFT_METHODS, *EAGLE3_METHODS
+    )  # fmt: skip
+    assert applicable_methods(BenchmarkConfig(), target) == METHOD_NAMES  # the tiny LLaVA: a patch grid
+    qwen_target = make_qwen_target("qwen2_vl")
+    assert not set(COMPRESSOR_METHODS) & set(applicable_methods(BenchmarkConfig(), qwen_target))
+    chosen = BenchmarkConfig(methods=("eaglevlm-auto",))
+    assert applicable_methods(chosen, qwen_target) == ("vanilla", "eaglevlm-auto")
 
 
 def test_earlier_method_and_tree_spellings_still_work_with_a_warning():

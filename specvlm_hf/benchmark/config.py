@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from ..configuration import SpeculativeConfig
-from .methods import METHOD_NAMES, check_method_names
+from .methods import check_method_names
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -34,7 +34,10 @@ def parse_tree(spec: str) -> SpeculativeConfig | None:
 class BenchmarkConfig:
     """
     Args:
-        methods (`tuple[str, ...]`): methods to compare (`methods.METHOD_NAMES`); "vanilla" is always added.
+        methods (`tuple[str, ...]`, *optional*): methods to compare (`methods.METHOD_NAMES`); "vanilla" is always
+            added. Without it, every method that applies to the target (`runner.applicable_methods`): on a testbed
+            the ones with a shipped (or given) draft and assistant, elsewhere all of them, but the compressor's on a
+            target whose visual tokens form no patch grid.
         target (`str`): "testbed" (the LLaVA testbed), "testbed-qwen2-vl" or a directory with a checkpoint of a
             supported architecture and its processor.
         target_adapter (`str`, *optional*): a peft adapter folder applied to the target (every method decodes the
@@ -73,7 +76,13 @@ class BenchmarkConfig:
         quick (`bool`): marks a run made from `quick_preset` (few samples, one repeat, a short calibration).
     """
 
-    methods: tuple[str, ...] = field(default=METHOD_NAMES, metadata={"help": "Comma-separated methods to compare."})
+    methods: tuple[str, ...] | None = field(
+        default=None,
+        metadata={
+            "help": "Comma-separated methods to compare; without it every method that applies to the target (on a "
+            "testbed, those with a shipped draft)."
+        },
+    )
     target: str = field(
         default="testbed",
         metadata={
@@ -160,7 +169,8 @@ class BenchmarkConfig:
     quick: bool = field(default=False, metadata={"help": "Short run: 4 samples, 1 repeat, short calibration."})
 
     def __post_init__(self):
-        object.__setattr__(self, "methods", check_method_names(self.methods))
+        if self.methods is not None:
+            object.__setattr__(self, "methods", check_method_names(self.methods))
         object.__setattr__(self, "temperatures", tuple(float(t) for t in self.temperatures))
         object.__setattr__(self, "batch_sizes", tuple(dict.fromkeys(int(b) for b in self.batch_sizes)))
         parse_tree(self.tree)

@@ -18,7 +18,7 @@ from ..compressor import compressor_for
 from ..configuration import SpeculativeConfig
 from ..modeling_draft import SpecVLMDraftModel
 from ..modeling_eagle3 import SpecVLMEagle3DraftModel
-from ..testbed.store import draft_location, is_testbed
+from ..testbed.store import draft_location, is_testbed, shipped_companion
 from ..tuning import VERIFY_SIZES
 from .batches import BatchRecord, BatchSummary, run_batch_sweep, summarize_batches
 from .calibration import TreeCalibration, calibrate_tree, measure_cost_curve, replay_context
@@ -30,9 +30,11 @@ from .methods import (
     TREE_METHODS,
     EagleVLMFixed,
     HFAssisted,
+    METHOD_NAMES,
     Method,
     Vanilla,
     build_methods,
+    check_method_names,
     generation_config,
 )
 from .prompts import Prompt, Sample, load_prompts, prepare_batches, prepare_samples, select_prompts
@@ -71,17 +73,56 @@ def _str(path) -> str | None:
     return None if path is None else str(path)
 
 
+def applicable_methods(config: BenchmarkConfig, target, testbed_dir=None) -> tuple[str, ...]:
+    """`config.methods`, or without them every method that applies to `target`: on a testbed (`testbed_dir`) those
+    whose draft or assistant is shipped beside it or given; elsewhere every method (random drafts where none is
+    given), but the compressor's (`specvlm-*`) when the target's visual tokens form no patch grid and no
+    `--specvlm-draft` is given."""
+    if config.methods is not None:
+        return config.methods
+    if testbed_dir is not None:
+        def has(kind, given):
+            return given is not None or shipped_companion(kind, testbed_dir) is not None
+
+        available = {
+            DRAFT_METHODS: has("draft", config.draft),
+            COMPRESSOR_METHODS: has("specvlm-draft", config.specvlm_draft),
+            EAGLE3_METHODS: has("eagle3-draft", config.eagle3_draft),
+            (HFAssisted.name,): has("assistant", config.assistant),
+        }
+    else:
+        grid = config.specvlm_draft is not None or get_adapter(target).patch_grid() is not None
+        available = {COMPRESSOR_METHODS: grid}
+    skipped = [name for group, ok in available.items() if not ok for name in group]
+    if skipped:
+        logger.info("methods that do not apply to this target (no draft for them): %s", ", ".join(skipped))
+    return check_method_names([name for name in METHOD_NAMES if name not in skipped])
+
+
+def _loaded(resources: Resources) -> tuple[str, ...]:
+    """The methods whose models `resources` holds (for prepared resources and no `config.methods`)."""
+    held = {
+        DRAFT_METHODS: resources.draft,
+        COMPRESSOR_METHODS: resources.specvlm_draft,
+        EAGLE3_METHODS: resources.eagle3_draft,
+        (HFAssisted.name,): resources.assistant,
+    }
+    skipped = {name for group, model in held.items() if model is None for name in group}
+    return check_method_names([name for name in METHOD_NAMES if name not in skipped])
+
+
 def load_resources(config: BenchmarkConfig) -> Resources:
     """The target (+ processor), and the draft / assistant when the chosen methods need them. On the shipped
-    testbed, the draft and assistant shipped beside it are the defaults."""
+    testbed, the draft and assistant shipped beside it are the defaults. Without `config.methods`, `resources.info
+    ["methods"]` holds the methods that apply (`applicable_methods`)."""
     device, dtype = config.torch_device, config.torch_dtype
     source = config.target
     if is_testbed(config.target):
         from ..testbed import load_testbed, resolve
-        from ..testbed.store import shipped_companion
 
         target, processor = load_testbed(config.target, dtype=dtype, device=device)
         testbed_dir = resolve(config.target)[0]
+        config = dataclasses.replace(config, methods=applicable_methods(config, target, testbed_dir))
         source = f"testbed at {testbed_dir}"
         config = dataclasses.replace(
             config,
@@ -96,12 +137,13 @@ def load_resources(config: BenchmarkConfig) -> Resources:
         target = AutoModelForImageTextToText.from_pretrained(config.target, dtype=dtype, attn_implementation="sdpa")
         target = target.to(device).eval()
         processor = AutoProcessor.from_pretrained(config.target)
+        config = dataclasses.replace(config, methods=applicable_methods(config, target))
     if config.target_adapter is not None:
         from peft import PeftModel
 
         target = PeftModel.from_pretrained(target, config.target_adapter).eval()
         source = f"{source} + peft adapter {config.target_adapter}"
-    resources = Resources(target, processor, info={"target": _describe(target, source)})
+    resources = Resources(target, processor, info={"target": _describe(target, source), "methods": config.methods})
     if set(DRAFT_METHODS) & set(config.methods):
         resources.draft, source = _draft(config.draft, target, "--draft")
         resources.info["draft"] = _describe(resources.draft, source)
@@ -347,6 +389,7 @@ def run_benchmark(
     elif max(config.batch_sizes) > 1:
         raise ValueError("batch sizes above 1 build their batches from config.prompts, not from prepared samples")
     resources = resources or load_resources(config)
+    config = dataclasses.replace(config, methods=config.methods or resources.info.get("methods") or _loaded(resources))
     if samples is None:
         device, dtype = config.torch_device, config.torch_dtype
         samples = prepare_samples(prompts, resources.processor, device, dtype)
