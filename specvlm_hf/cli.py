@@ -10,6 +10,7 @@ import sys
 COMMANDS = {
     "testbed": "specvlm_hf.testbed.cli",
     "train": "specvlm_hf.training.cli",
+    "launch-config": "specvlm_hf.training.launch_config",
     "bench": "specvlm_hf.benchmark.cli",
     "compression": "specvlm_hf.benchmark.compression",
     "card": "specvlm_hf.hub",
