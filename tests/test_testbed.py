@@ -19,6 +19,7 @@ from specvlm_hf.testbed import (
     export_llava_jsonl,
     heldout_prompts,
     load_testbed,
+    load_testbed_draft,
     quality,
     resolve,
     store,
@@ -208,7 +209,6 @@ def test_shipped_companions_belong_to_the_shipped_testbed_only(tmp_path):
 def test_shipped_draft_is_lossless_and_accepts_on_the_shipped_testbed(tmp_path, monkeypatch):
     """The shipped draft loads by name from any working directory (as after a plain `pip install`)."""
     from specvlm_hf import speculative_generate
-    from specvlm_hf.testbed import load_testbed_draft
 
     monkeypatch.chdir(tmp_path)
     target, processor = store.load_testbed(store.SHIPPED_DIR)
@@ -262,7 +262,10 @@ def test_shipped_qwen2_vl_testbed_and_draft():
     assert store.shipped_companion("draft", store.SHIPPED_QWEN2_VL_DIR) == store.SHIPPED_QWEN2_VL_DRAFT_DIR
     target, processor = load_testbed("testbed-qwen2-vl", build_if_missing=False)
     assert type(target) is Qwen2VLForConditionalGeneration
-    draft = SpecVLMDraftModel.from_pretrained(store.SHIPPED_QWEN2_VL_DRAFT_DIR, target=target)
+    draft = load_testbed_draft("draft", target)  # by the LLaVA testbed's name too: picked by the architecture
+    assert isinstance(draft, SpecVLMDraftModel) and draft.config.name_or_path == str(store.SHIPPED_QWEN2_VL_DRAFT_DIR)
+    with pytest.raises(ValueError, match="the Qwen2-VL testbed ships no 'specvlm-draft'; its one draft is 'draft'"):
+        load_testbed_draft("specvlm-draft", target)
     inputs = heldout_prompts("long", n=1)[0].inputs(processor)
     plain = target.generate(**inputs, max_new_tokens=48, do_sample=False)
     result = speculative_generate(target, draft, **inputs, max_new_tokens=48)

@@ -206,13 +206,13 @@ def draft_location(name_or_path: str) -> str:
 
 
 def load_testbed_draft(name: str, target, **kwargs):
-    """Loads the shipped draft `name` bound to `target`, from any working directory.
+    """Loads the shipped draft `name` for the testbed `target`, bound to it, from any working directory.
 
     Args:
         name (`str`): `"draft"` (EagleVLM: sees every visual token), `"specvlm-draft"` (with its elastic visual
-            compressor) or `"eagle3-draft"` (EAGLE-3, the one vLLM serves), all for the LLaVA testbed
-            (`load_testbed()`), or `"draft-qwen2-vl"` for
-            `load_testbed("testbed-qwen2-vl")`.
+            compressor) or `"eagle3-draft"` (EAGLE-3, the one vLLM serves). The LLaVA testbed (`load_testbed()`) has
+            all three; the Qwen2-VL testbed (`load_testbed("testbed-qwen2-vl")`) has `"draft"` (also named
+            `"draft-qwen2-vl"`), picked by the target's architecture.
         target: the testbed target the draft was trained for; a draft bound to another target is refused.
         kwargs: passed on to `SpecVLMDraftModel.from_pretrained`.
 
@@ -221,6 +221,10 @@ def load_testbed_draft(name: str, target, **kwargs):
     """
     from ..modeling_draft import SpecVLMDraftModel
 
+    if getattr(getattr(target, "config", None), "model_type", None) == "qwen2_vl" and name in COMPANIONS[SHIPPED_DIR]:
+        if name not in COMPANIONS[SHIPPED_QWEN2_VL_DIR]:
+            raise ValueError(f"the Qwen2-VL testbed ships no {name!r}; its one draft is 'draft'")
+        name = "draft-qwen2-vl"
     return SpecVLMDraftModel.from_pretrained(shipped_draft_dir(name), target=target, **kwargs)
 
 
