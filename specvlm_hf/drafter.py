@@ -50,10 +50,17 @@ class Drafter:
     supports_batches = False
 
     def begin(
-        self, adapter, do_sample: bool, prompt_len: int, end_tokens: tuple[int, ...] = (), rows: int = 1
+        self,
+        adapter,
+        do_sample: bool,
+        prompt_len: int,
+        end_tokens: tuple[int, ...] = (),
+        rows: int = 1,
+        visual: bool = True,
     ) -> None:
         """Called once before the first `propose`. `end_tokens` are the ids that end generation (`eos_token_id`):
-        nothing after one of them can be emitted, so a drafter need not draft past them. `rows`: the batch size."""
+        nothing after one of them can be emitted, so a drafter need not draft past them. `rows`: the batch size;
+        `visual`: whether any row's prompt has visual tokens."""
 
     def propose(self, state: DraftState) -> DraftTree:
         raise NotImplementedError
@@ -72,7 +79,8 @@ class Drafter:
     def observe(self, tree: DraftTree, path: list[int], finished: bool) -> None:
         """The last proposed tree's outcome: `path`, the nodes whose tokens were emitted (root first: the accepted
         drafts' parents, then the node the target's own token follows); `finished` when a stopping criterion cut the
-        step."""
+        step inside its accepted drafts, so that what the target says after `path` is unknown (a row that ends on
+        the target's own token after `path` is not cut: that token rejected the drafts below `path`)."""
 
     def observe_rows(self, trees: list[DraftTree], paths: list[list[int]], finished: list[bool]) -> None:
         """`observe` for every row of the last `propose_rows`."""
@@ -176,7 +184,13 @@ class TreeDrafter(Drafter):
         self._described: dict = {}
 
     def begin(
-        self, adapter, do_sample: bool, prompt_len: int, end_tokens: tuple[int, ...] = (), rows: int = 1
+        self,
+        adapter,
+        do_sample: bool,
+        prompt_len: int,
+        end_tokens: tuple[int, ...] = (),
+        rows: int = 1,
+        visual: bool = True,
     ) -> None:
         if rows > 1:
             self.forward = LeanDraftForward(self.draft, rows=rows)
@@ -185,7 +199,7 @@ class TreeDrafter(Drafter):
         self._pending = [[] for _ in range(rows)]
         if self.config.is_auto:
             self.tuner = self.draft.tree_tuner(adapter, do_sample, prompt_len, rows)
-            self.tuner.start_call()
+            self.tuner.start_call(visual)
         if end_tokens:
             self._end_tokens = torch.tensor(end_tokens, device=device)
 

@@ -256,7 +256,8 @@ def tree_decoding(
     full_layout = layout
     _settle_limits(emitters)
     if not all(emitter.done for emitter in emitters):
-        drafter.begin(adapter, do_sample, prompt_len, _end_tokens(generation_config), rows)
+        visual = bool(layout.visual_mask.any())
+        drafter.begin(adapter, do_sample, prompt_len, _end_tokens(generation_config), rows, visual)
     active, states, live, layout = _drop_done(emitters, active, states, live, layout, cache, drafter, parked)
 
     while active:
@@ -276,7 +277,8 @@ def tree_decoding(
             commit_accepted(cache, int(roots[0]), paths[0])  # the emitted tokens' entries; the last is the next root
         else:
             live = commit_rows(cache, live, paths)
-        drafter.observe_rows(trees, paths, [emitters[row].done for row in active])
+        cut = [_cut(tree, path, emitters[row]) for row, tree, path in zip(active, trees, paths)]
+        drafter.observe_rows(trees, paths, cut)
         stats.target_forwards += 1
         states = [
             step_draft_state(adapter, emitters[row].input_ids[:, pads[row] :], tree_features[i : i + 1, path],
@@ -363,6 +365,16 @@ def _cut_steps(steps: list[int], total: int) -> None:
             steps[-1] -= excess
         else:
             steps.pop()
+
+
+def _cut(tree, path: list[int], emitter) -> bool:
+    """Whether the row stopped inside this step's accepted drafts: its last token is a draft below `path`'s last node
+    (accepted, then the output ended), so the target's verdict past `path` is unknown. A row that ends on the target's
+    own token after `path` is not cut: every draft below `path` was rejected, as in a step that goes on."""
+    if not emitter.done:
+        return False
+    last = int(emitter.input_ids[0, -1])
+    return any(tree.token_list[child] == last for child in tree.children[path[-1]])
 
 
 def _settle_limits(emitters: list[Emitter]) -> None:

@@ -11,6 +11,10 @@ that picks depth and width every step from measured costs and the running accept
   is alpha_{j-1}(k), so depths not yet tried inherit the acceptance above them, which is what makes the controller
   try them). For a width k > 1 the prior is the chain's estimate scaled by the draft's own probability mass in its
   top k. The choice adds half a standard error to each estimate, so a shape unlucky in its first steps is retried.
+- **Prompt classes**: a draft trained on image questions predicts answers to text-only prompts far worse, so calls
+  on prompts without visual tokens keep acceptance counts of their own (`start_call(visual=False)`): after one such
+  call the next starts from what text-only prompts got, instead of paying two or three rejected steps to learn it
+  again. Costs and in-loop scales are shared.
 - **This call**: prompts differ (a text-only question the draft cannot predict, a described image it predicts well),
   so within a `generate()` call every alpha is scaled down by how this call's drafts fall short of the running
   estimate (accepted over expected, with `call_strength` pseudo-drafts on each side, at most 1): two or three
@@ -314,6 +318,8 @@ class TreeTuner:
         self.accepted = {k: np.zeros(max_depth) for k in self.widths}
         self.call_reached = {k: np.zeros(max_depth) for k in self.widths}  # the same counts, this call only
         self.call_accepted = {k: np.zeros(max_depth) for k in self.widths}
+        self.visual = True  # the prompt class the counts above (and `mass`) belong to; `start_call` switches
+        self._other_class = None  # the other class's (reached, accepted, mass, mass_steps), once it was seen
         self.plain_streak = 0  # plain steps in a row, this call
         self.probe_gap = probe_every  # plain steps in a row before the next probe, this call
         self._probing = False  # the last chosen shape is a probe
@@ -342,8 +348,16 @@ class TreeTuner:
             prior = out[j]
         return out
 
-    def start_call(self) -> None:
-        """A new `generate()` call: its own counts start empty."""
+    def start_call(self, visual: bool = True) -> None:
+        """A new `generate()` call, on a prompt with visual tokens (`visual`) or without: the running counts become
+        that class's, and the call's own counts start empty."""
+        if visual != self.visual:
+            held = (self.reached, self.accepted, self.mass, self.mass_steps)
+            if self._other_class is None:
+                fresh = ({k: np.zeros(self.max_depth) for k in self.widths} for _ in range(2))
+                self._other_class = (*fresh, {k: 0.0 for k in self.widths}, 0)
+            self.reached, self.accepted, self.mass, self.mass_steps = self._other_class
+            self._other_class, self.visual = held, visual
         for counts in (self.call_reached, self.call_accepted):
             for array in counts.values():
                 array[:] = 0

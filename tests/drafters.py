@@ -241,7 +241,7 @@ class _BatchOracleDrafter(Drafter):
         self.steps: list[list[int]] = []
         self.kept: list[list[int]] = []
 
-    def begin(self, adapter, do_sample, prompt_len, end_tokens=(), rows=1) -> None:
+    def begin(self, adapter, do_sample, prompt_len, end_tokens=(), rows=1, visual=True) -> None:
         self.rows = list(range(rows))
 
     def keep_rows(self, rows: list[int]) -> None:
@@ -288,7 +288,7 @@ class _RowwiseDrafter(Drafter):
     def __init__(self, drafters: list[Drafter]):
         self.drafters = drafters
 
-    def begin(self, adapter, do_sample, prompt_len, end_tokens=(), rows=1) -> None:
+    def begin(self, adapter, do_sample, prompt_len, end_tokens=(), rows=1, visual=True) -> None:
         assert rows == len(self.drafters), f"{rows} rows for {len(self.drafters)} drafters"
         for drafter in self.drafters:
             drafter.begin(adapter, do_sample, prompt_len, end_tokens)

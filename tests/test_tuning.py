@@ -81,6 +81,38 @@ def test_steps_cut_by_a_stopping_criterion_teach_no_acceptance():
     assert tuner.reached[1][:4].tolist() == [1, 1, 1, 0] and tuner.accepted[1][:3].tolist() == [1, 1, 0]
 
 
+def test_prompts_without_visual_tokens_keep_counts_of_their_own():
+    tuner, chain = TreeTuner(_costs(0.1)), SpeculativeConfig(depth=3, top_k=1, total_tokens=4)
+    tuner.start_call(visual=True)
+    tuner.observe(chain, [0, 0, 0], 0.1, 1.0, finished=False)
+    visual_alpha = tuner.alphas(1)[0]
+    tuner.start_call(visual=False)  # a text-only prompt: fresh counts, the prior's estimate
+    assert tuner.reached[1].sum() == 0 and tuner.alphas(1)[0] == pytest.approx(tuner.prior)
+    for _ in range(3):
+        tuner.observe(chain, [], 0.1, 1.0, finished=False)
+    tuner.start_call(visual=True)  # back to image prompts: their counts, untouched by the rejections
+    assert tuner.alphas(1)[0] == pytest.approx(visual_alpha) and tuner.reached[1][:3].tolist() == [1, 1, 1]
+    tuner.start_call(visual=False)
+    # three rejections at depth 1 against the prior's pseudo-steps (this call has no steps of its own yet)
+    assert tuner.alphas(1)[0] == pytest.approx(tuner.strength * tuner.prior / (3 + tuner.strength))
+    assert tuner.mass_steps == 0 and tuner.steps == 4  # costs, scales and step counts are shared
+
+
+def test_a_row_that_ends_on_the_targets_own_token_is_not_cut():
+    from types import SimpleNamespace
+
+    from specvlm_hf.generation import _cut
+    from specvlm_hf.tree import build_tree
+
+    tree = build_tree(torch.tensor([7, 3, 4, 5]), [-1, 0, 0, 1])  # root 7; drafts 3, 4 below it; 5 below 3
+    ended = SimpleNamespace(done=True, input_ids=torch.tensor([[1, 7, 3, 9]]))  # 3 accepted, then the target's 9
+    assert not _cut(tree, [0, 1], ended)  # 9 is not the draft 5: the draft below node 1 was rejected
+    cut = SimpleNamespace(done=True, input_ids=torch.tensor([[1, 7, 3, 5]]))  # the draft 5 accepted, then stopped
+    assert _cut(tree, [0, 1], cut)
+    going = SimpleNamespace(done=False, input_ids=torch.tensor([[1, 7, 3, 5]]))
+    assert not _cut(tree, [0, 1], going)
+
+
 def test_a_wide_step_teaches_every_narrower_width():
     tuner = TreeTuner(_costs(0.1))
     tree = SpeculativeConfig(depth=5, top_k=4, total_tokens=21)
