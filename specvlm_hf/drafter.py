@@ -78,9 +78,10 @@ class Drafter:
 
     def observe(self, tree: DraftTree, path: list[int], finished: bool) -> None:
         """The last proposed tree's outcome: `path`, the nodes whose tokens were emitted (root first: the accepted
-        drafts' parents, then the node the target's own token follows); `finished` when a stopping criterion cut the
-        step inside its accepted drafts, so that what the target says after `path` is unknown (a row that ends on
-        the target's own token after `path` is not cut: that token rejected the drafts below `path`)."""
+        drafts' parents, then the node the target's own token follows); `finished` when the output stopped inside the
+        accepted drafts: `path` then ends with the last accepted draft, and what the target says past it is unknown
+        (a row that ends on the target's own token after `path` is not `finished`: that token rejected the drafts
+        below `path`)."""
 
     def observe_rows(self, trees: list[DraftTree], paths: list[list[int]], finished: list[bool]) -> None:
         """`observe` for every row of the last `propose_rows`."""

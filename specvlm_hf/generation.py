@@ -277,8 +277,9 @@ def tree_decoding(
             commit_accepted(cache, int(roots[0]), paths[0])  # the emitted tokens' entries; the last is the next root
         else:
             live = commit_rows(cache, live, paths)
-        cut = [_cut(tree, path, emitters[row]) for row, tree, path in zip(active, trees, paths)]
-        drafter.observe_rows(trees, paths, cut)
+        ends = [_cut_draft(tree, path, emitters[row]) for row, tree, path in zip(active, trees, paths)]
+        drafter.observe_rows(trees, [path + [end] * (end is not None) for path, end in zip(paths, ends)],
+                             [end is not None for end in ends])  # fmt: skip
         stats.target_forwards += 1
         states = [
             step_draft_state(adapter, emitters[row].input_ids[:, pads[row] :], tree_features[i : i + 1, path],
@@ -367,14 +368,14 @@ def _cut_steps(steps: list[int], total: int) -> None:
             steps.pop()
 
 
-def _cut(tree, path: list[int], emitter) -> bool:
-    """Whether the row stopped inside this step's accepted drafts: its last token is a draft below `path`'s last node
-    (accepted, then the output ended), so the target's verdict past `path` is unknown. A row that ends on the target's
-    own token after `path` is not cut: every draft below `path` was rejected, as in a step that goes on."""
+def _cut_draft(tree, path: list[int], emitter) -> int | None:
+    """The accepted draft on which the row's output stopped inside this step, or `None`: its last token is a draft
+    below `path`'s last node, accepted, so the target's verdict past it is unknown. A row that ends on the target's
+    own token after `path` was not cut: every draft below `path` was rejected, as in a step that goes on."""
     if not emitter.done:
-        return False
+        return None
     last = int(emitter.input_ids[0, -1])
-    return any(tree.token_list[child] == last for child in tree.children[path[-1]])
+    return next((child for child in tree.children[path[-1]] if tree.token_list[child] == last), None)
 
 
 def _settle_limits(emitters: list[Emitter]) -> None:

@@ -449,9 +449,11 @@ class TreeTuner:
 
         Verification tries a node's children in rank order (greedy: the target's token is one of them; sampling:
         recursive rejection in that order), so a tree of width w < `shape.top_k` would have accepted exactly the
-        leading drafts of rank < w: one step teaches every width up to its own. A step cut short by a stopping
-        criterion says nothing about acceptance beyond the cut, so only its times count; `timed=False` (the first
-        step of a call, whose drafting includes the draft's pass over the prompt) keeps its times out of the scales.
+        leading drafts of rank < w: one step teaches every width up to its own. A row whose output stopped inside
+        its accepted drafts (`finished`; `ranks` then end with the draft it stopped on) says nothing past the cut:
+        its drafts count as accepted up to there, with no rejection after them unless a narrower width's. `timed=
+        False` (the first step of a call, whose drafting includes the draft's pass over the prompt) keeps its times
+        out of the scales.
         """
         self._take_mass()
         self._best = None
@@ -467,15 +469,14 @@ class TreeTuner:
             self.draft_scale += rate * (draft_seconds / predicted_draft - self.draft_scale)
             self.verify_scale += rate * ((step_seconds - draft_seconds) / predicted_verify - self.verify_scale)
         self.steps += 1
-        for row_ranks, done in zip(ranks, finished):
-            if done:
-                continue
+        for row_ranks, cut in zip(ranks, finished):
             for width in self.widths:
                 if width > k:
                     break
                 accepted = next((i for i, rank in enumerate(row_ranks) if rank >= width), len(row_ranks))
+                seen = accepted if cut and accepted == len(row_ranks) else min(accepted + 1, depth)
                 for reached, counts in ((self.reached, self.accepted), (self.call_reached, self.call_accepted)):
-                    reached[width][: min(accepted + 1, depth)] += 1
+                    reached[width][:seen] += 1
                     counts[width][:accepted] += 1
 
 

@@ -72,13 +72,19 @@ def test_flat_verification_cost_buys_width():
     assert flat.top_k > 1 and steep.top_k == 1
 
 
-def test_steps_cut_by_a_stopping_criterion_teach_no_acceptance():
+def test_a_row_cut_inside_its_accepted_drafts_teaches_nothing_past_the_cut():
     tuner = TreeTuner(_costs(0.1))
     shape = SpeculativeConfig(depth=4, top_k=1, total_tokens=5)
     tuner.observe(shape, [], 0.1, 1.0, finished=True)
     assert tuner.reached[1].sum() == 0 and tuner.steps == 1
-    tuner.observe(shape, [0, 0], 0.1, 1.0, finished=False)
-    assert tuner.reached[1][:4].tolist() == [1, 1, 1, 0] and tuner.accepted[1][:3].tolist() == [1, 1, 0]
+    tuner.observe(shape, [0, 0], 0.1, 1.0, finished=True)  # two drafts accepted, then the output stopped
+    assert tuner.reached[1][:3].tolist() == [1, 1, 0] and tuner.accepted[1][:3].tolist() == [1, 1, 0]
+    tuner.observe(shape, [0, 0], 0.1, 1.0, finished=False)  # two accepted, the third rejected
+    assert tuner.reached[1][:4].tolist() == [2, 2, 1, 0] and tuner.accepted[1][:3].tolist() == [2, 2, 0]
+    wide = SpeculativeConfig(depth=4, top_k=8, total_tokens=33)
+    tuner.observe(wide, [5], 0.1, 1.0, finished=True)  # the end token accepted as the root's sixth draft
+    assert tuner.reached[8][:2].tolist() == [1, 0] and tuner.accepted[8][:1].tolist() == [1]
+    assert tuner.reached[4][:2].tolist() == [1, 0] and tuner.accepted[4][0] == 0  # narrower widths: rejected
 
 
 def test_prompts_without_visual_tokens_keep_counts_of_their_own():
@@ -101,16 +107,16 @@ def test_prompts_without_visual_tokens_keep_counts_of_their_own():
 def test_a_row_that_ends_on_the_targets_own_token_is_not_cut():
     from types import SimpleNamespace
 
-    from specvlm_hf.generation import _cut
+    from specvlm_hf.generation import _cut_draft
     from specvlm_hf.tree import build_tree
 
     tree = build_tree(torch.tensor([7, 3, 4, 5]), [-1, 0, 0, 1])  # root 7; drafts 3, 4 below it; 5 below 3
     ended = SimpleNamespace(done=True, input_ids=torch.tensor([[1, 7, 3, 9]]))  # 3 accepted, then the target's 9
-    assert not _cut(tree, [0, 1], ended)  # 9 is not the draft 5: the draft below node 1 was rejected
+    assert _cut_draft(tree, [0, 1], ended) is None  # 9 is not the draft 5: the draft below node 1 was rejected
     cut = SimpleNamespace(done=True, input_ids=torch.tensor([[1, 7, 3, 5]]))  # the draft 5 accepted, then stopped
-    assert _cut(tree, [0, 1], cut)
+    assert _cut_draft(tree, [0, 1], cut) == 3
     going = SimpleNamespace(done=False, input_ids=torch.tensor([[1, 7, 3, 5]]))
-    assert not _cut(tree, [0, 1], going)
+    assert _cut_draft(tree, [0, 1], going) is None
 
 
 def test_a_wide_step_teaches_every_narrower_width():
