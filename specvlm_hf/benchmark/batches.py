@@ -16,7 +16,7 @@ from .methods import Method, RowsResult, Vanilla
 from .prompts import Batch
 from .stats import Spread, first_mismatch, paired_speedup, spread
 from .summary import MethodSummary
-from .sweep import sample_seed
+from .sweep import measured_run, sample_seed
 from .timing import Meter, module_bytes
 
 logger = logging.getLogger(__name__)
@@ -90,16 +90,11 @@ class BatchRecord:
 
 
 def _run_one(method: Method, target, batch: Batch, meter: Meter, weights: int, record: BatchRecord, max_new_tokens):
-    torch.manual_seed(record.seed)
-    try:
-        measurement = meter.measure(
-            lambda: method.generate_rows(
-                target, batch.inputs, temperature=record.temperature, max_new_tokens=max_new_tokens
-            )
-        )
-    except Exception as err:  # a failing method is a result, not a crash
-        record.error = f"{type(err).__name__}: {err}"
-        logger.warning("%s failed on %s (T=%s): %s", method.name, batch.id, record.temperature, record.error)
+    def call():
+        return method.generate_rows(target, batch.inputs, temperature=record.temperature, max_new_tokens=max_new_tokens)
+
+    measurement = measured_run(meter, record, method.name, batch.id, call)
+    if measurement is None:
         return record
     result: RowsResult = measurement.value
     record.wall_time = measurement.seconds

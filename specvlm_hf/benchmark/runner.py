@@ -252,7 +252,8 @@ def tree_report(
     summaries: Sequence[MethodSummary],
 ) -> dict:
     """The tree used at `temperature`, and with `--tree search` its calibration and predicted vs measured speedup."""
-    measured = next((s.speedup for s in summaries if s.method == EagleVLMFixed.name and s.temperature == temperature), None)
+    fixed = [s.speedup for s in summaries if s.method == EagleVLMFixed.name and s.temperature == temperature]
+    measured = fixed[0] if fixed else None
     report = {
         "temperature": temperature,
         "mode": "search" if calibration else "fixed",
@@ -329,6 +330,17 @@ def _check_load(device: torch.device) -> list[float] | None:
     return load
 
 
+def _sweep_settings(config: BenchmarkConfig) -> dict:
+    """The settings `run_sweep` and `run_batch_sweep` share, besides the temperature."""
+    return dict(
+        repeats=config.repeats,
+        max_new_tokens=config.max_new_tokens,
+        device=config.torch_device,
+        seed=config.seed,
+        warmup_tokens=config.warmup_tokens,
+    )
+
+
 def run_batches(
     config: BenchmarkConfig, resources: Resources, prompts: Sequence[Prompt], methods: dict[str, Method]
 ) -> tuple[list[BatchRecord], list[str]]:
@@ -351,15 +363,7 @@ def run_batches(
             )
         for temperature in config.temperatures:
             records += run_batch_sweep(
-                resources.target,
-                batches,
-                methods,
-                temperature=temperature,
-                repeats=config.repeats,
-                max_new_tokens=config.max_new_tokens,
-                device=config.torch_device,
-                seed=config.seed,
-                warmup_tokens=config.warmup_tokens,
+                resources.target, batches, methods, temperature=temperature, **_sweep_settings(config)
             )
     return records, notes
 
@@ -410,17 +414,7 @@ def run_benchmark(
     )
     records = []
     for temperature in config.temperatures if 1 in config.batch_sizes else ():
-        records += run_sweep(
-            resources.target,
-            samples,
-            methods,
-            temperature=temperature,
-            repeats=config.repeats,
-            max_new_tokens=config.max_new_tokens,
-            device=config.torch_device,
-            seed=config.seed,
-            warmup_tokens=config.warmup_tokens,
-        )
+        records += run_sweep(resources.target, samples, methods, temperature=temperature, **_sweep_settings(config))
     batch_records, batch_notes = run_batches(config, resources, prompts, methods)
     if resources.specvlm_draft is not None and hasattr(resources.specvlm_draft.compressor, "branch_counts"):
         # the compressor's choice per input over the whole run (warm-up runs included)

@@ -82,19 +82,26 @@ def sample_seed(base: int, sample_index: int, repeat: int) -> int:
     return base + 100_003 * repeat + sample_index
 
 
+def measured_run(meter: Meter, record, name: str, item_id: str, call):
+    """`meter.measure(call)` under `record.seed`, or `None` with `record.error` set: a failing method is a result,
+    not a crash. `record` is a `RunRecord` or a `batches.BatchRecord`; `name` and `item_id` only name the failure."""
+    torch.manual_seed(record.seed)
+    try:
+        return meter.measure(call)
+    except Exception as err:
+        record.error = f"{type(err).__name__}: {err}"
+        logger.warning("%s failed on %s (T=%s): %s", name, item_id, record.temperature, record.error)
+        return None
+
+
 def _run_one(
     method: Method, target, sample: Sample, meter: Meter, weights: int, record: RunRecord, max_new_tokens: int
 ):
-    torch.manual_seed(record.seed)
-    try:
-        measurement = meter.measure(
-            lambda: method.generate(
-                target, sample.inputs, temperature=record.temperature, max_new_tokens=max_new_tokens
-            )
-        )
-    except Exception as err:  # a failing method is a result, not a crash
-        record.error = f"{type(err).__name__}: {err}"
-        logger.warning("%s failed on %s (T=%s): %s", method.name, sample.id, record.temperature, record.error)
+    measurement = measured_run(
+        meter, record, method.name, sample.id,
+        lambda: method.generate(target, sample.inputs, temperature=record.temperature, max_new_tokens=max_new_tokens),
+    )  # fmt: skip
+    if measurement is None:
         return record
     result: MethodResult = measurement.value
     record.wall_time = measurement.seconds
