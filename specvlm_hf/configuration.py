@@ -158,6 +158,7 @@ def eagle3_layer_ids(num_layers: int) -> list[int]:
 
 # EAGLE-2's tree, used for any knob left unset when others are set.
 EAGLE2_TREE = {"depth": 5, "top_k": 8, "total_tokens": 32}
+DRAFT_NUMERICS = ("auto", "reference", "onednn", "onednn-bf16")  # `draft_step.NUMERICS` and auto
 
 
 @dataclass(frozen=True)
@@ -179,6 +180,11 @@ class SpeculativeConfig:
             included. The best `total_tokens - 1` drafted nodes by cumulative draft log-probability are kept.
         profile (`bool`, defaults to `False`): record time spent in target and draft forwards (`SpeculativeStats`);
             synchronises CUDA around each phase, so leave it off outside benchmarks.
+        draft_numerics (`str`, defaults to `"auto"`): the kernels of the draft's linear maps (`draft_step.NUMERICS`):
+            `"reference"` (its modules' own float arithmetic), `"onednn"` (weights prepacked for oneDNN, CPU) or
+            `"onednn-bf16"` (the same in bfloat16, on CPUs with bf16 instructions); `"auto"` takes the fastest
+            measured on this device (`tuning.device_costs`). The target's verification alone decides the output, so
+            the numerics change the speed and what the draft proposes, never the output.
     """
 
     depth: int | None = field(default=None, metadata={"help": "Draft levels below the root (auto when unset)."})
@@ -187,12 +193,19 @@ class SpeculativeConfig:
         default=None, metadata={"help": "Tree tokens verified per target forward, root included (auto when unset)."}
     )
     profile: bool = field(default=False, metadata={"help": "Time target and draft forwards apart (syncs CUDA)."})
+    draft_numerics: str = field(
+        default="auto", metadata={"help": "The draft's kernels: auto, reference, onednn or onednn-bf16."}
+    )
 
     def __post_init__(self):
         for name, low in (("depth", 1), ("top_k", 1), ("total_tokens", 2)):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
                 raise ValueError(f"SpeculativeConfig.{name} must be an integer >= {low}, got {value!r}")
+        if self.draft_numerics not in DRAFT_NUMERICS:
+            raise ValueError(
+                f"SpeculativeConfig.draft_numerics must be one of {', '.join(DRAFT_NUMERICS)}, got {self.draft_numerics!r}"
+            )
 
     @property
     def is_auto(self) -> bool:

@@ -11,20 +11,33 @@ and on CPU a level costs more in framework overhead than in arithmetic, so this 
   a mask is given (the copy cost as much as the attention); other devices and implementations run through
   transformers' function;
 - reads the rotary cos/sin of default RoPE from a table computed once per call (`RotaryTable`), the same elementwise
-  arithmetic `LlamaRotaryEmbedding.forward` does per position.
+  arithmetic `LlamaRotaryEmbedding.forward` does per position;
+- runs its linear maps (and its logits head) through one of the draft **numerics** (`DraftKernels`): `reference`, the
+  modules' own `F.linear`; on a CPU with oneDNN, `onednn` (the weights reordered once into oneDNN's blocked layout,
+  q/k/v and gate/up each fused into one matmul) and `onednn-bf16` (the same in bfloat16 where the CPU has bf16
+  instructions, but for the logits head). For the few rows of a tree level, float32 `F.linear` takes a slow
+  small-GEMM path; the packed kernels cost 1.5-3.5x less there.
 
-Invariant: given the same inputs and mask, `LeanDraftForward` returns bit for bit what the draft's `forward`
-(`SpecVLMDraftModel`'s or `SpecVLMEagle3DraftModel`'s) returns with a `DynamicCache` holding the same entries (float32; `tests/test_draft_step.py`). Every value goes
-through the same arithmetic; only where the keys, values and rotary angles live, and how the attention kernel reaches
-a shared key/value head, differ.
+Invariant: with `reference` numerics, given the same inputs and mask, `LeanDraftForward` returns bit for bit what
+the draft's `forward` (`SpecVLMDraftModel`'s or `SpecVLMEagle3DraftModel`'s) returns with a `DynamicCache` holding the
+same entries (float32; `tests/test_draft_step.py`). Every value goes through the same arithmetic; only where the keys,
+values and rotary angles live, and how the attention kernel reaches a shared key/value head, differ. The other
+numerics round differently (`onednn` sums in another order, `onednn-bf16` keeps 8 bits of mantissa in the layer's
+matmuls):
+they change what the draft proposes, never what the target emits, which its verification alone decides. What they
+may cost in acceptance is tested on the testbed's held-out prompts (`tests/test_draft_numerics.py`).
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 import torch.nn.functional as F
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
+
+from .configuration import DRAFT_NUMERICS
 
 
 class StaticDraftCache:
@@ -101,11 +114,185 @@ class RotaryTable:
         return self.cos[position_ids], self.sin[position_ids]
 
 
-class LeanDraftForward:
-    """`SpecVLMDraftModel.forward` over a `StaticDraftCache` of `rows` sequences. One instance serves one decoding
-    call."""
+NUMERICS = tuple(name for name in DRAFT_NUMERICS if name != "auto")
+PACK_ROWS = 8  # the row count oneDNN's weight layout is chosen for: a tree level's nodes; any count runs
 
-    def __init__(self, draft, capacity: int = 512, rows: int = 1):
+
+def available_numerics(device: torch.device, dtype: torch.dtype) -> tuple[str, ...]:
+    """The numerics a draft with weights of `dtype` on `device` can run with: `reference` everywhere; on a CPU with
+    oneDNN, for a float32 or bfloat16 draft, `onednn` (in the draft's dtype), and for a float32 draft on a CPU with
+    bf16 kernels, `onednn-bf16`."""
+    if torch.device(device).type != "cpu" or not torch.backends.mkldnn.is_available():
+        return ("reference",)
+    if dtype not in (torch.float32, torch.bfloat16):
+        return ("reference",)
+    bf16 = dtype == torch.float32 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return ("reference", "onednn", "onednn-bf16") if bf16 else ("reference", "onednn")
+
+
+class PackedLinear:
+    """
+    Linear maps sharing an input (`F.linear(x, W_i, b_i)` for each i) as one oneDNN matmul: the weights concatenated,
+    converted to `dtype` and reordered once into oneDNN's blocked layout. Returns each map's output in the input's
+    dtype: a tuple when there are several, unless `split` is False (then their outputs side by side).
+    """
+
+    def __init__(
+        self, weights: list[torch.Tensor], biases: list[torch.Tensor | None], dtype: torch.dtype, split: bool = True
+    ):
+        self.dtype = dtype
+        self.sizes = [weight.shape[0] for weight in weights] if split else [sum(w.shape[0] for w in weights)]
+        weight = torch.cat(weights).to(dtype)
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS)
+        if all(bias is None for bias in biases):
+            self.bias = None
+        else:
+            parts = [weight.new_zeros(n) if bias is None else bias for bias, n in zip(biases, self.sizes)]
+            self.bias = torch.cat(parts).to(dtype)
+
+    def __call__(self, hidden: torch.Tensor):
+        """`hidden` (`(..., in_features)`) -> `(..., out_features_i)` for each map."""
+        out = torch.ops.mkldnn._linear_pointwise(hidden.to(self.dtype), self.weight, self.bias, "none", [None], "")
+        out = out.to(hidden.dtype)
+        return out.split(self.sizes, dim=-1) if len(self.sizes) > 1 else out
+
+
+class DraftKernels:
+    """
+    The draft's arithmetic that its numerics decide, as `LeanDraftForward` calls it:
+
+    - `fc(x)`, and per layer `layers[i] = (qkv, o, gate_up, down)`: `qkv(x)` (whatever `attention_inputs` reads),
+      `o(x)`, `gate_up(x) -> (gate, up)`, `down(x)`;
+    - `angles(cos, sin)` (each `(rows, q_len, head_dim)`): RoPE's angles as `attention_inputs` reads them;
+      `attention_inputs(qkv(x), angles, shape)` -> query `(rows, heads, q_len, head_dim)`, key and value
+      `(rows, kv_heads, q_len, head_dim)`, RoPE applied to query and key;
+    - `head`: what `compute_logits(hidden, head=...)` runs in place of the `lm_head` (`None`: the `lm_head` itself).
+
+    This class is the `reference` numerics: each module's own `F.linear` and `apply_rotary_pos_emb`, the draft's forward
+    op for op. `PackedKernels` is the other numerics.
+    """
+
+    def __init__(self, draft, numerics: str = "reference"):
+        self.numerics = numerics
+        self.fc = _reference_linear(draft.fc)
+        self.layers = [
+            (_reference_linear(layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj),
+             _reference_linear(layer.self_attn.o_proj), _reference_linear(layer.mlp.gate_proj, layer.mlp.up_proj),
+             _reference_linear(layer.mlp.down_proj))
+            for layer in draft.layers
+        ]  # fmt: skip
+        self.head = None
+
+    @staticmethod
+    def angles(cos: torch.Tensor, sin: torch.Tensor):
+        return cos, sin
+
+    @staticmethod
+    def attention_inputs(projected, angles, shape: tuple[int, int, int]):
+        """`shape`: `(rows, q_len, head_dim)`."""
+        query, key, value = (part.reshape(*shape[:2], -1, shape[2]).transpose(1, 2) for part in projected)
+        query, key = apply_rotary_pos_emb(query, key, *angles)
+        return query, key, value
+
+
+class PackedKernels(DraftKernels):
+    """
+    The `onednn` and `onednn-bf16` numerics: every linear map a `PackedLinear` in the draft's dtype, or for
+    `onednn-bf16` in bfloat16 but for the logits head; q/k/v fused into one matmul and gate/up into another; RoPE as one complex multiplication
+    over query and key together. For that, the q and k weight rows are permuted per head so that each pair RoPE rotates
+    together, dimensions `(i, i + head_dim / 2)` (`rotate_half`), sits side by side as a complex number; query . key
+    sums over the same pairs in another order, so attention is unchanged but for rounding (values are not permuted).
+    """
+
+    def __init__(self, draft, numerics: str):
+        self.numerics = numerics
+        dtype = torch.bfloat16 if numerics == "onednn-bf16" else draft.fc.weight.dtype
+        head_dim = draft.config.head_dim
+        self.heads, self.kv_heads = draft.config.num_attention_heads, draft.config.num_key_value_heads
+
+        def packed(*linears, permute=()):
+            weights = [_pair_rows(m.weight, head_dim) if m in permute else m.weight for m in linears]
+            biases = [_pair_rows(m.bias, head_dim) if m in permute and m.bias is not None else m.bias for m in linears]
+            return PackedLinear(weights, biases, dtype, split=False)
+
+        self.fc = packed(draft.fc)
+        self.layers = []
+        for layer in draft.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            qkv = packed(attn.q_proj, attn.k_proj, attn.v_proj, permute=(attn.q_proj, attn.k_proj))
+            gate_up = PackedLinear([mlp.gate_proj.weight, mlp.up_proj.weight], [mlp.gate_proj.bias, mlp.up_proj.bias],
+                                   dtype)  # fmt: skip
+            self.layers.append((qkv, packed(attn.o_proj), gate_up, packed(mlp.down_proj)))
+        # The logits head stays in the draft's dtype: in bfloat16 the ranking of close candidates flips, which cost
+        # 0.5-0.9% of the mean accepted length on the testbed's held-out prompts; in float32 it cost none.
+        self.head = PackedLinear([draft.lm_head.weight], [draft.lm_head.bias], draft.fc.weight.dtype)
+
+    @staticmethod
+    def angles(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """`cos + i sin` of each pair's angle, `(rows, q_len, 1, head_dim / 2)` complex (RoPE's cos and sin repeat
+        their first half)."""
+        half = cos.shape[-1] // 2
+        return torch.complex(cos[..., :half].float(), sin[..., :half].float())[:, :, None]
+
+    def attention_inputs(self, projected: torch.Tensor, angles: torch.Tensor, shape: tuple[int, int, int]):
+        rows, q_len, head_dim = shape
+        rotated_heads = self.heads + self.kv_heads
+        pairs = projected[..., : rotated_heads * head_dim].reshape(rows, q_len, rotated_heads, head_dim // 2, 2)
+        rotated = torch.view_as_real(torch.view_as_complex(pairs.float()) * angles).flatten(-2).to(projected.dtype)
+        query = rotated[:, :, : self.heads].transpose(1, 2)
+        key = rotated[:, :, self.heads :].transpose(1, 2)
+        value = projected[..., rotated_heads * head_dim :].reshape(rows, q_len, self.kv_heads, head_dim)
+        return query, key, value.transpose(1, 2)
+
+
+def _pair_rows(weight: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """A q or k projection's weight (`(heads * head_dim, in_features)`) or bias with each head's rows reordered
+    `0, d/2, 1, d/2 + 1, ...`: RoPE's pairs side by side."""
+    heads = weight.shape[0] // head_dim
+    paired = weight.reshape(heads, 2, head_dim // 2, *weight.shape[1:]).transpose(1, 2)
+    return paired.reshape(weight.shape)
+
+
+def _reference_linear(*linears):
+    """`F.linear` over each module's own weight and bias, as its `forward` calls it."""
+    if len(linears) == 1:
+        (linear,) = linears
+        return lambda hidden: F.linear(hidden, linear.weight, linear.bias)
+    return lambda hidden: tuple(F.linear(hidden, m.weight, m.bias) for m in linears)
+
+
+# Kernels per draft and numerics, with the weights' identity they were packed from: packing reorders every weight, so
+# it is done once per weights, not once per call. An optimizer step or a `.to()` changes a weight's version or storage
+# and so repacks.
+_KERNELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def draft_kernels(draft, numerics: str) -> DraftKernels:
+    """`DraftKernels(draft, numerics)`, reused while the draft's weights (and its `lm_head`) are unchanged. Raises a
+    `ValueError` naming the numerics this device runs when `numerics` is not one of them."""
+    weight = draft.fc.weight
+    available = available_numerics(weight.device, weight.dtype)
+    if numerics not in available:
+        raise ValueError(
+            f"draft_numerics={numerics!r} does not run here ({weight.device}, {weight.dtype}); available: "
+            f"{', '.join(available)} (or 'auto': the fastest, measured)."
+        )
+    if numerics == "reference":
+        return DraftKernels(draft)
+    weights = [draft.lm_head.weight, *(p for p in draft.parameters())]
+    identity = tuple((w.data_ptr(), w._version) for w in weights)
+    kept = _KERNELS.setdefault(draft, {}).get(numerics)
+    if kept is None or kept[0] != identity:
+        with torch.no_grad():
+            kept = _KERNELS[draft][numerics] = (identity, PackedKernels(draft, numerics))
+    return kept[1]
+
+
+class LeanDraftForward:
+    """`SpecVLMDraftModel.forward` over a `StaticDraftCache` of `rows` sequences, with its linear maps in `numerics`
+    (`DraftKernels`). One instance serves one decoding call."""
+
+    def __init__(self, draft, capacity: int = 512, rows: int = 1, numerics: str = "reference"):
         self.draft = draft
         config = draft.config
         self.head_dim = config.head_dim
@@ -115,7 +302,7 @@ class LeanDraftForward:
         self.attention = ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager_attention_forward)
         check_plain_modules(draft)
         weight = draft.fc.weight
-        self.fc = (draft.fc.weight, draft.fc.bias)
+        self.kernels = draft_kernels(draft, numerics)
         # EAGLE-3: the fused state's norms (`fc_norm`, `None` without), the first layer's `hidden_norm` and residual
         self.eagle3 = hasattr(draft.layers[0], "hidden_norm")
         if self.eagle3:
@@ -124,13 +311,11 @@ class LeanDraftForward:
             self.hidden_norm = (draft.layers[0].hidden_norm.weight, draft.layers[0].hidden_norm.variance_epsilon)
             self.norm_before_residual = draft.layers[0].norm_before_residual
         # Per layer: the attention module (read by transformers' attention function), the two RMSNorms' (weight,
-        # eps), the seven projections' (weight, bias) in order q, k, v, o, gate, up, down, and the MLP activation.
+        # eps), the layer's kernels (qkv, o, gate_up, down) and the MLP activation.
         self.layers = []
-        for layer in draft.layers:
-            attn, mlp = layer.self_attn, layer.mlp
+        for layer, kernels in zip(draft.layers, self.kernels.layers):
             norms = [(n.weight, n.variance_epsilon) for n in (layer.input_layernorm, layer.post_attention_layernorm)]
-            linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-            self.layers.append((attn, norms, [(m.weight, m.bias) for m in linears], mlp.act_fn))
+            self.layers.append((layer.self_attn, norms, kernels, layer.mlp.act_fn))
         self.cache = StaticDraftCache(
             len(draft.layers), config.num_key_value_heads, config.head_dim, weight.dtype, weight.device, capacity, rows
         )
@@ -143,6 +328,10 @@ class LeanDraftForward:
         """Makes room for draft positions `[0, positions)`; the caller reserves before feeding a position."""
         if self.rotary is not None:
             self.rotary.reserve(positions)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The draft's `compute_logits` through this forward's numerics: `(..., hidden_size) -> (..., vocab_size)`."""
+        return self.draft.compute_logits(hidden, head=self.kernels.head)
 
     def __call__(
         self,
@@ -167,23 +356,22 @@ class LeanDraftForward:
         cache = self.cache
         q_len, start = inputs_embeds.shape[1], cache.length
         cache.reserve(start + q_len)
+        kernels = self.kernels
         if self.eagle3:
             hidden, first_input = self._eagle3_input(inputs_embeds, features)
         else:
-            hidden = F.linear(torch.cat([inputs_embeds, features.to(inputs_embeds.dtype)], dim=-1), *self.fc)
+            hidden = kernels.fc(torch.cat([inputs_embeds, features.to(inputs_embeds.dtype)], dim=-1))
             first_input = _rms_norm(hidden, *self.layers[0][1][0])
         if self.rotary is not None:
             cos, sin = self.rotary(position_ids)
         else:
             cos, sin = self.draft.rotary_emb(hidden, position_ids)
+        angles = kernels.angles(cos, sin)
         rows = inputs_embeds.shape[0]
-        heads = (rows, q_len, -1, self.head_dim)
-        for index, (attn, norms, projections, act) in enumerate(self.layers):
+        shape = (rows, q_len, self.head_dim)
+        for index, (attn, norms, (qkv, o_proj, gate_up, down), act) in enumerate(self.layers):
             normed = first_input if index == 0 else _rms_norm(hidden, *norms[0])
-            query = F.linear(normed, *projections[0]).view(heads).transpose(1, 2)
-            key = F.linear(normed, *projections[1]).view(heads).transpose(1, 2)
-            value = F.linear(normed, *projections[2]).view(heads).transpose(1, 2)
-            query, key = apply_rotary_pos_emb(query, key, cos, sin)
+            query, key, value = kernels.attention_inputs(qkv(normed), angles, shape)
             keys, values = cache.write(index, start, key, value)
             dropout = attn.attention_dropout if attn.training else 0.0  # as LlamaAttention.forward
             if self.sdpa:
@@ -192,10 +380,10 @@ class LeanDraftForward:
                 out, _ = self.attention(
                     attn, query, keys, values, attention_mask, dropout=dropout, scaling=attn.scaling
                 )
-            hidden = hidden + F.linear(out.reshape(rows, q_len, -1).contiguous(), *projections[3])
+            hidden = hidden + o_proj(out.reshape(rows, q_len, -1).contiguous())
             normed = _rms_norm(hidden, *norms[1])
-            gated = act(F.linear(normed, *projections[4])) * F.linear(normed, *projections[5])
-            hidden = hidden + F.linear(gated, *projections[6])
+            gate, up = gate_up(normed)
+            hidden = hidden + down(act(gate) * up)
         cache.length = start + q_len
         return hidden
 
@@ -203,10 +391,10 @@ class LeanDraftForward:
         """`Eagle3DecoderLayer`'s residual and attention input, op for op: fuse wide target states
         (`SpecVLMEagle3DraftModel.fuse`), then `(residual, concat(input_norm(embeds), hidden_norm(state)))`."""
         if features.shape[-1] != inputs_embeds.shape[-1]:
-            parts = features.to(self.fc[0].dtype).chunk(3, dim=-1)
+            parts = features.to(self.draft.fc.weight.dtype).chunk(3, dim=-1)
             if self.fc_norm is not None:
                 parts = [_rms_norm(part, *norm) for part, norm in zip(parts, self.fc_norm)]
-            state = F.linear(torch.cat(parts, dim=-1), *self.fc)
+            state = self.kernels.fc(torch.cat(parts, dim=-1))
         else:
             state = features.to(inputs_embeds.dtype)
         normed = _rms_norm(state, *self.hidden_norm)

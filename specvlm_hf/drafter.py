@@ -9,9 +9,11 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from .adapters import get_adapter
 from .configuration import SpeculativeConfig
 from .draft_step import LeanDraftForward
 from .tree import DraftTree, additive_mask, build_tree, expand_level, rerank_nodes
+from .tuning import device_costs
 
 
 @dataclass(frozen=True)
@@ -171,7 +173,7 @@ class TreeDrafter(Drafter):
     def __init__(self, draft, config: SpeculativeConfig):
         self.draft = draft
         self.config = config if config.is_auto else config.fixed()
-        self.forward = LeanDraftForward(draft)  # one row; `begin` makes one for the batch's rows
+        self.forward: LeanDraftForward | None = None  # made by `begin` (or the first `propose_rows` without it)
         self.feature_layers = draft.feature_layers
         self.tuner = None
         self.shape = self.config
@@ -193,16 +195,23 @@ class TreeDrafter(Drafter):
         rows: int = 1,
         visual: bool = True,
     ) -> None:
-        if rows > 1:
-            self.forward = LeanDraftForward(self.draft, rows=rows)
         device = self.draft.fc.weight.device
         self.live = torch.zeros(rows, 0, dtype=torch.bool, device=device)
         self._pending = [[] for _ in range(rows)]
+        numerics = self.config.draft_numerics
         if self.config.is_auto:
-            self.tuner = self.draft.tree_tuner(adapter, do_sample, prompt_len, rows)
+            self.tuner = self.draft.tree_tuner(adapter, do_sample, prompt_len, rows, numerics)
             self.tuner.start_call(visual)
+            numerics = self.tuner.costs.numerics
+        self._make_forward(adapter, prompt_len, rows, numerics)
         if end_tokens:
             self._end_tokens = torch.tensor(end_tokens, device=device)
+
+    def _make_forward(self, adapter, prompt_len: int, rows: int, numerics: str) -> None:
+        """The lean forward of `rows` rows in `numerics` (`auto`: the one the device's costs chose)."""
+        if numerics == "auto":
+            numerics = device_costs(adapter, self.draft, prompt_len, rows).numerics
+        self.forward = LeanDraftForward(self.draft, rows=rows, numerics=numerics)
 
     def describe(self) -> dict:
         return dict(self._described)
@@ -239,6 +248,9 @@ class TreeDrafter(Drafter):
         if self.live is None:  # driven without `begin` (a fixed tree, as the benchmark's replay drives it)
             self.live = torch.zeros(len(states), 0, dtype=torch.bool, device=self.draft.fc.weight.device)
             self._pending = [[] for _ in states]
+            if self.forward is None:
+                adapter = get_adapter(self.draft.target)
+                self._make_forward(adapter, states[0].input_ids.shape[1], len(states), self.config.draft_numerics)
         for row, state in enumerate(states):
             embeds, features, position_ids = state.inputs_embeds, state.features, state.position_ids
             if state.image_mask is not None:
@@ -273,7 +285,7 @@ class TreeDrafter(Drafter):
 
         # Level 1: the roots' top_k children. Pool = every scored node: tokens, scores, parent pool index (-1 = root).
         root_hidden = hidden[torch.arange(rows, device=device), lengths - 1]  # (rows, hidden): each row's last entry
-        log_probs = torch.log_softmax(self.draft.compute_logits(root_hidden).float(), dim=-1)  # [rows, V]
+        log_probs = torch.log_softmax(self.forward.logits(root_hidden).float(), dim=-1)  # [rows, V]
         tokens, scores = expand_level(log_probs.new_zeros(rows), log_probs, k)  # [rows, k]
         if self.tuner is not None:
             self.tuner.observe_mass(log_probs[0].topk(max(self.tuner.widths)).values.exp())
@@ -299,7 +311,7 @@ class TreeDrafter(Drafter):
             mask = additive_mask(torch.cat([past_allowed, tree_allowed], dim=2), dtype)
             positions = (root_positions + level - 1)[:, None].expand(rows, k)
             out = self.forward(embed(tokens), frontier_hidden, positions, mask)  # [rows, k, hidden]
-            log_probs = torch.log_softmax(self.draft.compute_logits(out).float(), dim=-1)  # [rows, k, V]
+            log_probs = torch.log_softmax(self.forward.logits(out).float(), dim=-1)  # [rows, k, V]
             child_tokens, child_scores = expand_level(scores, log_probs, k)  # [rows, k, k]
             child_tokens, child_scores = child_tokens.flatten(1), child_scores.flatten(1)  # [rows, k * k]
             pool_tokens.append(child_tokens)

@@ -487,6 +487,7 @@ def speculative_generate(
     tree_top_k: int | None = None,
     total_tokens: int | None = None,
     profile: bool | None = None,
+    draft_numerics: str | None = None,
     **generate_kwargs,
 ) -> SpeculativeOutput:
     """
@@ -499,6 +500,9 @@ def speculative_generate(
         depth, tree_top_k, total_tokens (`int`, *optional*): EAGLE-2 tree knobs for this call (`SpeculativeConfig`'s
             `depth`, `top_k`, `total_tokens`); the draft's own `speculative_config` otherwise.
         profile (`bool`, *optional*): also time target and draft forwards apart.
+        draft_numerics (`str`, *optional*): the draft's kernels for this call (`SpeculativeConfig.draft_numerics`:
+            `"auto"`, `"reference"`, `"onednn"`, `"onednn-bf16"`); they change what the draft proposes and its speed,
+            never the output.
         generate_kwargs: the processor's outputs (`input_ids`, `attention_mask`, `pixel_values`) and any generation
             argument `generate()` takes, with the same meaning (`max_new_tokens`, `do_sample`, `temperature`,
             `top_k`, `top_p`, `eos_token_id`, `generation_config`, `logits_processor`, `stopping_criteria`,
@@ -516,7 +520,8 @@ def speculative_generate(
     if max_new_tokens is not None and max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     _warn_if_top_k_meant_the_tree(target, generate_kwargs, tree_top_k)
-    knobs = {"depth": depth, "tree_top_k": tree_top_k, "total_tokens": total_tokens, "profile": profile}
+    knobs = {"depth": depth, "tree_top_k": tree_top_k, "total_tokens": total_tokens, "profile": profile,
+             "draft_numerics": draft_numerics}  # fmt: skip
     if any(v is not None for v in knobs.values()):
         draft = draft.with_tree(**knobs)
     _return_the_stats(generate_kwargs)

@@ -242,8 +242,8 @@ class SpecVLMDraftModel(PreTrainedModel, DraftSource):
         }
 
     def with_tree(self, **knobs) -> TreeDraftSpec:
-        """This draft with other tree knobs (`depth`, `tree_top_k`, `total_tokens`, `profile`), for
-        `generate(assistant_model=...)`. Any knob set fixes the tree; `speculative_config` is auto by default
+        """This draft with other tree knobs (`depth`, `tree_top_k`, `total_tokens`), `profile` or `draft_numerics`,
+        for `generate(assistant_model=...)`. Any tree knob set fixes the tree; `speculative_config` is auto by default
         (`tuning.py`)."""
         return TreeDraftSpec(self, self.speculative_config.with_overrides(**tree_knobs(knobs)))
 
@@ -254,13 +254,16 @@ class SpecVLMDraftModel(PreTrainedModel, DraftSource):
             )
         return TreeDrafter(self, speculative_config or self.speculative_config)
 
-    def tree_tuner(self, adapter, do_sample: bool, prompt_len: int, rows: int = 1) -> TreeTuner:
-        """The auto tree's controller for the bound target in this decoding mode and batch size, kept across calls;
-        the device's costs for that batch size are measured on first use (`tuning.device_costs`)."""
+    def tree_tuner(self, adapter, do_sample: bool, prompt_len: int, rows: int = 1, numerics: str = "auto") -> TreeTuner:
+        """The auto tree's controller for the bound target in this decoding mode, batch size and draft numerics (`auto`:
+        the one the costs chose), kept across calls; the device's costs for that batch size are measured on first use
+        (`tuning.device_costs`)."""
+        costs = device_costs(adapter, self, prompt_len, rows)
+        costs = costs if numerics == "auto" else costs.with_numerics(numerics)
         weight = self.fc.weight
-        key = (weight.device, weight.dtype, bool(do_sample), rows)
+        key = (weight.device, weight.dtype, bool(do_sample), rows, costs.numerics)
         if key not in self._tuners:
-            self._tuners[key] = TreeTuner(device_costs(adapter, self, prompt_len, rows))
+            self._tuners[key] = TreeTuner(costs)
         return self._tuners[key]
 
     # ----------------------------------------------------------------------------------------------- compute
@@ -312,9 +315,10 @@ class SpecVLMDraftModel(PreTrainedModel, DraftSource):
                 hidden = hidden[0]
         return hidden
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The target's `lm_head` over predicted features: `(..., hidden_size) -> (..., vocab_size)`."""
-        return self.lm_head(hidden)
+    def compute_logits(self, hidden: torch.Tensor, head=None) -> torch.Tensor:
+        """The target's `lm_head` over predicted features: `(..., hidden_size) -> (..., vocab_size)`. `head`, if given,
+        runs in place of the `lm_head` (its weights in other kernels: `draft_step.DraftKernels`)."""
+        return (head or self.lm_head)(hidden)
 
     def training_logits(self, hidden: torch.Tensor, target_logits: torch.Tensor):
         """`(draft_logits, target_logits)` over the vocabulary the draft proposes from, for the distillation loss:

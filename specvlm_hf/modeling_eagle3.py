@@ -183,10 +183,10 @@ class SpecVLMEagle3DraftModel(SpecVLMDraftModel):
         logits = self.lm_head(self.norm(hidden))
         return logits, target_logits if self.d2t is None else target_logits[..., self.draft_token_ids()]
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor, head=None) -> torch.Tensor:
         """`lm_head(norm(hidden))` over the target's vocabulary: `(..., hidden_size) -> (..., vocab_size)`; tokens
-        outside the draft vocabulary get `-inf`."""
-        logits = self.lm_head(self.norm(hidden))
+        outside the draft vocabulary get `-inf`. `head`, if given, runs in place of the `lm_head`."""
+        logits = (head or self.lm_head)(self.norm(hidden))
         if self.d2t is None:
             return logits
         full = logits.new_full((*logits.shape[:-1], self.config.vocab_size), float("-inf"))

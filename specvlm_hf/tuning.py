@@ -39,7 +39,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -120,16 +120,19 @@ def measure_verify_curve(
 
 
 @torch.no_grad()
-def measure_draft_levels(draft, prefix_len: int, widths=WIDTHS, repeats: int = 15, rows: int = 1) -> dict[int, float]:
+def measure_draft_levels(
+    draft, prefix_len: int, widths=WIDTHS, repeats: int = 15, rows: int = 1, numerics: str = "reference"
+) -> dict[int, float]:
     """Seconds of one draft level of each width k (k nodes of each of `rows` sequences through the lean draft
-    forward, the shared `lm_head`, log-softmax and top-k) over a draft cache of `prefix_len` entries: the median over
-    `repeats` rounds (after a warm-up round, rounds interleaved across k), made non-decreasing in k (`monotone`)."""
+    forward in `numerics`, the `lm_head`, log-softmax and top-k) over a draft cache of `prefix_len` entries: the
+    median over `repeats` rounds (after a warm-up round, rounds interleaved across k), made non-decreasing in k
+    (`monotone`)."""
     from .draft_step import LeanDraftForward
     from .tree import causal_attention_mask
 
     weight = draft.fc.weight
     device, dtype, hidden = weight.device, weight.dtype, draft.config.hidden_size
-    forward = LeanDraftForward(draft, capacity=prefix_len + max(widths), rows=rows)
+    forward = LeanDraftForward(draft, capacity=prefix_len + max(widths), rows=rows, numerics=numerics)
     noise = torch.Generator(device=device).manual_seed(0)  # the caller's random stream stays untouched
     prefix = torch.randn(1, prefix_len + max(widths), hidden, device=device, dtype=dtype, generator=noise)
     prefix = prefix.expand(rows, -1, -1)
@@ -140,7 +143,7 @@ def measure_draft_levels(draft, prefix_len: int, widths=WIDTHS, repeats: int = 1
         nodes = prefix[:, prefix_len : prefix_len + k]
         mask = torch.zeros(rows, 1, k, prefix_len + k, dtype=dtype, device=device)
         out = forward(nodes, nodes, torch.full((rows, k), prefix_len, device=device), mask)
-        torch.log_softmax(draft.compute_logits(out).float(), dim=-1).topk(k, dim=-1)
+        torch.log_softmax(forward.logits(out).float(), dim=-1).topk(k, dim=-1)
         forward.cache.truncate(prefix_len)
 
     return interleaved_medians({k: lambda k=k: level(k) for k in sorted(widths)}, device, repeats)
@@ -178,29 +181,68 @@ def monotone(values: list[float]) -> list[float]:
     return [total / count for total, count in blocks for _ in range(int(count))]
 
 
+# A faster draft numerics is chosen only if its levels cost at most this share of the reference's: the reference is
+# exact, and a smaller gain is within the measurement's noise.
+NUMERICS_GAIN = 0.95
+
+
 @dataclass(frozen=True)
 class DeviceCosts:
-    """What one step costs on this device, measured in isolation: T(q), and one draft level per width k."""
+    """
+    What one step costs on this device, measured in isolation: T(q), and one draft level per width k in `numerics`.
+
+    Attributes:
+        curve (`CostCurve`)
+        draft_level (`dict[int, float]`): seconds of a draft level of width k, in `numerics`.
+        numerics (`str`): the draft numerics these costs are for (`draft_step.NUMERICS`).
+        levels (`dict[str, dict[int, float]]`): the draft levels of every numerics measured (`draft_level` among
+            them), from which `choose_numerics` picked; empty when only `numerics` was measured.
+    """
 
     curve: CostCurve
     draft_level: dict[int, float]
+    numerics: str = "reference"
+    levels: dict = field(default_factory=dict)
+
+    def with_numerics(self, numerics: str) -> DeviceCosts:
+        """These costs with the draft levels of `numerics` (measured here: a key of `levels`)."""
+        if numerics == self.numerics:
+            return self
+        if numerics not in self.levels:
+            raise ValueError(f"draft numerics {numerics!r} was not measured here (measured: {', '.join(self.levels)})")
+        return replace(self, draft_level=self.levels[numerics], numerics=numerics)
 
     def to_json(self) -> dict:
-        return {"curve": asdict(self.curve), "draft_level": {str(k): v for k, v in self.draft_level.items()}}
+        levels = {name: {str(k): v for k, v in level.items()} for name, level in self.levels.items()}
+        return {"curve": asdict(self.curve), "draft_level": {str(k): v for k, v in self.draft_level.items()},
+                "numerics": self.numerics, "levels": levels}  # fmt: skip
 
     @classmethod
     def from_json(cls, data: dict) -> DeviceCosts:
         """Raises `ValueError` unless `data` holds a curve from q = 1 and a cost for width 1, all finite and > 0."""
         curve = data["curve"]
+        levels = {str(name): {int(k): float(v) for k, v in dict(level).items()}
+                  for name, level in dict(data.get("levels", {})).items()}  # fmt: skip
         costs = cls(
             CostCurve(tuple(int(q) for q in curve["sizes"]), tuple(float(t) for t in curve["seconds"]),
                       int(curve["prefix_len"])),
             {int(k): float(v) for k, v in dict(data["draft_level"]).items()},
+            str(data.get("numerics", "reference")),
+            levels,
         )  # fmt: skip
         values = [*costs.curve.seconds, *costs.draft_level.values()]
+        values += [v for level in levels.values() for v in level.values()]
         if 1 not in costs.draft_level or not all(np.isfinite(v) and v > 0 for v in values):
             raise ValueError(f"invalid tree costs: {data}")
         return costs
+
+
+def choose_numerics(levels: dict[str, dict[int, float]]) -> str:
+    """The draft numerics whose levels cost least summed over the widths, if that is at most `NUMERICS_GAIN` of the
+    reference's (`levels` holds `"reference"`); else `"reference"`."""
+    total = {name: sum(level.values()) for name, level in levels.items()}
+    best = min(total, key=total.get)
+    return best if total[best] <= NUMERICS_GAIN * total["reference"] else "reference"
 
 
 def cache_dir() -> Path:
@@ -212,7 +254,7 @@ def cache_dir() -> Path:
     return Path(HF_HOME) / "specvlm_hf"
 
 
-COSTS_FORMAT = 2  # bump when what is measured changes
+COSTS_FORMAT = 3  # bump when what is measured changes
 
 
 def costs_key(target, draft, rows: int = 1) -> str:
@@ -242,7 +284,10 @@ _MEMORY: dict[str, DeviceCosts] = {}
 def device_costs(adapter, draft, prefix_len: int, rows: int = 1) -> DeviceCosts:
     """The costs of (this device, target, draft, batch size `rows`): from memory, else from disk, else measured over
     a synthetic prefix of `prefix_len` tokens per row and stored in both. A batch's costs are per step of the whole
-    batch: its verification forward (`rows` trees) and its draft levels (`rows` rows each)."""
+    batch: its verification forward (`rows` trees) and its draft levels (`rows` rows each). The draft levels are
+    measured in every numerics this device runs, and the costs are those of the one `choose_numerics` picks
+    (`DeviceCosts.with_numerics` gives another's)."""
+    from .draft_step import available_numerics
     from .loop import prefill  # loop imports drafter, which imports this module's users
 
     key = costs_key(adapter.target, draft, rows)
@@ -265,10 +310,11 @@ def device_costs(adapter, draft, prefix_len: int, rows: int = 1) -> DeviceCosts:
         layout = adapter.layout(tokens, {})
         with torch.no_grad():
             prefill(adapter, tokens, layout, cache)
-        costs = DeviceCosts(
-            measure_verify_curve(adapter, cache, prefix_len, layout, rows=rows),
-            measure_draft_levels(draft, prefix_len, rows=rows),
-        )
+        levels = {numerics: measure_draft_levels(draft, prefix_len, rows=rows, numerics=numerics)
+                  for numerics in available_numerics(draft.fc.weight.device, draft.fc.weight.dtype)}  # fmt: skip
+        numerics = choose_numerics(levels)
+        curve = measure_verify_curve(adapter, cache, prefix_len, layout, rows=rows)
+        costs = DeviceCosts(curve, levels[numerics], numerics, levels)
         logger.info("measured tree costs in %.2f s (cached in %s)", time.perf_counter() - started, path)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)

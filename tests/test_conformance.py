@@ -64,6 +64,7 @@ from transformers import DynamicCache
 from specvlm_hf import SpeculativeConfig, SpecVLMDraftModel, SpecVLMEagle3DraftModel, speculative_generate
 from specvlm_hf.adapters import get_adapter
 from specvlm_hf.cache import commit_accepted
+from specvlm_hf.draft_step import available_numerics
 from specvlm_hf.tree import build_tree, tree_attention_mask
 
 
@@ -151,6 +152,8 @@ ARCHITECTURES = {
 VARIANTS = [(name, variant) for name in ARCHITECTURES for variant in ("tiny", "tester")]
 CASES = [(name, variant, prompt) for name, variant in VARIANTS for prompt in ARCHITECTURES[name].prompts]
 # The real draft's trees: a wide one, a chain, and the auto tree (no knob set).
+# The draft's numerics here: the packed bfloat16 kernels where the CPU has them (what `auto` picks on such a CPU).
+FASTEST = available_numerics(torch.device("cpu"), torch.float32)[-1]
 TREES = {"wide": SpeculativeConfig(3, 3, 8), "chain": SpeculativeConfig(5, 1, 5), "auto": SpeculativeConfig()}
 RANDOM_SHAPES = [(1, 1, 2), (2, 4, 9), (3, 2, 6), (5, 1, 5), (4, 3, 13), (7, 2, 16)]  # (depth, top_k, total_tokens)
 NEW = 20  # new tokens per greedy run
@@ -164,8 +167,8 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def bound():
-    """`bound(name, variant)`: the target (`variant` "tiny" or "tester") and a random-weight draft bound to it,
-    built once per module."""
+    """`bound(name, variant)`: the target (`variant` "tiny" or "tester") and a random-weight draft bound to it, in the
+    fastest numerics this CPU has (`FASTEST`), built once per module."""
     built = {}
 
     def get(name: str, variant: str, family: str = "eagle"):
@@ -174,7 +177,8 @@ def bound():
         if (name, variant, family) not in built:
             torch.manual_seed(0)
             draft_class = SpecVLMEagle3DraftModel if family == "eagle3" else SpecVLMDraftModel
-            built[name, variant, family] = draft_class.from_target(built[name, variant])
+            draft = built[name, variant, family] = draft_class.from_target(built[name, variant])
+            draft.speculative_config = SpeculativeConfig(draft_numerics=FASTEST)
         return built[name, variant], built[name, variant, family]
 
     return get

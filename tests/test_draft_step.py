@@ -19,7 +19,7 @@ class _RecordingForward:
 
     def __init__(self, forward: LeanDraftForward):
         self.inner, self.cache, self.outputs = forward, forward.cache, []
-        self.reserve_positions = forward.reserve_positions
+        self.reserve_positions, self.logits = forward.reserve_positions, forward.logits
 
     def __call__(self, *args):
         self.outputs.append(self.inner(*args))
@@ -200,8 +200,8 @@ def test_a_tree_stops_growing_once_the_draft_expects_the_answer_to_end(
     end = 7
     compute_logits = draft.compute_logits
 
-    def ending(hidden):
-        logits = compute_logits(hidden).clone()
+    def ending(hidden, head=None):
+        logits = compute_logits(hidden, head=head).clone()
         others = torch.cat([logits[..., :end], logits[..., end + 1 :]], dim=-1).logsumexp(-1)
         logits[..., end] = others + (50.0 if end_probability == 1.0 else 0.0)  # p(end) = 1 - e^-50, or 0.5
         return logits

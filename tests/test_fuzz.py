@@ -56,6 +56,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from specvlm_hf import SpeculativeConfig, SpecVLMDraftModel, speculative_generate
 from specvlm_hf._compat import CACHE_KWARG
+from specvlm_hf.draft_step import available_numerics
 
 FAST = settings(
     max_examples=100,
@@ -69,6 +70,7 @@ BATCH_FAST = settings(FAST, max_examples=40)
 BATCH_LONG = settings(FAST, max_examples=1000)
 TOLERANCE = dict(atol=1e-4, rtol=1e-4)
 STOP_ALPHABET = "abc"
+NUMERICS = ("auto", *available_numerics(torch.device("cpu"), torch.float32))  # the real draft's, all of this CPU's
 
 
 # Targets, prompts, tokenizers ----------------------------------------------------------------------------------------
@@ -236,6 +238,7 @@ class Case:
     stop_strings: list[str] | None = None
     return_dict: bool = False
     auto_tree: bool = False  # "real" drafter: the default auto tree instead of `tree`
+    numerics: str = "auto"  # "real" drafter: its `draft_numerics`
     output_scores: bool = False
     output_logits: bool = False
     user_cache: bool = False  # pass an empty DynamicCache, which generate() fills in place
@@ -391,6 +394,7 @@ def cases(draw) -> Case:
         eos_as_tensor=eos_as_tensor,
         processors=processors,
         auto_tree=draw(st.booleans()),
+        numerics=draw(st.sampled_from(NUMERICS)),
         criteria=criteria,
         stop_strings=stop_strings,
         return_dict=return_dict,
@@ -446,6 +450,7 @@ def check(case: Case) -> None:
 
     cfg = case.tree
     if case.drafter == "real":
+        draft = draft.with_tree(draft_numerics=case.numerics)
         source = draft
     elif case.drafter == "oracle":
         source = PartialOracleDraft(
@@ -606,6 +611,7 @@ def batch_cases(draw) -> BatchCase:
         eos_as_tensor=eos_as_tensor,
         processors=processors,
         auto_tree=draw(st.booleans()),
+        numerics=draw(st.sampled_from(NUMERICS)),
         criteria=criteria,
         stop_strings=stop_strings,
         return_dict=route == "speculative_generate" or draw(st.booleans()),
@@ -632,6 +638,7 @@ def check_batch(case: BatchCase) -> None:
         source = RowwiseDraft([RandomDraft(case.target.vocab, cfg, case.draft_seed + row) for row in range(rows)])
     else:
         knobs = dict(depth=cfg.depth, tree_top_k=cfg.top_k, total_tokens=cfg.total_tokens)
+        draft = draft.with_tree(draft_numerics=case.numerics)
         source = draft if case.auto_tree else draft.with_tree(**knobs)
     our_kwargs = case.generate_kwargs(prompt_len)
     if case.route == "speculative_generate":

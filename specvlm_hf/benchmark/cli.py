@@ -45,6 +45,7 @@ _FLAGS = {
     "--temperatures": ("temperatures", _floats),
     "--batch-size": ("batch_sizes", _ints),
     "--tree": ("tree", str),
+    "--draft-numerics": ("draft_numerics", str),
     "--calibration-samples": ("calibration_samples", int),
     "--calibration-tokens": ("calibration_tokens", int),
     "--search-budget": ("search_budget", int),

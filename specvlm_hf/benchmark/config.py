@@ -62,6 +62,8 @@ class BenchmarkConfig:
             prompts in left-padded batches of B rows (`batches.py`), vanilla and the tree-loop methods only.
         tree (`str`): the `-fixed` methods' tree: "search" (searched for per temperature on this device) or
             "DEPTH,TOP_K,TOTAL_TOKENS".
+        draft_numerics (`str`): every draft's `SpeculativeConfig.draft_numerics`; the JSON records what "auto" chose
+            and the draft level's measured cost in each numerics.
         calibration_samples (`int`), calibration_tokens (`int`), search_budget (`int`): the tree choice's prompts
             (taken after the benchmarked ones when the source has enough), tokens per calibration generation, and most
             tree shapes replayed per temperature.
@@ -151,6 +153,13 @@ class BenchmarkConfig:
         metadata={
             "help": "The -fixed methods' tree: 'search' (searched for on this device before the timed runs) or "
             "DEPTH,TOP_K,TOTAL_TOKENS. The -auto methods run the draft's auto tree, as generate() does."
+        },
+    )
+    draft_numerics: str = field(
+        default="auto",
+        metadata={
+            "help": "The drafts' kernels (SpeculativeConfig.draft_numerics): auto (the fastest measured here), "
+            "reference, onednn or onednn-bf16."
         },
     )
     calibration_samples: int = field(default=2, metadata={"help": "Prompts the tree choice is calibrated on."})

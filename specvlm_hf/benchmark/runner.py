@@ -27,10 +27,10 @@ from .methods import (
     COMPRESSOR_METHODS,
     DRAFT_METHODS,
     EAGLE3_METHODS,
+    METHOD_NAMES,
     TREE_METHODS,
     EagleVLMFixed,
     HFAssisted,
-    METHOD_NAMES,
     Method,
     Vanilla,
     build_methods,
@@ -157,7 +157,28 @@ def load_resources(config: BenchmarkConfig) -> Resources:
         resources.info["eagle3-draft"] = _describe(resources.eagle3_draft, source)
     if HFAssisted.name in config.methods:
         resources.assistant, resources.info["assistant"] = _assistant(config, target, processor)
+    for draft in _drafts(resources).values():
+        draft.speculative_config = dataclasses.replace(draft.speculative_config, draft_numerics=config.draft_numerics)
     return resources
+
+
+def _drafts(resources: Resources) -> dict:
+    """The loaded drafts by their `models` key."""
+    drafts = {"draft": resources.draft, "specvlm-draft": resources.specvlm_draft, "eagle3-draft": resources.eagle3_draft}
+    return {name: draft for name, draft in drafts.items() if draft is not None}
+
+
+def numerics_report(draft) -> dict:
+    """What the draft's auto trees drafted with (`draft_numerics`: per batch size, the numerics of its costs) and a
+    draft level's measured seconds per width in each numerics (`tuning.device_costs`; batch size 1 where it ran)."""
+    tuners = sorted(draft._tuners.items(), key=lambda item: item[0][3])  # by batch size
+    if not tuners:
+        return {}
+    levels = tuners[0][1].costs.levels
+    return {
+        "draft_numerics": {str(key[3]): tuner.costs.numerics for key, tuner in tuners},
+        "draft_level_seconds": {name: {str(k): v for k, v in level.items()} for name, level in levels.items()},
+    }
 
 
 def _draft(path: str | None, target, flag: str, compressor: bool = False, eagle3: bool = False):
@@ -420,6 +441,8 @@ def run_benchmark(
         # the compressor's choice per input over the whole run (warm-up runs included)
         chosen = dict(resources.specvlm_draft.compressor.branch_counts)
         resources.info.setdefault("specvlm-draft", {})["branches_chosen"] = chosen
+    for name, draft in _drafts(resources).items():
+        resources.info.setdefault(name, {}).update(numerics_report(draft))
     curve = bound_curve(config, resources, calibration, calibrations) if records else None
     summaries = summarize(records, curve)
     batch_summaries = []
