@@ -11,6 +11,7 @@ import warnings
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from transformers import DynamicCache, GenerationConfig
 from transformers.generation.configuration_utils import GenerationMode
 from transformers.generation.stopping_criteria import StoppingCriteriaList
@@ -23,7 +24,7 @@ from .drafter import DraftSource
 from .loop import Emitter, prefill, prompt_draft_state, step_draft_state, verify, walk_tree
 from .metrics import SpeculativeStats
 from .peft_wrappers import check_no_adapter_routing
-from .tree import build_tree
+from .tree import additive_mask, build_tree
 from .verify import is_history_free
 
 # model_kwargs that generate() hands to a decoding method and that the loop understands. Anything else would change
@@ -432,8 +433,8 @@ def _assemble_cache(adapter, cache, parked: dict, sequences: torch.Tensor, pads:
     """
     Lays the batch's cache out as plain batched decoding returns it: per row, the prompt's slots (padding
     included) and then one entry per sequence index, up to the last but one. Rows that finished early lack the
-    entries of their last token and the padding after it, which plain decoding computed: one target forward per such
-    row adds them, with the row's padding masked as `generate()` masks it.
+    entries of their last token and the padding after it, which plain decoding computed: one target forward over
+    those rows adds them (`_complete_rows`).
 
     Args:
         parked (`dict[int, tuple]`): every row's `(per-layer (keys, values), live slots)` (`_drop_done`).
@@ -449,24 +450,53 @@ def _assemble_cache(adapter, cache, parked: dict, sequences: torch.Tensor, pads:
         slots = torch.cat([
             torch.arange(prompt_len, device=live.device), prompt_len + live[prompt_len:].nonzero()[:, 0]
         ])[:length]  # fmt: skip
-        entries = [(keys[:, :, slots], values[:, :, slots]) for keys, values in entries]
-        have = slots.shape[0]
-        if have < length:
-            partial = DynamicCache()
-            for index, (keys, values) in enumerate(entries):
-                partial.update(keys, values, index)
-            tokens = sequences[row : row + 1, have:length]
-            positions = layout.keep_rows(torch.tensor([row], device=tokens.device)).positions_at(
-                torch.arange(have, length, device=tokens.device)
-            )
-            padding = torch.ones(1, length, dtype=torch.long, device=tokens.device)
-            padding[:, : pads[row]] = 0
-            adapter.forward(adapter.embed_tokens(tokens), positions, partial, padding)
-            entries = [(layer.keys, layer.values) for layer in partial.layers]
-        rows.append(entries)
+        rows.append([(keys[:, :, slots], values[:, :, slots]) for keys, values in entries])
+    missing = [(row, entries[0][0].shape[2]) for row, entries in enumerate(rows) if entries[0][0].shape[2] < length]
+    if missing:
+        _complete_rows(adapter, rows, missing, sequences, pads, layout)
     for index, layer in enumerate(cache.layers):
         layer.keys = torch.cat([entries[index][0] for entries in rows])
         layer.values = torch.cat([entries[index][1] for entries in rows])
+
+
+def _complete_rows(adapter, rows: list, missing: list[tuple[int, int]], sequences: torch.Tensor, pads: list[int],
+                   layout) -> None:  # fmt: skip
+    """
+    The entries of sequence indices `[have, seq_len - 1)` for each `(row, have)` in `missing`, in one target forward,
+    appended to `rows[row]` in place. The rows' entries are laid side by side, right-padded to the longest (`width`),
+    and their missing tokens follow at slots `[width, width + n)`, `n` the most any row lacks (a row that lacks fewer
+    gets padding queries, whose entries are dropped). A row's queries see its own entries but its left padding, as
+    `generate()` masks it, and its new tokens causally.
+
+    Args:
+        rows (`list`): per row of the batch, per layer `(keys, values)` of shape `(1, kv_heads, have, head_dim)`.
+        missing (`list[tuple[int, int]]`): `(row, have)`, `have < seq_len - 1`.
+        sequences (`torch.LongTensor` of shape `(rows, seq_len)`), pads (`list[int]`), layout (`PromptLayout`): as in
+            `_assemble_cache`.
+    """
+    device, length = sequences.device, sequences.shape[1] - 1
+    width, n = max(have for _, have in missing), max(length - have for _, have in missing)
+    tokens = sequences.new_zeros(len(missing), n)
+    indices = torch.empty(len(missing), n, dtype=torch.long, device=device)
+    allowed = torch.zeros(len(missing), n, width + n, dtype=torch.bool, device=device)
+    causal = torch.ones(n, n, dtype=torch.bool, device=device).tril()
+    for i, (row, have) in enumerate(missing):
+        tokens[i, : length - have] = sequences[row, have:length]
+        indices[i] = torch.arange(have, have + n, device=device)
+        allowed[i, :, pads[row] : have] = True
+        allowed[i, :, width:] = causal
+    partial = DynamicCache()
+    for layer in range(len(rows[0])):
+        padded = [[F.pad(rows[row][layer][part], (0, 0, 0, width - have)) for row, have in missing] for part in (0, 1)]
+        partial.update(torch.cat(padded[0]), torch.cat(padded[1]), layer)
+    embeds = adapter.embed_tokens(tokens)
+    positions = layout.keep_rows(torch.tensor([row for row, _ in missing], device=device)).positions_at(indices)
+    adapter.forward(embeds, positions, partial, additive_mask(allowed, embeds.dtype))
+    for i, (row, have) in enumerate(missing):
+        new = slice(width, width + length - have)
+        rows[row] = [(torch.cat([keys, layer.keys[i : i + 1, :, new]], dim=2),
+                      torch.cat([values, layer.values[i : i + 1, :, new]], dim=2))
+                     for (keys, values), layer in zip(rows[row], partial.layers)]  # fmt: skip
 
 
 def _end_tokens(generation_config: GenerationConfig) -> tuple[int, ...]:
