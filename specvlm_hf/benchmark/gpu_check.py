@@ -220,15 +220,20 @@ def check_costs(
         if deadline.left() <= 0:
             break
         found["draft_step_seconds"][name] = estimate_tree(draft, target, [context], tree).draft_seconds
-        loop = profile_loop(target, draft, sample, tree, 0.0, new_tokens, seed=0)
-        step = loop.verify + loop.draft + loop.overhead
-        found["loop"][name] = {
-            "verify_seconds": loop.verify,
-            "draft_seconds": loop.draft,
-            "overhead_seconds": loop.overhead,
-            "overhead_share": loop.overhead / step,
-        }
+        found["loop"][name] = loop_split(profile_loop(target, draft, sample, tree, 0.0, new_tokens, seed=0))
     return found
+
+
+def loop_split(loop) -> dict:
+    """A profiled loop's seconds per step (`calibration.profile_loop`): verification, drafting, the rest, and the
+    rest's share of the step."""
+    step = loop.verify + loop.draft + loop.overhead
+    return {
+        "verify_seconds": loop.verify,
+        "draft_seconds": loop.draft,
+        "overhead_seconds": loop.overhead,
+        "overhead_share": loop.overhead / step,
+    }
 
 
 # The testbed draft's level-1 probability mass in its top 1/2/4/8 tokens at T = 0 (measured by its TreeTuner on the

@@ -59,7 +59,7 @@ from ..modeling_draft import SpecVLMDraftModel
 from ..testbed.tokenizer import CHAT_TEMPLATE
 from ..tuning import DeviceCosts, choose_numerics, measure_draft_levels
 from .calibration import measure_cost_curve, measure_plain_decoding, profile_loop, replay_context
-from .gpu_check import TREES, _part, auto_tree_choices
+from .gpu_check import TREES, _part, auto_tree_choices, loop_split
 from .prompts import Sample
 from .report import environment
 from .stats import first_mismatch
@@ -394,14 +394,7 @@ def measure_costs(target, draft, sample: Sample, new_tokens: int, deadline) -> d
     for name in PROFILED_TREES:
         if deadline.left() <= 0:
             break
-        loop = profile_loop(target, draft, sample, TREES[name], 0.0, new_tokens, seed=0)
-        step = loop.verify + loop.draft + loop.overhead
-        found["loop"][name] = {
-            "verify_seconds": loop.verify,
-            "draft_seconds": loop.draft,
-            "overhead_seconds": loop.overhead,
-            "overhead_share": loop.overhead / step,
-        }
+        found["loop"][name] = loop_split(profile_loop(target, draft, sample, TREES[name], 0.0, new_tokens, seed=0))
     return found
 
 
