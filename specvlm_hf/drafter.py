@@ -13,7 +13,6 @@ from .adapters import get_adapter
 from .configuration import SpeculativeConfig
 from .draft_step import LeanDraftForward
 from .tree import DraftTree, additive_mask, build_tree, expand_level, rerank_nodes
-from .tuning import device_costs
 
 
 @dataclass(frozen=True)
@@ -210,7 +209,7 @@ class TreeDrafter(Drafter):
     def _make_forward(self, adapter, prompt_len: int, rows: int, numerics: str) -> None:
         """The lean forward of `rows` rows in `numerics` (`auto`: the one the device's costs chose)."""
         if numerics == "auto":
-            numerics = device_costs(adapter, self.draft, prompt_len, rows).numerics
+            numerics = self.draft.auto_numerics(adapter, prompt_len, rows)
         self.forward = LeanDraftForward(self.draft, rows=rows, numerics=numerics)
 
     def describe(self) -> dict:

@@ -60,7 +60,8 @@ class SpecVLMDraftModel(PreTrainedModel, DraftSource):
         # Drafting knobs are runtime state, not architecture: never saved with the weights.
         self.speculative_config = SpeculativeConfig()
         self._borrowed: tuple[nn.Module, ...] | None = None  # (target, embed_tokens, lm_head), not registered
-        self._tuners: dict[tuple, TreeTuner] = {}  # auto tree controllers by (device, dtype, do_sample)
+        self._tuners: dict[tuple, TreeTuner] = {}  # auto tree controllers by (device, dtype, do_sample, rows, numerics)
+        self._auto_numerics: dict[tuple, str] = {}  # what draft_numerics="auto" means, by (device, dtype, rows)
         self.post_init()
 
     def _build_layers(self, config: SpecVLMDraftConfig) -> None:
@@ -130,7 +131,7 @@ class SpecVLMDraftModel(PreTrainedModel, DraftSource):
         if isinstance(self.compressor, SpecVLMCompressor):
             self.compressor.check_fits(self.config.hidden_size, adapter.patch_grid())
         self._borrowed = (target, adapter.embed_tokens, adapter.lm_head)
-        self._tuners = {}
+        self._tuners, self._auto_numerics = {}, {}
         self.to(device=adapter.lm_head.weight.device, dtype=adapter.lm_head.weight.dtype)
         return self
 
@@ -258,13 +259,21 @@ class SpecVLMDraftModel(PreTrainedModel, DraftSource):
         """The auto tree's controller for the bound target in this decoding mode, batch size and draft numerics (`auto`:
         the one the costs chose), kept across calls; the device's costs for that batch size are measured on first use
         (`tuning.device_costs`)."""
-        costs = device_costs(adapter, self, prompt_len, rows)
-        costs = costs if numerics == "auto" else costs.with_numerics(numerics)
+        numerics = self.auto_numerics(adapter, prompt_len, rows) if numerics == "auto" else numerics
         weight = self.fc.weight
-        key = (weight.device, weight.dtype, bool(do_sample), rows, costs.numerics)
+        key = (weight.device, weight.dtype, bool(do_sample), rows, numerics)
         if key not in self._tuners:
-            self._tuners[key] = TreeTuner(costs)
+            self._tuners[key] = TreeTuner(device_costs(adapter, self, prompt_len, rows).with_numerics(numerics))
         return self._tuners[key]
+
+    def auto_numerics(self, adapter, prompt_len: int, rows: int = 1) -> str:
+        """The draft numerics `"auto"` means for the bound target on this device and batch size: the choice of
+        `tuning.device_costs`, kept across calls (the costs' lookup hashes both configs)."""
+        weight = self.fc.weight
+        key = (weight.device, weight.dtype, rows)
+        if key not in self._auto_numerics:
+            self._auto_numerics[key] = device_costs(adapter, self, prompt_len, rows).numerics
+        return self._auto_numerics[key]
 
     # ----------------------------------------------------------------------------------------------- compute
     def forward(
