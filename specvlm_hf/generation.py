@@ -21,7 +21,7 @@ from ._compat import CACHE_KWARG
 from .adapters import get_adapter
 from .cache import check_cache, commit_accepted, commit_rows, keep_rows, row_entries
 from .drafter import DraftSource
-from .loop import Emitter, prefill, prompt_draft_state, step_draft_state, verify, walk_tree
+from .loop import Emitter, prefill, prompt_draft_state, step_draft_state, verify, walk_tree, without_inspection
 from .metrics import SpeculativeStats
 from .peft_wrappers import check_no_adapter_routing
 from .tree import additive_mask, build_tree
@@ -214,10 +214,10 @@ def tree_decoding(
         raise ValueError(f"{type(drafter).__name__} drafts for one prompt at a time; this call has {rows} rows.")
     if rows > 1 and streamer is not None:
         raise ValueError("A streamer streams one sequence; decode a batch without `streamer` (as plain generate()).")
-    row_processors = [logits_processor] * rows
+    row_processors = [without_inspection(logits_processor)] * rows
     if rows > 1:
         _check_row_processors(logits_processor)
-        row_processors = [_row_processors(logits_processor, row, rows) for row in range(rows)]
+        row_processors = [without_inspection(_row_processors(logits_processor, row, rows)) for row in range(rows)]
     clock = _Clock(draft_source.speculative_config.profile, input_ids.device)
     do_sample = bool(generation_config.do_sample)
     batched = is_history_free(logits_processor)

@@ -8,8 +8,11 @@ Draft position t pairs the target's input embedding at t+1 with its feature at t
 
 from __future__ import annotations
 
+import inspect
+
 import torch
-from transformers.generation.stopping_criteria import StoppingCriteriaList
+from transformers.generation.logits_process import LogitsProcessorList
+from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria, StoppingCriteriaList
 
 from .adapters import PromptLayout
 from .drafter import DraftState
@@ -153,6 +156,24 @@ def step_draft_state(adapter, input_ids: torch.Tensor, features: torch.Tensor, r
     )
 
 
+class Processors(LogitsProcessorList):
+    """`generate()`'s logits processors applied as `LogitsProcessorList` applies them without keyword arguments, less
+    its signature inspection on every call (the loop calls them per row, and per token where history matters)."""
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        for processor in self:
+            scores = processor(input_ids, scores)
+        return scores
+
+
+def without_inspection(logits_processor: LogitsProcessorList) -> LogitsProcessorList:
+    """`logits_processor` as `Processors`, unless one of them takes more than `(input_ids, scores)`: the list then
+    stays as it is, and raises as it does."""
+    if any(len(inspect.signature(processor.__call__).parameters) > 2 for processor in logits_processor):
+        return logits_processor
+    return Processors(logits_processor)
+
+
 class Emitter:
     """
     Appends the target's tokens to one sequence (a row of the batch) one at a time, exactly as plain decoding
@@ -179,6 +200,11 @@ class Emitter:
         self.finished_length: int | None = None  # the sequence's length when a criterion first fired
         self.limit: int | None = None
         self.max_length = stopping_criteria.max_length  # no row of plain decoding grows past it
+        # With only transformers' length and end-token criteria, and nothing kept or streamed per token, which token
+        # stops the row is known from the tokens alone: `emit_path` appends a step's tokens at once.
+        self._stops = _known_stops(stopping_criteria)
+        self._per_token = self._stops is None or self.scores is not None or self.logits is not None
+        self._per_token = self._per_token or streamer is not None
 
     @property
     def done(self) -> bool:
@@ -203,13 +229,59 @@ class Emitter:
             self.streamer.put(new[0].cpu())
         return self.done
 
+    def emit_path(self, tokens: list[int], nodes: list[int], scores: torch.Tensor, logits: torch.Tensor) -> int:
+        """
+        `emit` for each of `tokens` in turn until the emitter is done; returns how many were appended.
+
+        Args:
+            tokens (`list[int]`): the tokens to append, in order.
+            nodes (`list[int]`): the tree node whose scores chose each token.
+            scores, logits (`torch.FloatTensor` of shape `(num_nodes, vocab_size)`): per tree node.
+        """
+        if self._per_token:
+            for n, (token, node) in enumerate(zip(tokens, nodes), start=1):
+                if self.emit(token, scores[node : node + 1], logits[node : node + 1]):
+                    return n
+            return len(tokens)
+        # Invariant: the same tokens, `finished` and `finished_length` as `emit` one token at a time, since an
+        # end-token criterion fires on the token itself and a length criterion on the length.
+        length = self.input_ids.shape[1]
+        end_tokens, max_length = self._stops
+        stop = next((i + 1 for i, token in enumerate(tokens) if token in end_tokens), None)
+        for cap in (max_length, self.limit):
+            if cap is not None:
+                stop = min(stop, cap - length) if stop is not None else cap - length
+        n = len(tokens) if stop is None else max(1, min(stop, len(tokens)))  # `emit` appends before it checks
+        self.input_ids = torch.cat([self.input_ids, self.input_ids.new_tensor([tokens[:n]])], dim=-1)
+        if not self.finished and stop is not None and n >= stop:
+            # The criteria themselves on the last token (they fire unless `limit` cut; their warnings included).
+            self.finished = bool(self.criteria(self.input_ids, None).all())
+            self.finished_length = self.input_ids.shape[1] if self.finished else None
+        return n
+
+
+def _known_stops(criteria: StoppingCriteriaList) -> tuple[frozenset[int], int | None] | None:
+    """`(end-token ids, the smallest max_length)` if `criteria` holds only transformers' `EosTokenCriteria` and
+    `MaxLengthCriteria` (exact types: a subclass may decide otherwise), else `None`."""
+    end_tokens: set[int] = set()
+    lengths = []
+    for criterion in criteria:
+        if type(criterion) is EosTokenCriteria:
+            end_tokens.update(criterion.eos_token_id.flatten().tolist())
+        elif type(criterion) is MaxLengthCriteria:
+            lengths.append(criterion.max_length)
+        else:
+            return None
+    return frozenset(end_tokens), min(lengths, default=None)
+
 
 def walk_tree(
     tree: DraftTree, logits: torch.Tensor, emitter: Emitter, logits_processor, do_sample: bool, batched: bool
 ) -> list[int]:
     """
-    Emits the target's tokens along the tree: the accepted drafts, then the bonus token, until the emitter is done. Returns the nodes whose processed scores chose the emitted tokens (root first): the accepted path, cut
-    where generation stopped.
+    Emits the target's tokens along the tree: the accepted drafts, then the bonus token, until the emitter is done.
+    Returns the nodes whose processed scores chose the emitted tokens (root first): the accepted path, cut where
+    generation stopped.
 
     Args:
         logits (`torch.FloatTensor` of shape `(num_nodes, vocab_size)`): the target's logits at each node.
@@ -217,7 +289,6 @@ def walk_tree(
             `accept_greedy` / `accept_sampling`. Otherwise the processors are called once per emitted token on that
             token's history, as plain decoding calls them, and `accept_node` takes one node at a time.
     """
-    nodes = []
     if batched:
         scores = logits_processor(emitter.input_ids, logits)  # [N, V]
         if do_sample:
@@ -225,12 +296,8 @@ def walk_tree(
         else:
             acceptance = accept_greedy(tree, scores.argmax(dim=-1))
         tokens = [tree.token_list[node] for node in acceptance.path[1:]] + [acceptance.next_token]
-        for node, token in zip(acceptance.path, tokens):
-            nodes.append(node)
-            if emitter.emit(token, scores[node : node + 1], logits[node : node + 1]):
-                break
-        return nodes
-    node = 0
+        return acceptance.path[: emitter.emit_path(tokens, acceptance.path, scores, logits)]
+    nodes, node = [], 0
     while node is not None:
         scores = logits_processor(emitter.input_ids, logits[node : node + 1])  # [1, V]
         child, token = accept_node(tree, node, scores[0], do_sample)

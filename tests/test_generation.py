@@ -162,3 +162,33 @@ def test_image_tokens_are_never_confused_with_text(target, draft):
     assert torch.equal(out_a, greedy(target, a, 12)) and torch.equal(out_b, greedy(target, b, 12))
     assert not torch.equal(out_a, out_b)
     assert (a["input_ids"] == IMAGE_TOKEN).sum() == 16
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_emitting_a_path_at_once_equals_emitting_it_token_by_token(seed):
+    """`Emitter.emit_path` without per-token work (only length and end-token criteria) appends the same tokens and
+    finishes at the same length as `emit` called per token, whatever the end tokens, the (several) max lengths and
+    where they fall in the path."""
+    from transformers import GenerationConfig
+    from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria, StoppingCriteriaList
+
+    from specvlm_hf.loop import Emitter
+
+    rng = torch.Generator().manual_seed(seed)
+    start = int(torch.randint(1, 6, (1,), generator=rng))
+    criteria = StoppingCriteriaList(
+        [MaxLengthCriteria(start + int(torch.randint(0, 8, (1,), generator=rng))) for _ in range(1 + seed % 2)]
+    )
+    if seed % 3:
+        criteria.append(EosTokenCriteria(torch.randint(0, 6, (1 + seed % 2,), generator=rng)))
+    config = GenerationConfig()
+    tokens = torch.randint(0, 6, (1 + seed % 7,), generator=rng).tolist()
+    scores = torch.zeros(len(tokens), 6)
+    ids = torch.zeros(1, start, dtype=torch.long)
+    fast, slow = Emitter(ids, criteria, config), Emitter(ids, criteria, config)
+    assert not fast._per_token
+    n = fast.emit_path(tokens, list(range(len(tokens))), scores, scores)
+    slow._per_token = True
+    assert slow.emit_path(tokens, list(range(len(tokens))), scores, scores) == n
+    assert fast.input_ids.tolist() == slow.input_ids.tolist()
+    assert (fast.finished, fast.finished_length, fast.done) == (slow.finished, slow.finished_length, slow.done)

@@ -56,8 +56,8 @@ def _run(args: argparse.Namespace) -> int:
     try:
         written = write_launch_config(args.name, args.output)
     except FileExistsError as err:
-        print(f"specvlm-hf launch-config: {err}")
+        print(f"specvlm-hf launch-config: {err}")  # noqa: T201 (the command's output)
         return 1
     for path in written:
-        print(path)
+        print(path)  # noqa: T201 (the command's output)
     return 0
