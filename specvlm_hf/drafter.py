@@ -101,6 +101,9 @@ class DraftSource:
     """
 
     speculative_config: SpeculativeConfig
+    # False where the call's output never carries the target's cache (`speculative_generate`): the loop then skips
+    # laying a batch's cache out as plain decoding's, which costs a target forward.
+    returns_cache = True
 
     def new_drafter(self, target) -> Drafter:
         raise NotImplementedError
@@ -108,6 +111,19 @@ class DraftSource:
     def with_tree(self, **knobs) -> DraftSource:
         """This source with other tree knobs (`depth`, `tree_top_k`, `total_tokens`, `profile`: `tree_knobs`)."""
         raise TypeError(f"{type(self).__name__} does not take tree knobs")
+
+
+class WithoutCache(DraftSource):
+    """`source` for a call whose output holds the sequences and statistics alone (`returns_cache` is False)."""
+
+    returns_cache = False
+
+    def __init__(self, source: DraftSource):
+        self.source = source
+        self.speculative_config = source.speculative_config
+
+    def new_drafter(self, target) -> Drafter:
+        return self.source.new_drafter(target)
 
 
 def tree_knobs(knobs: dict) -> dict:

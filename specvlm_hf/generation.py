@@ -20,7 +20,7 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 from ._compat import CACHE_KWARG
 from .adapters import get_adapter
 from .cache import check_cache, commit_accepted, commit_rows, keep_rows, row_entries
-from .drafter import DraftSource
+from .drafter import DraftSource, WithoutCache
 from .loop import Emitter, prefill, prompt_draft_state, step_draft_state, verify, walk_tree, without_inspection
 from .metrics import SpeculativeStats
 from .peft_wrappers import check_no_adapter_routing
@@ -294,7 +294,8 @@ def tree_decoding(
     if streamer is not None:
         streamer.end()
     sequences = _sequences(emitters, generation_config)
-    if rows > 1:
+    returns_cache = generation_config.return_dict_in_generate and draft_source.returns_cache
+    if rows > 1 and returns_cache:
         _assemble_cache(adapter, cache, parked, sequences, pads, full_layout)
     lengths = [emitter.input_ids.shape[1] - prompt_len for emitter in emitters]
     for steps, length in zip(rows_stats, lengths):
@@ -316,7 +317,7 @@ def tree_decoding(
     output = SpeculativeDecoderOutput(
         sequences=sequences, scores=emitter.scores, logits=emitter.logits, speculative_stats=stats
     )
-    setattr(output, CACHE_KWARG, cache)
+    setattr(output, CACHE_KWARG, cache if returns_cache else None)
     return output
 
 
@@ -567,6 +568,7 @@ def speculative_generate(
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
+    draft = WithoutCache(draft)  # the output holds no cache
     if fallback is None:
         output = target.generate(assistant_model=draft, **generate_kwargs)
     else:  # generate()'s public custom_generate hook; it hands a custom method neither assistant nor streamer

@@ -20,6 +20,7 @@ from transformers.utils import logging as transformers_logging
 from .._compat import CACHE_KWARG
 from ..adapters import get_adapter
 from ..configuration import SpeculativeConfig
+from ..generation import speculative_generate
 from ..metrics import mean_accepted_length
 from .stats import tokens_per_forward
 
@@ -272,13 +273,14 @@ class EagleVLMFixed(Method):
         return self.trees.get(float(temperature), self.draft.speculative_config)
 
     def _generate(self, target, inputs, config, temperature):
+        # `generate(assistant_model=draft)` as `speculative_generate` runs it: with statistics, and, like plain
+        # `generate()` here, without returning the cache.
         tree = self.tree(temperature)
-        source = self.draft.with_tree(
-            depth=tree.depth, tree_top_k=tree.top_k, total_tokens=tree.total_tokens, profile=True
-        )
-        config.return_dict_in_generate = True
-        output = target.generate(**inputs, generation_config=config, assistant_model=source)
-        return output.sequences, output.speculative_stats
+        output = speculative_generate(
+            target, self.draft, depth=tree.depth, tree_top_k=tree.top_k, total_tokens=tree.total_tokens,
+            profile=True, generation_config=config, **inputs,
+        )  # fmt: skip
+        return output.sequences, output.stats
 
 
 class EagleVLMAuto(EagleVLMFixed):
