@@ -63,6 +63,15 @@ class Drafter:
         nothing after one of them can be emitted, so a drafter need not draft past them. `rows`: the batch size;
         `visual`: whether any row's prompt has visual tokens."""
 
+    def drafts_call(self, adapter, do_sample: bool, prompt_len: int, rows: int, visual: bool) -> bool:
+        """Called before prefill: False leaves this call to plain decoding (`begin` is then never called). Arguments
+        as for `begin`."""
+        return True
+
+    def observe_call(self, drafted: bool, tokens: float, seconds: float) -> None:
+        """The call ran the tree loop (`drafted`) or plain decoding and decoded `tokens` new tokens per row after
+        the prefill's in `seconds` (the prefill's time left out)."""
+
     def propose(self, state: DraftState) -> DraftTree:
         raise NotImplementedError
 
@@ -200,6 +209,7 @@ class TreeDrafter(Drafter):
         # per row, not yet fed: [(embeds, features, position_ids)], each (1, n, ...)
         self._pending: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = []
         self._described: dict = {}
+        self._calls = None  # the auto tree's `CallChooser` for this call's prompt class
 
     def begin(
         self,
@@ -221,6 +231,17 @@ class TreeDrafter(Drafter):
         self._make_forward(adapter, prompt_len, rows, numerics)
         if end_tokens:
             self._end_tokens = torch.tensor(end_tokens, device=device)
+
+    def drafts_call(self, adapter, do_sample: bool, prompt_len: int, rows: int, visual: bool) -> bool:
+        if not self.config.is_auto:
+            return True
+        self.tuner = self.draft.tree_tuner(adapter, do_sample, prompt_len, rows, self.config.draft_numerics)
+        self._calls = self.tuner.calls[visual]
+        return self._calls.draft()
+
+    def observe_call(self, drafted: bool, tokens: float, seconds: float) -> None:
+        if self._calls is not None:
+            self._calls.observe(drafted, tokens, seconds)
 
     def _make_forward(self, adapter, prompt_len: int, rows: int, numerics: str) -> None:
         """The lean forward of `rows` rows in `numerics` (`auto`: the one the device's costs chose)."""

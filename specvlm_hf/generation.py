@@ -21,7 +21,7 @@ from ._compat import CACHE_KWARG
 from .adapters import get_adapter
 from .cache import check_cache, commit_accepted, commit_rows, keep_rows, row_entries
 from .drafter import DraftSource, WithoutCache
-from .loop import Emitter, prefill, prompt_draft_state, step_draft_state, verify, walk_tree, without_inspection
+from .loop import Emitter, prompt_draft_state, step_draft_state, target_forward, verify, walk_tree, without_inspection
 from .metrics import SpeculativeStats
 from .peft_wrappers import check_no_adapter_routing
 from .tree import additive_mask, build_tree
@@ -218,8 +218,16 @@ def tree_decoding(
     if rows > 1:
         _check_row_processors(logits_processor)
         row_processors = [without_inspection(_row_processors(logits_processor, row, rows)) for row in range(rows)]
-    clock = _Clock(draft_source.speculative_config.profile, input_ids.device)
     do_sample = bool(generation_config.do_sample)
+    # The prompt is checked before the call's way is chosen, so that either way refuses the same inputs; the visual
+    # features are generate()'s own (`mm_encoder_outputs`), which plain decoding reuses too.
+    layout = adapter.layout(input_ids, model_kwargs)
+    embeds = adapter.embed(input_ids, layout.visual_features)
+    visual = bool(layout.visual_mask.any())
+    if not drafter.drafts_call(adapter, do_sample, prompt_len, rows, visual):  # may measure the device's costs
+        generation = (logits_processor, stopping_criteria, generation_config, streamer)
+        return _plain_call(target, drafter, input_ids, generation, model_kwargs)
+    clock = _Clock(draft_source.speculative_config.profile, input_ids.device)
     batched = is_history_free(logits_processor)
     stats = SpeculativeStats()
     mask = model_kwargs.get("attention_mask")
@@ -232,14 +240,14 @@ def tree_decoding(
         for row in range(rows)
     ]
 
-    layout = adapter.layout(input_ids, model_kwargs)
     layers = drafter.feature_layers
-    embeds, features, draft_features = prefill(adapter, input_ids, layout, cache, layers, mask if padded else None)
+    features, draft_features = target_forward(adapter, embeds, layout.positions, cache, mask if padded else None, layers)
     first_logits = adapter.logits(features[:, -1])
     for row, emitter in enumerate(emitters):
         walk_tree(build_tree(input_ids[row, -1:], [-1]), first_logits[row : row + 1], emitter, row_processors[row],
                   do_sample, batched)  # fmt: skip
     stats.target_forwards += 1
+    decode_start = time.perf_counter()  # the call's rate counts the tokens after the prefill's, and their time
     rows_stats = [[] for _ in range(rows)]  # accepted lengths per row
     # Each row's draft state, as for the row decoded alone: its prompt without padding.
     states = [
@@ -257,7 +265,6 @@ def tree_decoding(
     full_layout = layout
     _settle_limits(emitters)
     if not all(emitter.done for emitter in emitters):
-        visual = bool(layout.visual_mask.any())
         drafter.begin(adapter, do_sample, prompt_len, _end_tokens(generation_config), rows, visual)
     active, states, live, layout = _drop_done(emitters, active, states, live, layout, cache, drafter, parked)
 
@@ -294,7 +301,7 @@ def tree_decoding(
     if streamer is not None:
         streamer.end()
     sequences = _sequences(emitters, generation_config)
-    returns_cache = generation_config.return_dict_in_generate and draft_source.returns_cache
+    returns_cache = draft_source.returns_cache  # a cache the caller passed holds the output's too
     if rows > 1 and returns_cache:
         _assemble_cache(adapter, cache, parked, sequences, pads, full_layout)
     lengths = [emitter.input_ids.shape[1] - prompt_len for emitter in emitters]
@@ -311,6 +318,8 @@ def tree_decoding(
     stats.draft_visual_tokens = described.get("draft_visual_tokens")
     if clock.enabled:
         stats.step_time, stats.verify_time, stats.draft_time = (clock.totals[k] for k in ("step", "verify", "draft"))
+    if stats.new_tokens > rows:  # tokens after the prefill's
+        drafter.observe_call(True, (stats.new_tokens - rows) / rows, time.perf_counter() - decode_start)
     if not generation_config.return_dict_in_generate:
         return sequences
     emitter = emitters[0]
@@ -319,6 +328,47 @@ def tree_decoding(
     )
     setattr(output, CACHE_KWARG, cache if returns_cache else None)
     return output
+
+
+def _plain_call(target, drafter, input_ids: torch.Tensor, generation: tuple, model_kwargs: dict):
+    """
+    The call decoded by plain decoding's own method (`GenerationMixin._sample`, with what `generate()` prepared), as
+    the auto tree chose (`Drafter.drafts_call`): plain `generate()`'s output, with statistics when it returns a dict.
+    A forward hook on the target times its forwards, so that the call's rate, like a drafted call's, counts the
+    tokens after the prefill's and the time after the prefill.
+
+    Args:
+        generation (`tuple`): `(logits_processor, stopping_criteria, generation_config, streamer)`.
+    """
+    logits_processor, stopping_criteria, generation_config, streamer = generation
+    returned = []  # when each target forward returned
+    hook = target.register_forward_hook(lambda *_: returned.append(time.perf_counter()))
+    try:
+        output = target._sample(
+            input_ids, logits_processor=logits_processor, stopping_criteria=stopping_criteria,
+            generation_config=generation_config, synced_gpus=False, streamer=streamer, **model_kwargs,
+        )  # fmt: skip
+    finally:
+        hook.remove()
+    sequences = output if isinstance(output, torch.Tensor) else output.sequences
+    rows, prompt_len = input_ids.shape
+    end_tokens = set(_end_tokens(generation_config))
+    pad = generation_config._pad_token_tensor
+    pad = None if pad is None else int(pad)
+    lengths = []  # each row's new tokens: up to its first end token where only padding follows, else all
+    for row in sequences[:, prompt_len:].tolist():
+        ends = (i + 1 for i, token in enumerate(row) if token in end_tokens and all(t == pad for t in row[i + 1 :]))
+        lengths.append(next(ends, len(row)))
+    if len(returned) > 1 and sum(lengths) > rows:
+        drafter.observe_call(False, (sum(lengths) - rows) / rows, returned[-1] - returned[0])
+    if not generation_config.return_dict_in_generate:
+        return sequences
+    steps = [[1] * (length - 1) for length in lengths]  # one token per forward after the prefill's
+    stats = SpeculativeStats(new_tokens=sum(lengths), target_forwards=sum(lengths), drafted=False)
+    stats.accepted_lengths = [n for row in steps for n in row]
+    if rows > 1:
+        stats.row_new_tokens, stats.row_target_forwards, stats.row_accepted_lengths = lengths, lengths, steps
+    return SpeculativeDecoderOutput(**dict(output), speculative_stats=stats)
 
 
 # Processors whose output for a row depends on the row's index in the batch or on state kept across the whole batch:
@@ -568,7 +618,8 @@ def speculative_generate(
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
-    draft = WithoutCache(draft)  # the output holds no cache
+    if all(generate_kwargs.get(name) is None for name in ("past_key_values", CACHE_KWARG)):
+        draft = WithoutCache(draft)  # the output holds no cache, and the caller passed none to read
     if fallback is None:
         output = target.generate(assistant_model=draft, **generate_kwargs)
     else:  # generate()'s public custom_generate hook; it hands a custom method neither assistant nor streamer

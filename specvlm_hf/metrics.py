@@ -51,6 +51,8 @@ class SpeculativeStats:
             mode), when the draft has one and the prompt an image.
         draft_visual_tokens (`int`, *optional*): visual pairs that reached the draft's cache (every visual token
             without a compressor), when the draft drafted (the first row's, for a batch).
+        drafted (`bool`): False when the auto tree left the whole call to plain decoding (`CallChooser`): one
+            forward per token, no verification steps.
 
     For a batch, `new_tokens`, `target_forwards` and `accepted_lengths` sum over its rows (a row counts the forwards
     it took part in), so `mean_accepted_length` is tokens per forward per row; `row_new_tokens`,
@@ -69,6 +71,7 @@ class SpeculativeStats:
     row_new_tokens: list[int] | None = None
     row_target_forwards: list[int] | None = None
     row_accepted_lengths: list[list[int]] | None = None
+    drafted: bool = True
 
     @property
     def mean_accepted_length(self) -> float:

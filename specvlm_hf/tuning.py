@@ -28,6 +28,11 @@ that picks depth and width every step from measured costs and the running accept
   a row one step drafts again, to notice when acceptance comes back. A probe that has none of its drafts accepted
   doubles the gap to the next one (up to `max_probe_every`); one that does resets it.
 
+- **Whole calls** (`CallChooser`): where even the loop's plain steps lose to plain `generate()` (its per-row work
+  at large batch sizes, prompts the draft cannot predict), the call is left to plain `generate()` decoding: the
+  tokens per row and second that calls of a prompt class reached each way decide, with the other way tried again
+  after a gap that doubles while it keeps losing.
+
 Any tree is verified losslessly, so the controller changes speed, never output. Explicit knobs (`depth`, `top_k`,
 `total_tokens`) switch it off.
 """
@@ -327,6 +332,70 @@ def device_costs(adapter, draft, prefix_len: int, rows: int = 1) -> DeviceCosts:
     return costs
 
 
+# Calls draft without trying plain decoding while drafted calls reach at least this times plain decoding's rate as
+# the costs predict it (1 / T(1) tokens per row and second); below it the measured rates decide.
+PLAIN_PROBE_BELOW = 1.5
+
+
+@dataclass
+class CallChooser:
+    """
+    Whether a `generate()` call runs the tree loop or plain decoding, for one prompt class (with or without visual
+    tokens) of one `TreeTuner`, from the tokens per row and second after the prefill that calls reached each way:
+    decayed sums of tokens and of seconds (`decay` per call), so a long answer weighs more than a short one, whose
+    drafted steps cannot amortise the draft's pass over the prompt.
+
+    Calls draft until drafted calls have decoded `evidence` tokens per row, and while their rate is at least
+    `PLAIN_PROBE_BELOW` times the plain rate the costs predict (1 / T(1)). Below it plain decoding is tried, and the
+    better measured way runs; after `gap` calls the other runs once (a probe): `gap` doubles (up to `max_gap`)
+    while the probe loses, and returns to `min_gap` when it wins.
+    """
+
+    plain_step: float  # T(1), seconds
+    evidence: float = 64.0
+    decay: float = 0.75
+    min_gap: int = 8
+    max_gap: int = 64
+    tokens: dict = field(default_factory=lambda: {True: 0.0, False: 0.0})  # per row, decayed, per way (drafted?)
+    seconds: dict = field(default_factory=lambda: {True: 0.0, False: 0.0})
+    gap: int = 8
+    since: int = 0  # calls since the other way last ran
+    _probe: bool = False  # the last choice was a probe
+    _drafted_tokens: float = 0.0  # tokens per row drafted calls decoded, undecayed
+
+    def rate(self, drafted: bool) -> float | None:
+        """Tokens per row and second of the calls run that way, or `None` before any."""
+        return self.tokens[drafted] / self.seconds[drafted] if self.seconds[drafted] > 0 else None
+
+    def draft(self) -> bool:
+        """True: this call runs the tree loop; False: plain decoding."""
+        self._probe = False
+        drafted, plain = self.rate(True), self.rate(False)
+        if self._drafted_tokens < self.evidence or drafted >= PLAIN_PROBE_BELOW / self.plain_step:
+            return True
+        if plain is None:
+            return False
+        better = drafted >= plain
+        if self.since >= self.gap:
+            self._probe = True
+            return not better
+        return better
+
+    def observe(self, drafted: bool, tokens: float, seconds: float) -> None:
+        """The call just run (`drafted` as `draft` chose) decoded `tokens` per row after the prefill's in
+        `seconds`."""
+        for sums, value in ((self.tokens, tokens), (self.seconds, seconds)):
+            sums[drafted] = self.decay * sums[drafted] + value
+        if drafted:
+            self._drafted_tokens += tokens
+        if self._probe:
+            won = self.rate(True) >= self.rate(False) if drafted else self.rate(False) > self.rate(True)
+            self.gap = self.min_gap if won else min(2 * self.gap, self.max_gap)
+            self.since = 0
+        else:
+            self.since += 1
+
+
 class TreeTuner:
     """
     Chooses the tree shape before each step and learns from its outcome (see the module docstring). One instance per
@@ -375,6 +444,7 @@ class TreeTuner:
         self.verify_scale = self.draft_scale = self.plain_scale = 1.0
         self.steps = 0
         self._pending_mass = None
+        self.calls = {visual: CallChooser(costs.curve.at(1)) for visual in (True, False)}  # per prompt class
         # Isolated seconds per width k for d = 1..max_depth: verification of d*k + 1 tokens, and drafting.
         depths = np.arange(1, max_depth + 1)
         level = costs.draft_level

@@ -195,7 +195,8 @@ def test_each_row_drafts_the_trees_it_drafts_alone(target, draft, deep_target, e
         return proposed
 
     monkeypatch.setattr(TreeDrafter, "propose_rows", recording)
-    assistant = draft.with_tree(depth=4, tree_top_k=3, total_tokens=12)
+    # One numerics for both (`auto` may choose per batch size, by measured costs).
+    assistant = draft.with_tree(depth=4, tree_top_k=3, total_tokens=12, draft_numerics="reference")
     kwargs = dict(max_new_tokens=10, do_sample=False, eos_token_id=EOS, assistant_model=assistant)
     target.generate(**llava_batch(ROWS), **kwargs)
     batched = [step for step in trees if len(step) == len(ROWS)]  # the steps before a row left

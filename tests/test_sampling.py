@@ -273,7 +273,7 @@ def speculative_draw(target, exact: ExactTarget, setting: Setting, n: int, seed:
     batch: each row drafts its own trees and makes its own draws), and the count of each accepted length."""
     oracle = SamplingOracleDraft(exact, DEPTH, WIDTH, seed=seed)
     source = oracle if rows == 1 else RowwiseDraft([oracle] * rows)
-    prompt = {name: value.expand(rows, *value.shape[1:]) for name, value in exact.prompt.items()}
+    prompt = exact.prompt if rows == 1 else {name: value.expand(rows, -1) for name, value in exact.prompt.items()}
     accepted = Counter()
 
     def generate():

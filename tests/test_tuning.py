@@ -6,11 +6,20 @@ import json
 import numpy as np
 import pytest
 import torch
-from tiny import make_inputs
+from tiny import left_pad, make_inputs
 
-from specvlm_hf import SpeculativeConfig
+from specvlm_hf import SpeculativeConfig, SpecVLMDraftModel
 from specvlm_hf.adapters import get_adapter
-from specvlm_hf.tuning import CostCurve, DeviceCosts, TreeTuner, cache_dir, costs_key, device_costs, monotone
+from specvlm_hf.tuning import (
+    CallChooser,
+    CostCurve,
+    DeviceCosts,
+    TreeTuner,
+    cache_dir,
+    costs_key,
+    device_costs,
+    monotone,
+)
 
 SIZES = (1, 2, 3, 5, 9, 17, 33, 65)
 
@@ -299,3 +308,70 @@ def test_a_call_only_lowers_the_running_acceptance():
     for _ in range(3):
         tuner.observe(shape, [], 0.1, 1.0, finished=False)  # nothing accepted
     assert np.all(tuner.alphas(1) < 0.8 * before)
+
+
+def _choose_calls(chooser: CallChooser, rates: dict[bool, float], n: int) -> list[int]:
+    """Runs `n` calls that reach `rates[drafted]` tokens per row and second; returns the indices of drafted calls."""
+    drafted = []
+    for i in range(n):
+        way = chooser.draft()
+        chooser.observe(way, 100.0, 100.0 / rates[way])  # 100 tokens per row
+        if way:
+            drafted.append(i)
+    return drafted
+
+
+def test_calls_whose_drafting_wins_clearly_never_try_plain_decoding():
+    chooser = CallChooser(plain_step=0.01)  # the costs predict 100 tokens per row and second for plain decoding
+    assert _choose_calls(chooser, {True: 160.0, False: 100.0}, 40) == list(range(40))
+    assert chooser.rate(False) is None
+
+
+def test_calls_draft_until_they_have_decoded_enough_tokens_to_judge():
+    """Short drafted answers (whose rate the draft's pass over the prompt dominates) do not send calls to plain
+    decoding: 64 tokens per row are needed first, and a long answer then outweighs them."""
+    chooser = CallChooser(plain_step=0.01)
+    for _ in range(10):
+        assert chooser.draft()
+        chooser.observe(True, 2.0, 0.05)  # 40 tokens per second
+    assert chooser.draft()
+    chooser.observe(True, 200.0, 0.8)  # a long answer at 250 tokens per second
+    assert chooser.draft() and chooser.rate(True) > 150.0
+
+
+def test_calls_whose_drafting_loses_are_left_to_plain_decoding_with_probes_ever_further_apart():
+    """The first call drafts; below 1.5x the predicted plain rate the next tries plain decoding, which wins; drafting
+    is tried again after 8, then 16, then 32 calls (each probe loses, doubling the gap)."""
+    chooser = CallChooser(plain_step=0.01)
+    assert _choose_calls(chooser, {True: 80.0, False: 100.0}, 100) == [0, 8, 25, 58]
+    assert chooser.gap == 64
+
+
+def test_a_probe_that_wins_brings_drafting_back():
+    chooser = CallChooser(plain_step=0.01)
+    _choose_calls(chooser, {True: 80.0, False: 100.0}, 20)  # plain decoding, the next probe at call 25
+    drafted = _choose_calls(chooser, {True: 300.0, False: 100.0}, 20)  # drafting pays again (e.g. other prompts)
+    assert drafted == list(range(5, 20)) and chooser.gap == chooser.min_gap
+
+
+def test_a_call_left_to_plain_decoding_returns_what_plain_generate_returns(target):
+    """Once drafted calls of a batch size lose, generate(assistant_model=draft) runs plain decoding's own method:
+    the same sequences and cache, and statistics saying so."""
+    torch.manual_seed(5)
+    draft = SpecVLMDraftModel.from_target(target)  # its own tuners: this test steers them
+    batch = left_pad([make_inputs(0, 3, True), make_inputs(1, 9, False)], pad_id=0)
+    kwargs = dict(max_new_tokens=12, do_sample=False, return_dict_in_generate=True)
+    expected = target.generate(**batch, **kwargs)
+    first = target.generate(**batch, **kwargs, assistant_model=draft)
+    assert first.speculative_stats.drafted and torch.equal(first.sequences, expected.sequences)
+    rows = batch["input_ids"].shape[0]
+    (tuner,) = [tuner for key, tuner in draft._tuners.items() if key[3] == rows]
+    tuner.calls[True].observe(True, 100.0, 100.0)  # a drafted call as if hopeless: the next tries plain decoding
+    out = target.generate(**batch, **kwargs, assistant_model=draft)
+    assert not out.speculative_stats.drafted
+    assert torch.equal(out.sequences, expected.sequences)
+    for mine, plains in zip(out.past_key_values.layers, expected.past_key_values.layers):
+        assert torch.equal(mine.keys, plains.keys) and torch.equal(mine.values, plains.values)
+    stats = out.speculative_stats
+    assert stats.row_new_tokens == [12] * rows and stats.mean_accepted_length == 1.0
+    assert tuner.calls[True].rate(False) is not None
