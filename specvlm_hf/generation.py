@@ -224,7 +224,10 @@ def tree_decoding(
     layout = adapter.layout(input_ids, model_kwargs)
     embeds = adapter.embed(input_ids, layout.visual_features)
     visual = bool(layout.visual_mask.any())
-    if not drafter.drafts_call(adapter, do_sample, prompt_len, rows, visual):  # may measure the device's costs
+    from .integration import route_error  # integration imports this module
+
+    # A whole call can go to plain decoding's own method where its signature is the one checked (`HOOK_SIGNATURES`).
+    if route_error() is None and not drafter.drafts_call(adapter, do_sample, prompt_len, rows, visual):
         generation = (logits_processor, stopping_criteria, generation_config, streamer)
         return _plain_call(target, drafter, input_ids, generation, model_kwargs)
     clock = _Clock(draft_source.speculative_config.profile, input_ids.device)

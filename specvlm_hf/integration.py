@@ -31,6 +31,11 @@ HOOK_SIGNATURES = {
         "streamer", "inputs_tensor", "assistant_model", "assistant_tokenizer", "tokenizer", "model_kwargs",
     ),
     "_validate_generation_mode": ("self", "generation_mode", "generation_config", "generation_mode_kwargs"),
+    # Called, not wrapped: the auto tree leaves a whole call to it (`generation._plain_call`).
+    "_sample": (
+        "self", "input_ids", "logits_processor", "stopping_criteria", "generation_config", "synced_gpus", "streamer",
+        "model_kwargs",
+    ),
 }  # fmt: skip
 
 _route_error: str | None = "specvlm_hf.integration.install() has not run"
