@@ -243,8 +243,8 @@ def tree_decoding(
         for row in range(rows)
     ]
 
-    layers = drafter.feature_layers
-    features, draft_features = target_forward(adapter, embeds, layout.positions, cache, mask if padded else None, layers)
+    layers, padding = drafter.feature_layers, mask if padded else None
+    features, draft_features = target_forward(adapter, embeds, layout.positions, cache, padding, layers)
     first_logits = adapter.logits(features[:, -1])
     for row, emitter in enumerate(emitters):
         walk_tree(build_tree(input_ids[row, -1:], [-1]), first_logits[row : row + 1], emitter, row_processors[row],
