@@ -214,10 +214,11 @@ def tree_decoding(
         raise ValueError(f"{type(drafter).__name__} drafts for one prompt at a time; this call has {rows} rows.")
     if rows > 1 and streamer is not None:
         raise ValueError("A streamer streams one sequence; decode a batch without `streamer` (as plain generate()).")
-    row_processors = [without_inspection(logits_processor)] * rows
     if rows > 1:
         _check_row_processors(logits_processor)
         row_processors = [without_inspection(_row_processors(logits_processor, row, rows)) for row in range(rows)]
+    else:
+        row_processors = [without_inspection(logits_processor)]
     do_sample = bool(generation_config.do_sample)
     # The prompt is checked before the call's way is chosen, so that either way refuses the same inputs; the visual
     # features are generate()'s own (`mm_encoder_outputs`), which plain decoding reuses too.

@@ -203,8 +203,8 @@ class Emitter:
         # With only transformers' length and end-token criteria, and nothing kept or streamed per token, which token
         # stops the row is known from the tokens alone: `emit_path` appends a step's tokens at once.
         self._stops = _known_stops(stopping_criteria)
-        self._per_token = self._stops is None or self.scores is not None or self.logits is not None
-        self._per_token = self._per_token or streamer is not None
+        kept = self.scores is not None or self.logits is not None or streamer is not None
+        self._per_token = self._stops is None or kept
 
     @property
     def done(self) -> bool:
