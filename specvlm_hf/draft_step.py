@@ -279,13 +279,21 @@ def draft_kernels(draft, numerics: str) -> DraftKernels:
         )
     if numerics == "reference":
         return DraftKernels(draft)
-    weights = [draft.lm_head.weight, *(p for p in draft.parameters())]
-    identity = tuple((w.data_ptr(), w._version) for w in weights)
+    identity = _weights_identity([draft.lm_head.weight, *(p for p in draft.parameters())])
     kept = _KERNELS.setdefault(draft, {}).get(numerics)
     if kept is None or kept[0] != identity:
         with torch.no_grad():
             kept = _KERNELS[draft][numerics] = (identity, PackedKernels(draft, numerics))
     return kept[1]
+
+
+def _weights_identity(weights: list[torch.Tensor]) -> tuple:
+    """What tells whether packed copies of `weights` are stale: each weight's storage and version, and a sum over up
+    to 64 of its elements spread across it, since some in-place updates do not count as a version (a fused
+    optimizer's step: `torch.optim.AdamW(fused=True)`, the Trainer's default, leaves `_version` unchanged)."""
+    with torch.no_grad():
+        sums = torch.stack([w.reshape(-1)[:: max(1, w.numel() // 64)][:64].float().sum() for w in weights])
+    return tuple((w.data_ptr(), w._version) for w in weights), tuple(sums.tolist())
 
 
 class LeanDraftForward:
