@@ -33,6 +33,10 @@ class SpecVLMDraftConfig(PretrainedConfig):
         compressor (`dict`, *optional*): the `SpecVLMCompressorConfig` fields (`record()`) of the elastic visual compressor
             this draft was trained with; its weights are saved with the draft's. `None`: the draft sees every visual
             token (EagleVLM).
+        parallel_depth (`int`, defaults to 1): parallel drafting (P-EAGLE): above 1, the draft drafts depths 2 to
+            `parallel_depth` of a tree in one forward, each from a mask entry (learned `mask_embeds` and
+            `mask_features` in place of a token's embedding and feature) that reads the committed context and the
+            mask entries before it; 1: one forward per depth (EAGLE-2).
     """
 
     model_type = "specvlm_draft"
@@ -58,8 +62,11 @@ class SpecVLMDraftConfig(PretrainedConfig):
         target_model_type: str = "llava",
         image_token_id: int | None = None,
         compressor: dict | None = None,
+        parallel_depth: int = 1,
         **kwargs,
     ):
+        if parallel_depth < 1:
+            raise ValueError(f"parallel_depth must be >= 1 (1: no parallel drafting), got {parallel_depth}")
         if hidden_size % num_attention_heads != 0 and head_dim is None:
             raise ValueError(
                 f"hidden_size={hidden_size} is not a multiple of num_attention_heads={num_attention_heads}"
@@ -85,6 +92,7 @@ class SpecVLMDraftConfig(PretrainedConfig):
         self.target_model_type = target_model_type
         self.image_token_id = image_token_id
         self.compressor = compressor.record() if isinstance(compressor, PretrainedConfig) else compressor
+        self.parallel_depth = parallel_depth
         kwargs.setdefault("tie_word_embeddings", False)
         super().__init__(**kwargs)
 
@@ -134,6 +142,11 @@ class SpecVLMEagle3DraftConfig(SpecVLMDraftConfig):
             raise ValueError(
                 "An EAGLE-3 draft sees the image through the target's hidden states at the image slots and takes no "
                 "visual compressor; train an EAGLE-2-style SpecVLMDraftModel for the elastic compressor."
+            )
+        if self.parallel_depth > 1:
+            raise ValueError(
+                "Parallel drafting (parallel_depth > 1) is built for EAGLE-2-style drafts; an EAGLE-3 draft drafts "
+                "one depth per forward (parallel_depth=1)."
             )
         ids = list(aux_hidden_state_layer_ids or [])
         if aux_hidden_state_layer_ids is not None and (

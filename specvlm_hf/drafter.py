@@ -1,5 +1,6 @@
 """Drafting: the protocol the decoding loop drafts through, and `TreeDrafter`, which grows the EAGLE-2 dynamic tree
-with a `SpecVLMDraftModel` (SpecVLM §1.3) while keeping the draft's own KV cache across steps."""
+with a `SpecVLMDraftModel` (SpecVLM §1.3), one draft forward per depth or, for a parallel draft, depths 2 and below
+from one forward over mask entries, while keeping the draft's own KV cache across steps."""
 
 from __future__ import annotations
 
@@ -339,15 +340,21 @@ class TreeDrafter(Drafter):
         past_allowed = live[:, None].expand(rows, k, committed)
 
         self._levels = 1
+        marginals = None  # parallel drafting: (rows, depth - 1, V) log-probabilities of depths 2..depth
+        if self.draft.config.parallel_depth > 1 and depth > 1:
+            marginals = self._parallel_marginals(live, root_positions, depth - 1)
         for level in range(1, depth):
             if self._end_tokens is not None and bool((scores.isinf().all(dim=1) | (ended >= END_MASS)).all()):
                 break  # in every row every frontier node is an end token, or the draft expects the answer has ended
             self._levels = level + 1
-            # Feed the frontier (depth `level`) at each row's root position + level - 1.
-            mask = additive_mask(torch.cat([past_allowed, tree_allowed], dim=2), dtype)
-            positions = (root_positions + level - 1)[:, None].expand(rows, k)
-            out = self.forward(embed(tokens), frontier_hidden, positions, mask)  # [rows, k, hidden]
-            log_probs = torch.log_softmax(self.forward.logits(out).float(), dim=-1)  # [rows, k, V]
+            if marginals is None:
+                # Feed the frontier (depth `level`) at each row's root position + level - 1.
+                mask = additive_mask(torch.cat([past_allowed, tree_allowed], dim=2), dtype)
+                positions = (root_positions + level - 1)[:, None].expand(rows, k)
+                out = self.forward(embed(tokens), frontier_hidden, positions, mask)  # [rows, k, hidden]
+                log_probs = torch.log_softmax(self.forward.logits(out).float(), dim=-1)  # [rows, k, V]
+            else:  # every frontier node's children come from the same marginal of depth `level + 1`
+                log_probs = marginals[:, level - 1 : level].expand(rows, k, -1)
             child_tokens, child_scores = expand_level(scores, log_probs, k)  # [rows, k, k]
             child_tokens, child_scores = child_tokens.flatten(1), child_scores.flatten(1)  # [rows, k * k]
             pool_tokens.append(child_tokens)
@@ -355,10 +362,13 @@ class TreeDrafter(Drafter):
             ended = ended + self._end_mass(child_tokens, child_scores)
             pool_parents.append(frontier.repeat_interleave(k, dim=1))
             best = child_scores.topk(k, dim=1).indices  # next frontier, as indices into this level's k*k
-            parent_slot = best // k
-            tree_allowed = torch.cat([tree_allowed.gather(1, parent_slot[..., None].expand_as(tree_allowed)), eye], 2)
+            if marginals is None:
+                parent_slot = best // k
+                tree_allowed = torch.cat(
+                    [tree_allowed.gather(1, parent_slot[..., None].expand_as(tree_allowed)), eye], 2
+                )
+                frontier_hidden = out.gather(1, parent_slot[..., None].expand(rows, k, out.shape[-1]))
             frontier = n_pool + best
-            frontier_hidden = out.gather(1, parent_slot[..., None].expand(rows, k, out.shape[-1]))
             tokens = child_tokens.gather(1, best)
             scores = self._without_end_tokens(tokens, child_scores.gather(1, best))
             n_pool += k * k
@@ -375,6 +385,30 @@ class TreeDrafter(Drafter):
             trees.append(build_tree(tree_tokens, [-1] + tree_parents.tolist()))  # tolist() waits for the device
         self._drafted = time.perf_counter()
         return trees
+
+    def _parallel_marginals(self, live: torch.Tensor, root_positions: torch.Tensor, entries: int) -> torch.Tensor:
+        """
+        Parallel drafting: the draft's log-probabilities for depths 2..`entries + 1` from one forward over `entries`
+        mask entries per row, entry i (0-based) at the row's root position + i, seeing the row's committed entries and
+        the mask entries before it (as `training.trainer.unrolled` trains them). The cache keeps them until the
+        caller truncates it to the committed entries.
+
+        Args:
+            live (`(rows, committed)` bool): the cache slots holding each row's committed positions.
+            root_positions (`(rows,)`): each row's root position.
+
+        Returns:
+            `(rows, entries, vocab_size)` float32.
+        """
+        rows, committed = live.shape
+        device, dtype = live.device, self.draft.fc.weight.dtype
+        embeds = self.draft.mask_embeds.to(dtype).expand(rows, entries, -1)
+        features = self.draft.mask_features.to(dtype).expand(rows, entries, -1)
+        positions = root_positions[:, None] + torch.arange(entries, device=device)
+        causal = torch.ones(entries, entries, dtype=torch.bool, device=device).tril().expand(rows, -1, -1)
+        allowed = torch.cat([live[:, None].expand(rows, entries, committed), causal], dim=2)
+        out = self.forward(embeds, features, positions, additive_mask(allowed, dtype))  # (rows, entries, hidden)
+        return torch.log_softmax(self.forward.logits(out).float(), dim=-1)
 
     def _end_mass(self, tokens: torch.Tensor, scores: torch.Tensor) -> torch.Tensor | float:
         """Per row, the draft's probability that the answer ends at one of these nodes (`(rows, n)` each): the sum of

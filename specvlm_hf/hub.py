@@ -147,6 +147,7 @@ def create_model_card(
         compressor=compressor,
         eagle3=eagle3,
         aux_layers=config.get("aux_hidden_state_layer_ids"),
+        parallel_depth=config.get("parallel_depth", 1),
     )
 
 

@@ -26,7 +26,7 @@ from .configuration import SpeculativeConfig, SpecVLMDraftConfig
 from .drafter import DraftSource, DraftState, TreeDrafter, TreeDraftSpec, tree_knobs
 from .peft_wrappers import unwrap_peft
 from .tree import causal_attention_mask
-from .tuning import TreeTuner, device_costs
+from .tuning import MAX_DEPTH, TreeTuner, device_costs
 
 # `from_pretrained` keywords that also locate the config
 _CONFIG_KWARGS = ("revision", "cache_dir", "force_download", "local_files_only", "token", "subfolder")
@@ -65,7 +65,8 @@ class SpecVLMDraftModel(PreTrainedModel, DraftSource):
         self.post_init()
 
     def _build_layers(self, config: SpecVLMDraftConfig) -> None:
-        """The draft's own modules: `fc`, the decoder `layers` and the visual `compressor`."""
+        """The draft's own modules: `fc`, the decoder `layers`, the visual `compressor` and, for parallel drafting,
+        the mask entry's inputs."""
         self.fc = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=config.fc_bias)
         self.layers = nn.ModuleList([LlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
         self.compressor = (
@@ -73,6 +74,37 @@ class SpecVLMDraftModel(PreTrainedModel, DraftSource):
             if config.compressor
             else IdentityCompressor()
         )
+        if config.parallel_depth > 1:
+            self._add_mask_inputs()
+
+    def _add_mask_inputs(self) -> None:
+        """`mask_embeds` and `mask_features` (`(hidden_size,)` each): what a parallel draft reads at a mask entry in
+        place of a token's embedding and the target's feature, drawn as the other weights are."""
+        weight = self.fc.weight
+        std = self.config.initializer_range
+        for name in ("mask_embeds", "mask_features"):
+            values = torch.randn(self.config.hidden_size, device=weight.device, dtype=weight.dtype) * std
+            setattr(self, name, nn.Parameter(values))
+
+    def enable_parallel_drafting(self, depth: int) -> SpecVLMDraftModel:
+        """Makes this draft draft depths 2 to `depth` in one forward (`SpecVLMDraftConfig.parallel_depth`), adding
+        fresh mask inputs if it has none: they mean nothing until trained (`specvlm-hf train --parallel-depth`).
+        Returns `self`."""
+        if depth < 2:
+            raise ValueError(f"parallel drafting drafts at least depth 2 in one forward; got depth {depth}")
+        if self.feature_layers is not None:
+            raise ValueError("Parallel drafting is built for EAGLE-2-style drafts, not EAGLE-3 drafts.")
+        if not hasattr(self, "mask_embeds"):
+            self._add_mask_inputs()
+        self.config.parallel_depth = depth
+        self._tuners = {}
+        return self
+
+    def _init_weights(self, module) -> None:
+        super()._init_weights(module)
+        if module is self and hasattr(self, "mask_embeds"):
+            for parameter in (self.mask_embeds, self.mask_features):
+                nn.init.normal_(parameter, std=self.config.initializer_range)
 
     @classmethod
     def _family(cls, config) -> type[SpecVLMDraftModel]:
@@ -263,7 +295,10 @@ class SpecVLMDraftModel(PreTrainedModel, DraftSource):
         weight = self.fc.weight
         key = (weight.device, weight.dtype, bool(do_sample), rows, numerics)
         if key not in self._tuners:
-            self._tuners[key] = TreeTuner(device_costs(adapter, self, prompt_len, rows).with_numerics(numerics))
+            costs = device_costs(adapter, self, prompt_len, rows).with_numerics(numerics)
+            depth = self.config.parallel_depth
+            parallel = {"parallel": True, "max_depth": min(depth, MAX_DEPTH)} if depth > 1 else {}
+            self._tuners[key] = TreeTuner(costs, **parallel)
         return self._tuners[key]
 
     def auto_numerics(self, adapter, prompt_len: int, rows: int = 1) -> str:

@@ -410,6 +410,9 @@ class TreeTuner:
         call_strength (`float`): pseudo-drafts on each side of a call's accepted-over-expected ratio.
         probe_every (`int`): plain steps in a row after which one step drafts again.
         max_probe_every (`int`): the longest gap between probes, which doubles after each rejected probe.
+        parallel (`bool`): the draft drafts depths 2..d in one forward of d - 1 mask entries per row (parallel
+            drafting), whatever the width: a step drafts for c(1) + c(d - 1) (the measured width nearest above d - 1,
+            or the widest), not c(1) + (d - 1) * c(k).
     """
 
     def __init__(
@@ -422,6 +425,7 @@ class TreeTuner:
         call_strength: float = 2.0,
         probe_every: int = 8,
         max_probe_every: int = 64,
+        parallel: bool = False,
     ):
         self.costs = costs
         self.prior, self.strength, self.optimism, self.max_depth = prior, strength, optimism, max_depth
@@ -449,7 +453,11 @@ class TreeTuner:
         depths = np.arange(1, max_depth + 1)
         level = costs.draft_level
         self._verify = {k: np.array([costs.curve.at(d * k + 1) for d in depths]) for k in self.widths}
-        self._draft = {k: level[1] + (depths - 1) * level[k] for k in self.widths}
+        if parallel:
+            entries = [level[min((w for w in self.widths if w >= d - 1), default=self.widths[-1])] for d in depths]
+            self._draft = {k: level[1] + np.where(depths > 1, entries, 0.0) for k in self.widths}
+        else:
+            self._draft = {k: level[1] + (depths - 1) * level[k] for k in self.widths}
 
     def _beta(self, k: int, chain: np.ndarray | None) -> np.ndarray:
         """The Beta estimates of width k; their prior is `chain` scaled by the top-k mass, when given."""

@@ -2,7 +2,7 @@
 continuation (long paths get accepted), one that knows it only for its first levels, and a random drafter (almost
 everything is rejected), and the reference tree drafter that the lean one is compared with. For batches: an oracle
 that knows every row's continuation (`BatchOracleDraft`) and `RowwiseDraft`, which drafts each row with a double of
-one sequence."""
+one sequence. `RecordingDraft` drafts with a real draft and keeps what its drafters saw and proposed."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import random
 import torch
 from transformers import DynamicCache
 
-from specvlm_hf import Drafter, DraftSource, DraftState, SpeculativeConfig
+from specvlm_hf import Drafter, DraftSource, DraftState, SpeculativeConfig, TreeDrafter
 from specvlm_hf.cache import commit_accepted
 from specvlm_hf.tree import DraftTree, additive_mask, build_tree, expand_level, rerank_nodes
 
@@ -303,3 +303,30 @@ class _RowwiseDrafter(Drafter):
     def observe_rows(self, trees, paths, finished) -> None:
         for drafter, tree, path, done in zip(self.drafters, trees, paths, finished):
             drafter.observe(tree, path, done)
+
+
+class RecordingDraft(DraftSource):
+    """A real draft whose drafters (`RecordingTreeDrafter`, in `drafters`, one per call) keep what they saw and
+    proposed."""
+
+    def __init__(self, draft, config: SpeculativeConfig):
+        self.draft, self.speculative_config, self.drafters = draft, config, []
+
+    def new_drafter(self, target):
+        self.drafters.append(RecordingTreeDrafter(self.draft, self.speculative_config))
+        return self.drafters[-1]
+
+
+class RecordingTreeDrafter(TreeDrafter):
+    """A `TreeDrafter` that keeps every state the loop hands it and every tree it proposes, in order (steps, then
+    rows)."""
+
+    def __init__(self, draft, config: SpeculativeConfig):
+        super().__init__(draft, config)
+        self.states, self.trees = [], []
+
+    def propose_rows(self, states):
+        trees = super().propose_rows(states)
+        self.states += states
+        self.trees += trees
+        return trees

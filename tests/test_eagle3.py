@@ -4,11 +4,11 @@ training-time test (unrolled training computes what the loop's chain drafting co
 
 import pytest
 import torch
+from drafters import RecordingDraft
 from tiny import make_inputs
 from transformers import AutoModel, DynamicCache
 
 from specvlm_hf import (
-    DraftSource,
     SpeculativeConfig,
     SpecVLMDraftConfig,
     SpecVLMDraftModel,
@@ -18,7 +18,6 @@ from specvlm_hf import (
 )
 from specvlm_hf.adapters import get_adapter
 from specvlm_hf.configuration import eagle3_layer_ids
-from specvlm_hf.drafter import Drafter, TreeDrafter
 from specvlm_hf.training.trainer import ttt_attention_mask, unrolled
 
 
@@ -78,40 +77,12 @@ def test_save_and_load_by_either_class_and_auto(deep_target, eagle3_draft, tmp_p
     assert isinstance(SpecVLMDraftModel.from_pretrained(tmp_path / "eagle").config, SpecVLMDraftConfig)
 
 
-class _Recorder(Drafter):
-    """A `TreeDrafter` that keeps every state the loop hands it."""
-
-    def __init__(self, draft, config):
-        self.inner = TreeDrafter(draft, config)
-        self.feature_layers = self.inner.feature_layers
-        self.states = []
-
-    def begin(self, *args, **kwargs):
-        self.inner.begin(*args, **kwargs)
-
-    def propose(self, state):
-        self.states.append(state)
-        return self.inner.propose(state)
-
-    def observe(self, *args):
-        self.inner.observe(*args)
-
-
-class _RecordingSource(DraftSource):
-    def __init__(self, draft, config):
-        self.draft, self.speculative_config, self.drafters = draft, config, []
-
-    def new_drafter(self, target):
-        self.drafters.append(_Recorder(self.draft, self.speculative_config))
-        return self.drafters[-1]
-
-
 @pytest.mark.parametrize("shape", [SpeculativeConfig(5, 1, 6), SpeculativeConfig(4, 3, 12)], ids=["chain", "wide"])
 def test_the_draft_reads_the_targets_layers_at_every_committed_position(deep_target, eagle3_draft, shape):
     """The states the loop hands an EAGLE-3 drafter hold, at each committed position, the hidden states entering the
     draft's three target layers, as one causal forward over the final sequence computes them, and nothing else."""
     inputs = make_inputs(seed=2)
-    source = _RecordingSource(eagle3_draft, shape)
+    source = RecordingDraft(eagle3_draft, shape)
     out = speculative_generate(deep_target, source, **inputs, max_new_tokens=30, do_sample=False)
     assert torch.equal(out.sequences, deep_target.generate(**inputs, max_new_tokens=30, do_sample=False))
     adapter = get_adapter(deep_target)
@@ -131,7 +102,7 @@ def test_the_draft_reads_the_targets_layers_at_every_committed_position(deep_tar
 
 def test_the_draft_reads_the_placeholder_embedding_at_image_slots(deep_target, eagle3_draft):
     inputs = make_inputs(seed=2)
-    source = _RecordingSource(eagle3_draft, SpeculativeConfig(3, 1, 4))
+    source = RecordingDraft(eagle3_draft, SpeculativeConfig(3, 1, 4))
     speculative_generate(deep_target, source, **inputs, max_new_tokens=4, do_sample=False)
     state = source.drafters[0].states[0]
     embeds, features, positions = eagle3_draft.prompt_input(state)

@@ -2,8 +2,8 @@
 
 Hypothesis draws a tiny random LLaVA (hidden size, layers, attention heads with and without GQA, vocabulary, image
 token count, sdpa or eager attention), a prompt with or without an image, a drafter (random trees, an oracle that tells
-the truth for a random number of levels, the real draft class with random weights, on a drawn tree shape or the
-auto tree), a tree shape, and generation
+the truth for a random number of levels, the real draft class with random weights drafting one depth per forward
+or in parallel, on a drawn tree shape or the auto tree), a tree shape, and generation
 arguments from the README's table: `max_new_tokens` or `max_length`, EOS as an int, a list or a tensor, min new tokens
 and min length, repetition and encoder repetition penalties, no-repeat n-grams, bad words, sequence bias, suppressed
 tokens (always or at the first step), forced EOS, the exponential length penalty, classifier-free guidance with or
@@ -16,8 +16,8 @@ what the custom criteria and the user's processor were called with and what the 
 count, and the returned (or the caller's) cache: its length, its entries, and the target's logits continuing from it.
 
 Batches get their own cases: 1 to 4 left-padded rows (random prompt lengths, with and without an image, with or
-without the `attention_mask`), an oracle whose rows accept different numbers of tokens per step, the real draft or
-random trees per row, end tokens, row-wise stopping criteria and stop strings that stop rows early, and the
+without the `attention_mask`), an oracle whose rows accept different numbers of tokens per step, the real draft (one depth
+per forward or in parallel) or random trees per row, end tokens, row-wise stopping criteria and stop strings that stop rows early, and the
 row-wise logits processors; the sequences, the returned cache and the per-row statistics are checked against plain
 batched `generate()`.
 
@@ -118,6 +118,15 @@ def build(spec: TargetSpec):
     )
     torch.manual_seed(spec.seed + 1)
     return target, SpecVLMDraftModel.from_target(target)
+
+
+@functools.lru_cache(maxsize=32)
+def build_parallel(spec: TargetSpec):
+    """A `SpecVLMDraftModel` with random weights bound to `build(spec)`'s target, drafting depths 2..5 in one forward
+    (parallel drafting)."""
+    target, _ = build(spec)
+    torch.manual_seed(spec.seed + 2)
+    return SpecVLMDraftModel.from_target(target).enable_parallel_drafting(5)
 
 
 def prompt_inputs(spec: TargetSpec, prompt: Prompt) -> dict:
@@ -225,7 +234,7 @@ class Case:
     target: TargetSpec
     prompt: Prompt
     route: str  # "generate" (assistant_model=) or "speculative_generate"
-    drafter: str  # "random", "oracle" or "real"
+    drafter: str  # "random", "oracle", "real" or "parallel" (the real draft class, drafting in parallel)
     tree: SpeculativeConfig
     truth_depth: int  # oracle: levels on which it tells the truth
     draft_seed: int
@@ -237,8 +246,8 @@ class Case:
     criteria: tuple = ()  # (kind, value) pairs, see make_criterion
     stop_strings: list[str] | None = None
     return_dict: bool = False
-    auto_tree: bool = False  # "real" drafter: the default auto tree instead of `tree`
-    numerics: str = "auto"  # "real" drafter: its `draft_numerics`
+    auto_tree: bool = False  # "real" and "parallel" drafters: the default auto tree instead of `tree`
+    numerics: str = "auto"  # "real" and "parallel" drafters: its `draft_numerics`
     output_scores: bool = False
     output_logits: bool = False
     user_cache: bool = False  # pass an empty DynamicCache, which generate() fills in place
@@ -384,7 +393,7 @@ def cases(draw) -> Case:
         target=spec,
         prompt=prompt,
         route=route,
-        drafter=draw(st.sampled_from(["oracle", "real", "random"])),
+        drafter=draw(st.sampled_from(["oracle", "real", "random", "parallel"])),
         tree=SpeculativeConfig(depth=depth, top_k=draw(st.integers(1, 6)), total_tokens=draw(st.integers(2, 40))),
         truth_depth=draw(st.one_of(st.just(depth), st.integers(0, depth))),
         draft_seed=draw(st.integers(0, 1000)),
@@ -449,7 +458,9 @@ def check(case: Case) -> None:
     plain_sequences = plain.sequences if case.return_dict else plain
 
     cfg = case.tree
-    if case.drafter == "real":
+    if case.drafter == "parallel":
+        draft = build_parallel(case.target)
+    if case.drafter in ("real", "parallel"):
         draft = draft.with_tree(draft_numerics=case.numerics)
         source = draft
     elif case.drafter == "oracle":
@@ -459,7 +470,7 @@ def check(case: Case) -> None:
     else:
         source = RandomDraft(case.target.vocab, cfg, case.draft_seed)
     our_kwargs = case.generate_kwargs(prompt_len)
-    fixed_real = case.drafter == "real" and not case.auto_tree
+    fixed_real = case.drafter in ("real", "parallel") and not case.auto_tree
     if case.route == "speculative_generate":
         knobs = dict(depth=cfg.depth, tree_top_k=cfg.top_k, total_tokens=cfg.total_tokens)
         ours = speculative_generate(target, source, **inputs, **(knobs if fixed_real else {}), **our_kwargs)
@@ -600,7 +611,7 @@ def batch_cases(draw) -> BatchCase:
         prompts=prompts,
         batch_mask=batch_mask,
         route=route,
-        drafter=draw(st.sampled_from(["oracle", "real", "random"])),
+        drafter=draw(st.sampled_from(["oracle", "real", "random", "parallel"])),
         tree=SpeculativeConfig(depth=depth, top_k=draw(st.integers(1, 6)), total_tokens=draw(st.integers(2, 40))),
         truth=draw(st.sampled_from(["random", "full"])),
         truth_depth=depth,
@@ -638,6 +649,7 @@ def check_batch(case: BatchCase) -> None:
         source = RowwiseDraft([RandomDraft(case.target.vocab, cfg, case.draft_seed + row) for row in range(rows)])
     else:
         knobs = dict(depth=cfg.depth, tree_top_k=cfg.top_k, total_tokens=cfg.total_tokens)
+        draft = build_parallel(case.target) if case.drafter == "parallel" else draft
         draft = draft.with_tree(draft_numerics=case.numerics)
         source = draft if case.auto_tree else draft.with_tree(**knobs)
     our_kwargs = case.generate_kwargs(prompt_len)

@@ -106,6 +106,28 @@ def test_training_time_test_trains_either_family(tiny_testbed, tmp_path, family)
     assert type(SpecVLMDraftModel.from_pretrained(tmp_path, target=target)) is family
 
 
+def test_parallel_drafting_trains_its_mask_entries(tiny_testbed, tmp_path):
+    """A parallel draft of depth 3 trains one unrolled step per depth from its mask entries: the mask inputs learn,
+    each depth's loss is logged, and the saved draft loads with them."""
+    target, processor = tiny_testbed
+    torch.manual_seed(0)
+    draft = SpecVLMDraftModel.from_target(target).enable_parallel_drafting(3)
+    before = {k: v.clone() for k, v in draft.state_dict().items()}
+    logs = LogRecorder()
+    train_draft(
+        target, processor, rows(6), config(tmp_path, max_steps=2, save_steps=100), draft=draft, callbacks=[logs]
+    )
+    changed = {k for k, v in before.items() if not torch.equal(v, draft.state_dict()[k])}
+    assert {"mask_embeds", "mask_features", "fc.weight"} <= changed
+    losses = [entry for entry in logs.entries if "loss" in entry]
+    assert losses and all({"logit_ce", "logit_ce_2", "logit_ce_3"} <= set(entry) for entry in losses)
+    assert not any("logit_ce_4" in entry for entry in losses)
+    loaded = SpecVLMDraftModel.from_pretrained(tmp_path, target=target)
+    assert loaded.config.parallel_depth == 3 and torch.equal(loaded.mask_embeds, draft.mask_embeds)
+    with pytest.raises(ValueError, match="ttt_steps must stay 1"):
+        DistillationTrainer(draft, target, config(tmp_path, ttt_steps=2))
+
+
 class LogRecorder(TrainerCallback):
     def __init__(self):
         self.entries = []
@@ -312,6 +334,10 @@ def test_train_cli_refuses_family_options_it_cannot_use(capsys, tmp_path):
         (["--aux-layers", "1,2,3"], "add --family eagle3"),
         (["--family", "eagle3", "--compressor", "elastic"], "takes no compressor"),
         (["--ttt-steps", "3", "--compressor", "pool"], "train a draft with a compressor with --ttt-steps 1"),
+        (["--parallel-depth", "3", "--family", "eagle3"], "drop --ttt-steps, --lora and --family eagle3"),
+        (["--parallel-depth", "3", "--ttt-steps", "2"], "one unrolled step per depth"),
+        (["--parallel-depth", "3", "--compressor", "pool"], "drop --compressor"),
+        (["--parallel-depth", "0"], "must be >= 1"),
     ):
         with pytest.raises(SystemExit, match=message):
             main(["train", *argv, "--output", str(tmp_path)])

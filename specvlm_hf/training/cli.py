@@ -105,6 +105,13 @@ def register(subparsers) -> None:
     )
     p.add_argument("--ttt-decay", type=float, default=0.8, help="Loss weight of unrolled step j: decay ** j.")
     p.add_argument(
+        "--parallel-depth",
+        type=int,
+        default=1,
+        help="Parallel drafting (--family eagle): above 1, the draft learns to draft depths 2..N in one forward from "
+        "mask entries (one unrolled step per depth, weighted by --ttt-decay); 1 = one forward per depth.",
+    )
+    p.add_argument(
         "--compressor",
         default="none",
         choices=["none", "elastic", "prune", "prune_importance", "pool", "conv", "resampler", "text"],
@@ -192,7 +199,8 @@ def _testbed_rows(output: Path, n: int, seed: int, testbed: str = TESTBED):
 
 def _initial_draft(args, target, resuming: bool):
     """The draft to train: `--init-draft`'s or a fresh one, with `--compressor`'s compressor (a resumed run restores
-    its own from the checkpoint's config); with `--lora`, `--init-draft`'s wrapped in a fresh LoRA adapter."""
+    its own from the checkpoint's config) and `--parallel-depth`'s mask inputs (fresh where it has none); with
+    `--lora`, `--init-draft`'s wrapped in a fresh LoRA adapter."""
     from ..adapters import get_adapter
     from ..compressor import compressor_for
     from ..modeling_draft import SpecVLMDraftModel
@@ -220,6 +228,8 @@ def _initial_draft(args, target, resuming: bool):
     )
     if compressor is not None or args.compressor_branches:
         draft.set_compressor(compressor)
+    if args.parallel_depth > 1:
+        draft.enable_parallel_drafting(args.parallel_depth)
     return draft
 
 
@@ -271,6 +281,15 @@ def run(args) -> int:
             "--ttt-steps unrolls the draft over uncompressed positions; train a draft with a compressor with "
             "--ttt-steps 1."
         )
+    if args.parallel_depth > 1 and (args.family != "eagle" or args.ttt_steps > 1 or args.lora):
+        raise SystemExit(
+            "--parallel-depth trains an EAGLE-2-style draft (--family eagle) as a whole, one unrolled step per "
+            "depth: drop --ttt-steps, --lora and --family eagle3."
+        )
+    if args.parallel_depth > 1 and (args.compressor != "none" or args.compressor_branches):
+        raise SystemExit("--parallel-depth unrolls the draft over uncompressed positions; drop --compressor.")
+    if args.parallel_depth < 1:
+        raise SystemExit(f"--parallel-depth must be >= 1, got {args.parallel_depth}.")
     if args.threads:
         torch.set_num_threads(args.threads)
     output = Path(args.output)

@@ -49,10 +49,17 @@ class DistillationTrainer(Trainer):
             # A select-mode compressor trains only the branches chosen for a step's rows, so DDP must look for
             # parameters without a gradient; without one every parameter is used and the search is wasted work.
             args.ddp_find_unused_parameters = isinstance(getattr(model, "compressor", None), SpecVLMCompressor)
-        if args.ttt_steps > 1 and isinstance(getattr(unwrap_peft(model), "compressor", None), SpecVLMCompressor):
+        draft = unwrap_peft(model)
+        parallel = draft.config.parallel_depth > 1
+        if (args.ttt_steps > 1 or parallel) and isinstance(getattr(draft, "compressor", None), SpecVLMCompressor):
             raise ValueError(
-                "Training-time test unrolls the draft over uncompressed positions; a draft with a visual compressor "
-                "trains with ttt_steps=1."
+                "Training-time test and parallel drafting unroll the draft over uncompressed positions; a draft with "
+                "a visual compressor trains with ttt_steps=1 and parallel_depth=1."
+            )
+        if parallel and args.ttt_steps > 1:
+            raise ValueError(
+                f"A parallel draft trains one unrolled step per depth it drafts (parallel_depth="
+                f"{draft.config.parallel_depth}); ttt_steps must stay 1."
             )
         if not unwrap_peft(model).predicts_features and args.lambda_logit == 0:
             raise ValueError("An EAGLE-3 draft learns from the logit loss alone; lambda_logit must be > 0.")
@@ -154,7 +161,11 @@ class DistillationTrainer(Trainer):
                 self._branches[branch] += 1
         rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(source)
         total = 0.0
-        for step, hidden in enumerate(unrolled(model, draft_embeds, draft_features, positions, self.args.ttt_steps)):
+        # Parallel drafting trains each depth from its mask entries; otherwise `ttt_steps` unrolls the draft's own.
+        parallel = draft.config.parallel_depth > 1
+        steps = draft.config.parallel_depth if parallel else self.args.ttt_steps
+        mask_inputs = (draft.mask_embeds, draft.mask_features) if parallel else None
+        for step, hidden in enumerate(unrolled(model, draft_embeds, draft_features, positions, steps, mask_inputs)):
             # Entry t predicts position source[t] + 1 + j; train where that position holds an assistant token.
             next_position = source + 1 + step
             selected = (source >= 0) & (next_position < input_ids.shape[1])
@@ -212,7 +223,14 @@ def _parts() -> defaultdict:
     return defaultdict(float, n=0)
 
 
-def unrolled(model, inputs_embeds: torch.Tensor, features: torch.Tensor, position_ids: torch.Tensor, steps: int):
+def unrolled(
+    model,
+    inputs_embeds: torch.Tensor,
+    features: torch.Tensor,
+    position_ids: torch.Tensor,
+    steps: int,
+    mask_inputs: tuple[torch.Tensor, torch.Tensor] | None = None,
+):
     """
     Training-time test (EAGLE-3): the draft's outputs over `steps` unrolled steps, one `(batch, L, hidden_size)`
     tensor per step. Step 0 is teacher forcing (entry t reads the embedding of token t + 1 and the target's view at
@@ -220,6 +238,10 @@ def unrolled(model, inputs_embeds: torch.Tensor, features: torch.Tensor, positio
     t, attending to the teacher-forced entries <= t and its own chain above them (`ttt_attention_mask`): what the
     decoding loop's draft computes at depth j + 1 of a chain drafted after committed position t, when the chain's
     tokens are the true ones.
+
+    With `mask_inputs` (parallel drafting: `(mask_embeds, mask_features)`, `(hidden_size,)` each), step j feeds
+    position t + j the mask entry instead, with the same attention: what the loop's parallel draft computes for
+    depth j + 1 after committed position t, one forward for every depth.
 
     Args:
         model (`SpecVLMDraftModel` or a wrapper of one): called as `model(inputs_embeds, features, position_ids,
@@ -231,7 +253,11 @@ def unrolled(model, inputs_embeds: torch.Tensor, features: torch.Tensor, positio
     hidden = features
     for step in range(steps):
         mask = ttt_attention_mask(inputs_embeds.shape[1], step, inputs_embeds.dtype, inputs_embeds.device)
-        hidden = model(_shifted(inputs_embeds, step), hidden, position_ids + step, mask, cache)
+        if step and mask_inputs is not None:
+            embeds, state = (values.to(inputs_embeds.dtype).expand_as(inputs_embeds) for values in mask_inputs)
+        else:
+            embeds, state = _shifted(inputs_embeds, step), hidden
+        hidden = model(embeds, state, position_ids + step, mask, cache)
         yield hidden
 
 
