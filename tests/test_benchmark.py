@@ -23,14 +23,19 @@ from specvlm_hf.benchmark.methods import (
     DRAFT_METHODS,
     EAGLE3_METHODS,
     METHOD_NAMES,
+    PARALLEL_METHODS,
+    TREE_METHODS,
     Method,
+    ParallelAuto,
+    ParallelFixed,
     UnknownMethodError,
     Vanilla,
+    build_methods,
     check_method_names,
     row_tokens,
 )
 from specvlm_hf.benchmark.prompts import PromptFileError, Sample, load_prompts, select_prompts
-from specvlm_hf.benchmark.runner import Resources, applicable_methods
+from specvlm_hf.benchmark.runner import Resources, _draft, applicable_methods
 from specvlm_hf.benchmark.stats import first_mismatch, paired_speedup, spread, tokens_per_forward
 from specvlm_hf.benchmark.summary import paired_speedups, summarize
 from specvlm_hf.benchmark.sweep import RunRecord, run_sweep
@@ -90,6 +95,7 @@ def test_tiny_run_writes_the_json_schema(target, draft, assistant, tmp_path):
     )
     result = run_benchmark(config, resources=resources, samples=tiny_samples())
     data = json.loads((tmp_path / "benchmark.json").read_text())
+    ran = [m for m in METHOD_NAMES if m not in PARALLEL_METHODS]  # no parallel draft held (a minute more on CPU)
 
     assert set(data) == {"schema_version", "environment", "config", "models", "trees", "cost_curve", "summary", "runs"}
     for key in (
@@ -104,7 +110,7 @@ def test_tiny_run_writes_the_json_schema(target, draft, assistant, tmp_path):
     ):
         assert key in data["environment"]
     assert data["environment"]["dtype"] == "float32"
-    assert len(data["runs"]) == len(METHOD_NAMES) * 2 * 2  # methods x samples x temperatures (1 repeat)
+    assert len(data["runs"]) == len(ran) * 2 * 2  # methods x samples x temperatures (1 repeat)
     for run in data["runs"]:
         assert run["error"] is None
         assert sum(run["tokens_per_forward"]) == run["new_tokens"] == 8
@@ -133,7 +139,7 @@ def test_tiny_run_writes_the_json_schema(target, draft, assistant, tmp_path):
     for name in ("speedup.png", "accepted_lengths.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = result.markdown()
-    assert all(f"| {m} |" in table for m in METHOD_NAMES) and "tree depth=" in table
+    assert all(f"| {m} |" in table for m in ran) and "tree depth=" in table
 
 
 def test_fixed_tree_is_used_as_given(target, draft):
@@ -216,6 +222,37 @@ def test_batch_axis_on_the_tiny_testbed(tiny_testbed, tmp_path):
     assert "| eaglevlm-fixed | 0 | 2 |" in table and "| vanilla | 0 | 2 |" in table
     assert "| eaglevlm-fixed | 0 | 1 |" in table
     assert "| prompt-lookup | 0 | 2 | skipped" in table and "| 4/4 |" in table
+
+
+def test_parallel_methods_run_a_parallel_draft(target, draft, tmp_path, caplog):
+    parallel = SpecVLMDraftModel.from_target(target).enable_parallel_drafting(3)
+    tree = SpeculativeConfig(depth=3, top_k=2, total_tokens=6)
+    methods = build_methods(["parallel-fixed", "parallel-auto"], parallel_draft=parallel, trees={0.0: tree})
+    assert list(methods) == ["vanilla", *PARALLEL_METHODS] and "parallel-fixed" in TREE_METHODS
+    assert isinstance(methods["parallel-fixed"], ParallelFixed) and methods["parallel-fixed"].tree(0) == tree
+    assert isinstance(methods["parallel-auto"], ParallelAuto) and methods["parallel-auto"].models == (parallel,)
+    with pytest.raises(ValueError, match="'parallel-fixed' needs a parallel draft"):
+        build_methods(["parallel-fixed"], draft=draft)
+
+    parallel.save_pretrained(tmp_path / "parallel")
+    loaded, source = _draft(str(tmp_path / "parallel"), target, "--parallel-draft", parallel=True)
+    assert loaded.config.parallel_depth == 3 and source == str(tmp_path / "parallel")
+    with caplog.at_level("WARNING", logger="specvlm_hf.benchmark.runner"):
+        random, source = _draft(None, target, "--parallel-draft", parallel=True)
+    assert random.config.parallel_depth == 6 and source == "random init (untrained)"
+    assert "no --parallel-draft given" in caplog.text
+
+
+def test_runner_refuses_a_draft_that_is_not_parallel(tiny_testbed, tmp_path, capsys):
+    from specvlm_hf.cli import main
+
+    target, _ = tiny_testbed
+    SpecVLMDraftModel.from_target(target).save_pretrained(tmp_path / "plain")
+    argv = ["bench", "--target", target.name_or_path, "--methods", "parallel-auto",
+            "--parallel-draft", str(tmp_path / "plain"), "--num-samples", "1", "--device", "cpu"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "is not a parallel draft (parallel_depth 1); train one with specvlm-hf train --parallel-depth N" in err
 
 
 # ------------------------------------------------------------------------------------------------ arithmetic

@@ -35,6 +35,7 @@ _FLAGS = {
     "--draft": ("draft", str),
     "--specvlm-draft": ("specvlm_draft", str),
     "--eagle3-draft": ("eagle3_draft", str),
+    "--parallel-draft": ("parallel_draft", str),
     "--assistant": ("assistant", str),
     "--prompts": ("prompts", str),
     "--image-root": ("image_root", str),

@@ -49,6 +49,8 @@ class BenchmarkConfig:
             compressor.
         eagle3_draft (`str`, *optional*): directory of a trained EAGLE-3 draft (`SpecVLMEagle3DraftModel`) for the
             `eagle3` methods; default the shipped one on the shipped testbed, else a random one.
+        parallel_draft (`str`, *optional*): directory of a trained parallel draft (`SpecVLMDraftConfig.parallel_depth`
+            above 1) for the `parallel` methods; default a random draft with parallel depth 6.
         assistant (`str`, *optional*): directory of the `hf-assisted` language model; by default a cached one built
             for the target's tokenizer (`assistant_lm.py`), built on first use.
         prompts (`str`, *optional*): prompt source (`prompts.load_prompts`); default the testbed's held-out set.
@@ -115,6 +117,13 @@ class BenchmarkConfig:
             "else a random one."
         },
     )
+    parallel_draft: str | None = field(
+        default=None,
+        metadata={
+            "help": "Trained parallel draft directory (`specvlm-hf train --parallel-depth N`) for 'parallel-*'; "
+            "default: a random draft with parallel depth 6 (with a warning)."
+        },
+    )
     assistant: str | None = field(
         default=None,
         metadata={
@@ -144,8 +153,8 @@ class BenchmarkConfig:
         default=(1,),
         metadata={
             "help": "Comma-separated batch sizes. 1: one prompt per call; B > 1: the prompts in left-padded batches "
-            "of B rows (cycled when fewer), vanilla and the tree-loop methods (eaglevlm-*, specvlm-*, eagle3-*) on the "
-            "same batches: tokens/s, ratio to vanilla's, sigma per row, rows equal to vanilla."
+            "of B rows (cycled when fewer), vanilla and the tree-loop methods (eaglevlm-*, specvlm-*, eagle3-*, "
+            "parallel-*) on the same batches: tokens/s, ratio to vanilla's, sigma per row, rows equal to vanilla."
         },
     )
     tree: str = field(

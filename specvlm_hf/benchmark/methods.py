@@ -332,14 +332,29 @@ class Eagle3Auto(EagleVLMAuto):
     name = "eagle3-auto"
 
 
+class ParallelFixed(EagleVLMFixed):
+    """The tree loop with a parallel draft (`SpecVLMDraftConfig.parallel_depth` above 1: depths 2 and on in one
+    forward), with the tree chosen for `eaglevlm-fixed` (so the two differ only in the draft)."""
+
+    name = "parallel-fixed"
+
+
+class ParallelAuto(EagleVLMAuto):
+    """A parallel draft as a user gets it: `generate(assistant_model=draft)` with no knobs (the auto tree)."""
+
+    name = "parallel-auto"
+
+
 METHOD_NAMES = (
     Vanilla.name, HFAssisted.name, PromptLookup.name, EagleVLMFixed.name, EagleVLMAuto.name, SpecVLMFixed.name,
-    SpecVLMAuto.name, Eagle3Fixed.name, Eagle3Auto.name,
+    SpecVLMAuto.name, Eagle3Fixed.name, Eagle3Auto.name, ParallelFixed.name, ParallelAuto.name,
 )  # fmt: skip
 DRAFT_METHODS = (EagleVLMFixed.name, EagleVLMAuto.name)  # the methods that run `draft`
 COMPRESSOR_METHODS = (SpecVLMFixed.name, SpecVLMAuto.name)  # the methods that run `specvlm_draft`
 EAGLE3_METHODS = (Eagle3Fixed.name, Eagle3Auto.name)  # the methods that run `eagle3_draft`
-TREE_METHODS = (EagleVLMFixed.name, SpecVLMFixed.name, Eagle3Fixed.name)  # the methods that run `--tree`'s tree
+PARALLEL_METHODS = (ParallelFixed.name, ParallelAuto.name)  # the methods that run `parallel_draft`
+# the methods that run `--tree`'s tree
+TREE_METHODS = (EagleVLMFixed.name, SpecVLMFixed.name, Eagle3Fixed.name, ParallelFixed.name)
 OLD_METHOD_NAMES = {
     "eaglevlm": EagleVLMFixed.name, "eaglevlm-default": EagleVLMAuto.name, "specvlm": SpecVLMFixed.name,
     "specvlm-default": SpecVLMAuto.name, "eagle3": Eagle3Fixed.name, "eagle3-default": Eagle3Auto.name,
@@ -375,6 +390,7 @@ def build_methods(
     draft=None,
     specvlm_draft=None,
     eagle3_draft=None,
+    parallel_draft=None,
     assistant: nn.Module | None = None,
     trees: Mapping[float, SpeculativeConfig] | None = None,
     prompt_lookup_tokens: int = 10,
@@ -395,6 +411,14 @@ def build_methods(
                 raise ValueError(f"method {name!r} needs an EAGLE-3 draft")
             methods[name] = (
                 Eagle3Fixed(eagle3_draft, trees or {}) if name == Eagle3Fixed.name else Eagle3Auto(eagle3_draft)
+            )
+        elif name in PARALLEL_METHODS:
+            if parallel_draft is None:
+                raise ValueError(f"method {name!r} needs a parallel draft (parallel_depth above 1)")
+            methods[name] = (
+                ParallelFixed(parallel_draft, trees or {})
+                if name == ParallelFixed.name
+                else ParallelAuto(parallel_draft)
             )
         elif name in COMPRESSOR_METHODS:
             if specvlm_draft is None:

@@ -28,6 +28,7 @@ from .methods import (
     DRAFT_METHODS,
     EAGLE3_METHODS,
     METHOD_NAMES,
+    PARALLEL_METHODS,
     TREE_METHODS,
     EagleVLMFixed,
     HFAssisted,
@@ -57,6 +58,7 @@ class Resources:
     assistant: torch.nn.Module | None = None
     specvlm_draft: SpecVLMDraftModel | None = None
     eagle3_draft: SpecVLMDraftModel | None = None
+    parallel_draft: SpecVLMDraftModel | None = None
     info: dict = field(default_factory=dict)
 
 
@@ -77,7 +79,8 @@ def applicable_methods(config: BenchmarkConfig, target, testbed_dir=None) -> tup
     """`config.methods`, or without them every method that applies to `target`: on a testbed (`testbed_dir`) those
     whose draft or assistant is shipped beside it or given; elsewhere every method (random drafts where none is
     given), but the compressor's (`specvlm-*`) when the target's visual tokens form no patch grid and no
-    `--specvlm-draft` is given."""
+    `--specvlm-draft` is given. No parallel draft is shipped: on a testbed the `parallel-*` methods need
+    `--parallel-draft`."""
     if config.methods is not None:
         return config.methods
     if testbed_dir is not None:
@@ -88,6 +91,7 @@ def applicable_methods(config: BenchmarkConfig, target, testbed_dir=None) -> tup
             DRAFT_METHODS: has("draft", config.draft),
             COMPRESSOR_METHODS: has("specvlm-draft", config.specvlm_draft),
             EAGLE3_METHODS: has("eagle3-draft", config.eagle3_draft),
+            PARALLEL_METHODS: config.parallel_draft is not None,
             (HFAssisted.name,): has("assistant", config.assistant),
         }
     else:
@@ -105,6 +109,7 @@ def _loaded(resources: Resources) -> tuple[str, ...]:
         DRAFT_METHODS: resources.draft,
         COMPRESSOR_METHODS: resources.specvlm_draft,
         EAGLE3_METHODS: resources.eagle3_draft,
+        PARALLEL_METHODS: resources.parallel_draft,
         (HFAssisted.name,): resources.assistant,
     }
     skipped = {name for group, model in held.items() if model is None for name in group}
@@ -155,6 +160,11 @@ def load_resources(config: BenchmarkConfig) -> Resources:
     if set(EAGLE3_METHODS) & set(config.methods):
         resources.eagle3_draft, source = _draft(config.eagle3_draft, target, "--eagle3-draft", eagle3=True)
         resources.info["eagle3-draft"] = _describe(resources.eagle3_draft, source)
+    if set(PARALLEL_METHODS) & set(config.methods):
+        resources.parallel_draft, source = _draft(config.parallel_draft, target, "--parallel-draft", parallel=True)
+        resources.info["parallel-draft"] = _describe(
+            resources.parallel_draft, source, parallel_depth=resources.parallel_draft.config.parallel_depth
+        )
     if HFAssisted.name in config.methods:
         resources.assistant, resources.info["assistant"] = _assistant(config, target, processor)
     for draft in _drafts(resources).values():
@@ -164,7 +174,12 @@ def load_resources(config: BenchmarkConfig) -> Resources:
 
 def _drafts(resources: Resources) -> dict:
     """The loaded drafts by their `models` key."""
-    drafts = {"draft": resources.draft, "specvlm-draft": resources.specvlm_draft, "eagle3-draft": resources.eagle3_draft}
+    drafts = {
+        "draft": resources.draft,
+        "specvlm-draft": resources.specvlm_draft,
+        "eagle3-draft": resources.eagle3_draft,
+        "parallel-draft": resources.parallel_draft,
+    }
     return {name: draft for name, draft in drafts.items() if draft is not None}
 
 
@@ -181,16 +196,27 @@ def numerics_report(draft) -> dict:
     }
 
 
-def _draft(path: str | None, target, flag: str, compressor: bool = False, eagle3: bool = False):
+def _draft(
+    path: str | None, target, flag: str, compressor: bool = False, eagle3: bool = False, parallel: bool = False
+):
     """`(draft, source)`: the draft saved at `path`, else a randomly initialised one (with SpecVLM's elastic
-    compressor when `compressor`; an EAGLE-3 one when `eagle3`), with a warning."""
+    compressor when `compressor`; an EAGLE-3 one when `eagle3`; one with parallel depth 6 when `parallel`), with a
+    warning."""
     if path is not None:
         draft = SpecVLMDraftModel.from_pretrained(draft_location(path), target=target)
         if eagle3 != (draft.feature_layers is not None):
             raise ValueError(f"{flag} {path} is {'not ' if eagle3 else ''}an EAGLE-3 draft.")
+        depth = draft.config.parallel_depth
+        if parallel and depth < 2:
+            raise ValueError(
+                f"{flag} {path} is not a parallel draft (parallel_depth {depth}); train one with "
+                "specvlm-hf train --parallel-depth N"
+            )
         return draft, path
     logger.warning("no %s given: a randomly initialised draft runs (expect sigma near 1)", flag)
     draft = (SpecVLMEagle3DraftModel if eagle3 else SpecVLMDraftModel).from_target(target)
+    if parallel:
+        draft.enable_parallel_drafting(6)
     if compressor:
         grid = get_adapter(target).patch_grid()
         draft.set_compressor(compressor_for("elastic", draft.config.hidden_size, grid))
@@ -244,7 +270,7 @@ def choose_trees(config: BenchmarkConfig, resources: Resources, calibration: Seq
     for temperature in config.temperatures:
         found = calibrate_tree(
             resources.target,
-            next(d for d in (resources.draft, resources.specvlm_draft, resources.eagle3_draft) if d is not None),
+            next(iter(_drafts(resources).values())),
             calibration,
             temperature=temperature,
             max_new_tokens=min(config.calibration_tokens, config.max_new_tokens),
@@ -429,6 +455,7 @@ def run_benchmark(
         draft=resources.draft,
         specvlm_draft=resources.specvlm_draft,
         eagle3_draft=resources.eagle3_draft,
+        parallel_draft=resources.parallel_draft,
         assistant=resources.assistant,
         trees=trees,
         prompt_lookup_tokens=config.prompt_lookup_tokens,
