@@ -116,3 +116,7 @@ def main(argv=None) -> dict:
 
 if __name__ == "__main__":
     main()
+    # As `specvlm-hf train` does: close the process group before exit; left to interpreter teardown, gloo's threads
+    # occasionally abort a finished run ("terminate called without an active exception").
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
