@@ -79,12 +79,16 @@ class SpecVLMDraftModel(PreTrainedModel, DraftSource):
 
     def _add_mask_inputs(self) -> None:
         """`mask_embeds` and `mask_features` (`(hidden_size,)` each): what a parallel draft reads at a mask entry in
-        place of a token's embedding and the target's feature, drawn as the other weights are."""
+        place of a token's embedding and the target's feature; `_init_mask_inputs` draws them."""
         weight = self.fc.weight
-        std = self.config.initializer_range
         for name in ("mask_embeds", "mask_features"):
-            values = torch.randn(self.config.hidden_size, device=weight.device, dtype=weight.dtype) * std
+            values = torch.empty(self.config.hidden_size, device=weight.device, dtype=weight.dtype)
             setattr(self, name, nn.Parameter(values))
+
+    def _init_mask_inputs(self) -> None:
+        """Draws the mask inputs as the other weights are drawn."""
+        for parameter in (self.mask_embeds, self.mask_features):
+            nn.init.normal_(parameter, std=self.config.initializer_range)
 
     def enable_parallel_drafting(self, depth: int) -> SpecVLMDraftModel:
         """Makes this draft draft depths 2 to `depth` in one forward (`SpecVLMDraftConfig.parallel_depth`), adding
@@ -96,6 +100,7 @@ class SpecVLMDraftModel(PreTrainedModel, DraftSource):
             raise ValueError("Parallel drafting is built for EAGLE-2-style drafts, not EAGLE-3 drafts.")
         if not hasattr(self, "mask_embeds"):
             self._add_mask_inputs()
+            self._init_mask_inputs()
         self.config.parallel_depth = depth
         self._tuners = {}
         return self
@@ -103,8 +108,7 @@ class SpecVLMDraftModel(PreTrainedModel, DraftSource):
     def _init_weights(self, module) -> None:
         super()._init_weights(module)
         if module is self and hasattr(self, "mask_embeds"):
-            for parameter in (self.mask_embeds, self.mask_features):
-                nn.init.normal_(parameter, std=self.config.initializer_range)
+            self._init_mask_inputs()
 
     @classmethod
     def _family(cls, config) -> type[SpecVLMDraftModel]:

@@ -61,7 +61,7 @@ class DistillationTrainer(Trainer):
                 f"A parallel draft trains one unrolled step per depth it drafts (parallel_depth="
                 f"{draft.config.parallel_depth}); ttt_steps must stay 1."
             )
-        if not unwrap_peft(model).predicts_features and args.lambda_logit == 0:
+        if not draft.predicts_features and args.lambda_logit == 0:
             raise ValueError("An EAGLE-3 draft learns from the logit loss alone; lambda_logit must be > 0.")
         super().__init__(model=model, args=args, **kwargs)
         self.target = target.to(self.args.device).eval().requires_grad_(False)
