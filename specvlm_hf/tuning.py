@@ -31,7 +31,9 @@ that picks depth and width every step from measured costs and the running accept
 - **Whole calls** (`CallChooser`): where even the loop's plain steps lose to plain `generate()` (its per-row work
   at large batch sizes, prompts the draft cannot predict), the call is left to plain `generate()` decoding: the
   tokens per row and second that calls of a prompt class reached each way decide, with the other way tried again
-  after a gap that doubles while it keeps losing.
+  after a gap that doubles while it keeps losing. Before drafted calls have given that evidence, the rate the
+  costs predict at the prior acceptance stands in for drafting's, so a batch size where no tree can win clearly
+  (verification compute-bound: T(2) near 2 T(1)) starts with plain decoding.
 
 Any tree is verified losslessly, so the controller changes speed, never output. Explicit knobs (`depth`, `top_k`,
 `total_tokens`) switch it off.
@@ -59,6 +61,10 @@ from .tree import build_tree
 logger = logging.getLogger(__name__)
 
 VERIFY_SIZES = (1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 13, 17, 25, 33, 65)
+# A batch's verification curve is measured for the sizes whose q x rows stays within this many tokens (sizes up to 9
+# always); larger trees are extrapolated (`CostCurve.at`). At large batch sizes the larger trees would take most of
+# the measurement, for shapes the auto tree does not pick there (the forward is compute-bound: T(q) grows linearly).
+VERIFY_TOKENS = 2048
 WIDTHS = (1, 2, 4, 8)
 MAX_DEPTH = 10
 
@@ -318,7 +324,8 @@ def device_costs(adapter, draft, prefix_len: int, rows: int = 1) -> DeviceCosts:
         levels = {numerics: measure_draft_levels(draft, prefix_len, rows=rows, numerics=numerics)
                   for numerics in available_numerics(draft.fc.weight.device, draft.fc.weight.dtype)}  # fmt: skip
         numerics = choose_numerics(levels)
-        curve = measure_verify_curve(adapter, cache, prefix_len, layout, rows=rows)
+        sizes = [q for q in VERIFY_SIZES if q <= 9 or q * rows <= VERIFY_TOKENS]
+        curve = measure_verify_curve(adapter, cache, prefix_len, layout, sizes, rows=rows)
         costs = DeviceCosts(curve, levels[numerics], numerics, levels)
         logger.info("measured tree costs in %.2f s (cached in %s)", time.perf_counter() - started, path)
         try:
@@ -332,8 +339,9 @@ def device_costs(adapter, draft, prefix_len: int, rows: int = 1) -> DeviceCosts:
     return costs
 
 
-# Calls draft without trying plain decoding while drafted calls reach at least this times plain decoding's rate as
-# the costs predict it (1 / T(1) tokens per row and second); below it the measured rates decide.
+# Calls draft without trying plain decoding while drafted calls reach (or, before any, are predicted to reach) at least
+# this times plain decoding's rate as the costs predict it (1 / T(1) tokens per row and second); below it the
+# measured rates decide.
 PLAIN_PROBE_BELOW = 1.5
 
 
@@ -345,13 +353,17 @@ class CallChooser:
     decayed sums of tokens and of seconds (`decay` per call), so a long answer weighs more than a short one, whose
     drafted steps cannot amortise the draft's pass over the prompt.
 
-    Calls draft until drafted calls have decoded `evidence` tokens per row, and while their rate is at least
-    `PLAIN_PROBE_BELOW` times the plain rate the costs predict (1 / T(1)). Below it plain decoding is tried, and the
-    better measured way runs; after `gap` calls the other runs once (a probe): `gap` doubles (up to `max_gap`)
-    while the probe loses, and returns to `min_gap` when it wins.
+    Drafting's rate is `predicted` until drafted calls have decoded `evidence` tokens per row, and measured from then
+    on. Calls draft while that rate is at least `PLAIN_PROBE_BELOW` times the plain rate the costs predict
+    (1 / T(1)). Below it plain decoding runs, and once both ways have run, the better measured way; after `gap`
+    calls the other runs once (a probe): `gap` doubles (up to `max_gap`) while the probe loses, and returns to
+    `min_gap` when it wins. So a batch size whose costs predict no clear win (large batches, where verifying a
+    tree per row costs nearly as many target forwards as plain steps would) starts with plain decoding, and
+    drafting is measured at the first probe.
     """
 
     plain_step: float  # T(1), seconds
+    predicted: float = float("inf")  # drafted tokens per row and second the costs predict before any evidence
     evidence: float = 64.0
     decay: float = 0.75
     min_gap: int = 8
@@ -371,11 +383,12 @@ class CallChooser:
         """True: this call runs the tree loop; False: plain decoding."""
         self._probe = False
         drafted, plain = self.rate(True), self.rate(False)
-        if self._drafted_tokens < self.evidence or drafted >= PLAIN_PROBE_BELOW / self.plain_step:
+        judged = self.predicted if self._drafted_tokens < self.evidence else drafted
+        if judged >= PLAIN_PROBE_BELOW / self.plain_step:
             return True
         if plain is None:
             return False
-        better = drafted >= plain
+        better = drafted is not None and drafted >= plain
         if self.since >= self.gap:
             self._probe = True
             return not better
@@ -448,7 +461,6 @@ class TreeTuner:
         self.verify_scale = self.draft_scale = self.plain_scale = 1.0
         self.steps = 0
         self._pending_mass = None
-        self.calls = {visual: CallChooser(costs.curve.at(1)) for visual in (True, False)}  # per prompt class
         # Isolated seconds per width k for d = 1..max_depth: verification of d*k + 1 tokens, and drafting.
         depths = np.arange(1, max_depth + 1)
         level = costs.draft_level
@@ -458,6 +470,8 @@ class TreeTuner:
             self._draft = {k: level[1] + np.where(depths > 1, entries, 0.0) for k in self.widths}
         else:
             self._draft = {k: level[1] + (depths - 1) * level[k] for k in self.widths}
+        predicted = self.predicted_rate()
+        self.calls = {visual: CallChooser(costs.curve.at(1), predicted) for visual in (True, False)}  # per class
 
     def _beta(self, k: int, chain: np.ndarray | None) -> np.ndarray:
         """The Beta estimates of width k; their prior is `chain` scaled by the top-k mass, when given."""
@@ -523,13 +537,23 @@ class TreeTuner:
         """Predicted in-loop seconds of a step of width k, for d = 1..max_depth."""
         return self._verify[k] * self.verify_scale + self._draft[k] * self.draft_scale
 
+    def best_shape(self) -> tuple[int, int, float]:
+        """`(width, depth, tokens per second)` of the drafted shape with the most expected tokens per second, from
+        the acceptance estimates (with `optimism`) and the in-loop step costs."""
+        alphas = self._all_alphas(self.optimism)
+        rates = {k: _expected_tokens(alphas[k]) / self.step_seconds(k) for k in self.widths}
+        k = max(self.widths, key=lambda w: rates[w].max())
+        return k, int(rates[k].argmax()) + 1, float(rates[k].max())
+
+    def predicted_rate(self) -> float:
+        """Tokens per second of drafted steps before any step: the best shape's at the prior acceptance (with
+        `optimism`) and the isolated costs."""
+        return self.best_shape()[2]
+
     def choose(self) -> SpeculativeConfig | None:
         """The shape with the most expected tokens per second, or `None` for a plain step (no draft)."""
         if self._best is None:  # plain steps observe nothing, so a streak of them reuses one computation
-            alphas = self._all_alphas(self.optimism)
-            rates = {k: _expected_tokens(alphas[k]) / self.step_seconds(k) for k in self.widths}
-            k = max(self.widths, key=lambda w: rates[w].max())
-            self._best = (k, int(rates[k].argmax()) + 1, float(rates[k].max()))
+            self._best = self.best_shape()
         k, depth, rate = self._best
         plain_rate = 1.0 / (self.costs.curve.at(1) * self.plain_scale)
         self._probing = plain_rate > rate

@@ -356,6 +356,54 @@ def test_a_probe_that_wins_brings_drafting_back():
     assert drafted == list(range(5, 20)) and chooser.gap == chooser.min_gap
 
 
+def test_calls_start_with_plain_decoding_where_the_costs_predict_no_clear_win():
+    """Predicted below 1.5x plain decoding's rate, the first calls decode plainly; drafting is measured at the first
+    probe, after 8 calls, and runs from then on when it wins (plain decoding probed once after 8 drafted calls)."""
+    chooser = CallChooser(plain_step=0.01, predicted=120.0)
+    assert _choose_calls(chooser, {True: 130.0, False: 100.0}, 20) == [i for i in range(8, 20) if i != 17]
+    chooser = CallChooser(plain_step=0.01, predicted=120.0)
+    assert _choose_calls(chooser, {True: 80.0, False: 100.0}, 40) == [8, 25]  # each probe loses: the gap doubles
+    chooser = CallChooser(plain_step=0.01, predicted=150.0)  # at the threshold: draft first, as without a prediction
+    assert _choose_calls(chooser, {True: 160.0, False: 100.0}, 10) == list(range(10))
+
+
+@pytest.mark.predicted_calls
+def test_the_prediction_comes_from_the_costs_and_the_prior_acceptance():
+    """Where verifying q tokens costs q plain steps (a large batch: the forward is compute-bound), no tree can win
+    clearly and calls start plain; where it costs about one, they draft."""
+    compute_bound = DeviceCosts(CostCurve(SIZES, tuple(float(q) for q in SIZES)), {1: 0.05, 2: 0.08, 4: 0.1, 8: 0.2})
+    tuner = TreeTuner(compute_bound)
+    assert tuner.predicted_rate() < 1.5 and not tuner.calls[True].draft() and not tuner.calls[False].draft()
+    tuner = TreeTuner(_costs(0.02))
+    k, depth, rate = tuner.best_shape()
+    assert rate == tuner.predicted_rate() > 1.5 and depth > 1 and tuner.calls[True].draft()
+    # the prediction is the controller's own rate at the prior acceptance: E(d, k) / step seconds
+    expected = tuner.expected_tokens(k, tuner.optimism)[depth - 1] / tuner.step_seconds(k)[depth - 1]
+    assert rate == pytest.approx(expected)
+
+
+@pytest.mark.predicted_calls
+def test_a_first_call_predicted_to_lose_runs_plain_generate(target, monkeypatch):
+    """Through generate(): costs that predict no clear win (here placed in the costs' memory for this batch size)
+    leave the first call to plain decoding, with plain generate()'s output."""
+    from specvlm_hf import tuning
+
+    torch.manual_seed(5)
+    draft = SpecVLMDraftModel.from_target(target)
+    batch = left_pad([make_inputs(0, 3, True), make_inputs(1, 9, False)], pad_id=0)
+    rows = batch["input_ids"].shape[0]
+    compute_bound = DeviceCosts(
+        CostCurve(SIZES, tuple(0.01 * q for q in SIZES)), {1: 0.005, 2: 0.008, 4: 0.01, 8: 0.02}
+    )
+    monkeypatch.setitem(tuning._MEMORY, costs_key(target, draft, rows), compute_bound)
+    kwargs = dict(max_new_tokens=12, do_sample=False, return_dict_in_generate=True)
+    expected = target.generate(**batch, **kwargs)
+    out = target.generate(**batch, **kwargs, assistant_model=draft)
+    assert not out.speculative_stats.drafted and torch.equal(out.sequences, expected.sequences)
+    (tuner,) = [tuner for key, tuner in draft._tuners.items() if key[3] == rows]
+    assert tuner.calls[True].rate(False) is not None  # plain decoding's rate, measured for the probes to compare
+
+
 def test_a_call_left_to_plain_decoding_returns_what_plain_generate_returns(target):
     """Once drafted calls of a batch size lose, generate(assistant_model=draft) runs plain decoding's own method:
     the same sequences and cache, and statistics saying so."""
