@@ -24,6 +24,7 @@ from specvlm_hf.training import (
     distillation_loss,
     feature_loss,
     read_llava_jsonl,
+    regenerate_answers,
     soft_cross_entropy,
     train_draft,
 )
@@ -318,10 +319,48 @@ def test_per_epoch_curve_is_measured_and_drawn(tiny_testbed, tmp_path, monkeypat
     assert (tmp_path / "acceptance_curve.png").stat().st_size > 1000
 
 
+def test_self_distillation_samples_the_targets_answers_from_a_seed(tiny_testbed):
+    """At a temperature the answers are what generate() samples for each batch from torch's generator seeded with
+    the seed and the batch's index: a seed regenerates them, another seed and greedy decoding give others."""
+    from specvlm_hf.training.data import messages_for
+
+    target, processor = tiny_testbed
+    data = [ConversationRow(r.image, r.turns[:1], r.source) for r in rows(3)]
+    sampled = regenerate_answers(target, processor, data, max_new_tokens=8, progress=False, temperature=1.0, seed=4)
+    texts = [
+        processor.apply_chat_template(messages_for([(r.turns[0][0], None)], True), add_generation_prompt=True)
+        for r in data
+    ]
+    processor.tokenizer.padding_side = "left"
+    inputs = processor(text=texts, images=[r.image for r in data], return_tensors="pt", padding=True)
+    torch.manual_seed(4 * 1_000_003)  # the first batch's generator
+    out = target.generate(**inputs, max_new_tokens=8, do_sample=True, temperature=1.0, top_k=0, top_p=1.0)
+    expected = processor.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert [r.turns[0][1] for r in sampled] == [answer.strip() for answer in expected]
+    assert [r.turns[0][0] for r in sampled] == [r.turns[0][0] for r in data]  # the questions are kept
+    again = regenerate_answers(target, processor, data, max_new_tokens=8, progress=False, temperature=1.0, seed=4)
+    other = regenerate_answers(target, processor, data, max_new_tokens=8, progress=False, temperature=1.0, seed=5)
+    greedy = regenerate_answers(target, processor, data, max_new_tokens=8, progress=False)
+    answers = [[r.turns[0][1] for r in result] for result in (sampled, again, other, greedy)]
+    assert answers[0] == answers[1] and answers[0] != answers[2] and answers[0] != answers[3]
+    with pytest.raises(ValueError, match="temperature"):
+        regenerate_answers(target, processor, data, temperature=-1.0, progress=False)
+
+
 def test_train_cli_help(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "--help"])
     assert "--self-distill" in capsys.readouterr().out
+
+
+def test_train_cli_refuses_a_self_distillation_temperature_without_self_distillation(capsys, tmp_path):
+    from specvlm_hf.cli import main
+
+    with pytest.raises(SystemExit, match="add --self-distill"):
+        main(["train", "--target", "testbed", "--self-distill-temperature", "1", "--output", str(tmp_path)])
+    with pytest.raises(SystemExit, match="0 \\(greedy\\) or positive"):
+        main(["train", "--target", "testbed", "--self-distill", "--self-distill-temperature", "-1", "--output",
+              str(tmp_path)])  # fmt: skip
 
 
 def test_train_cli_refuses_family_options_it_cannot_use(capsys, tmp_path):

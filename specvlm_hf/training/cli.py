@@ -58,6 +58,14 @@ def register(subparsers) -> None:
         help="With --self-distill: a draft of the target (folder or shipped name, e.g. 'draft') that decodes the "
         "answers one prompt at a time through the lossless loop, faster than plain padded batches on CPU.",
     )
+    p.add_argument(
+        "--self-distill-temperature",
+        type=float,
+        default=0.0,
+        help="With --self-distill: sample the target's answers at this temperature (its whole distribution, seeded "
+        "by --seed) instead of taking its greedy answers (0). Answers sampled at T = 1 are the contexts a draft "
+        "meets when decoding at T = 1.",
+    )
     p.add_argument("--output", required=True, help="Directory for checkpoints, the trained draft and the curve.")
     p.add_argument(
         "--target-adapter",
@@ -274,6 +282,12 @@ def run(args) -> int:
         )
     if args.self_distill_draft and not args.self_distill:
         raise SystemExit("--self-distill-draft speeds up --self-distill; add --self-distill.")
+    if args.self_distill_temperature and not args.self_distill:
+        raise SystemExit("--self-distill-temperature samples the answers of --self-distill; add --self-distill.")
+    if args.self_distill_temperature < 0:
+        raise SystemExit(
+            f"--self-distill-temperature must be 0 (greedy) or positive, got {args.self_distill_temperature}"
+        )
     if args.aux_layers and args.family != "eagle3":
         raise SystemExit("--aux-layers sets the target layers of an EAGLE-3 draft; add --family eagle3.")
     if args.ttt_steps > 1 and (args.compressor != "none" or args.compressor_branches):
@@ -308,12 +322,14 @@ def run(args) -> int:
         if problems and state.is_main_process:
             print(f"unparsable data rows: {dict(problems)}")
         if args.self_distill:
-            cached = output / "self_distill" / "data.jsonl"
+            temperature = args.self_distill_temperature
+            cached = output / "self_distill" / ("data.jsonl" if not temperature else f"data-t{temperature:g}.jsonl")
             if not cached.exists():
                 helper = _self_distill_draft(args.self_distill_draft, target)
                 rows = regenerate_answers(
-                    target, processor, rows, max_new_tokens=args.eval_max_new_tokens * 3, draft=helper
-                )
+                    target, processor, rows, max_new_tokens=args.eval_max_new_tokens * 3, draft=helper,
+                    temperature=temperature, seed=args.seed,
+                )  # fmt: skip
                 write_llava_jsonl(rows, cached)
             rows, _ = read_llava_jsonl(cached)
 

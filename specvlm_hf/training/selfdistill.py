@@ -1,5 +1,6 @@
-"""Self-distillation data: the same prompts with every answer replaced by the target's own greedy answer, which is
-exactly what the draft must predict at T = 0 (ViSpec, MASSV). Regenerated text is cached as LLaVA JSONL."""
+"""Self-distillation data: the same prompts with every answer replaced by the target's own answer: greedy, which is
+exactly what the draft must predict at T = 0 (ViSpec, MASSV), or sampled at a temperature, whose contexts are the ones
+the draft meets when decoding samples at that temperature. Regenerated text is cached as LLaVA JSONL."""
 
 from __future__ import annotations
 
@@ -22,13 +23,21 @@ def regenerate_answers(
     batch_size: int = 16,
     progress: bool = True,
     draft=None,
+    temperature: float = 0.0,
+    seed: int = 0,
 ) -> list[ConversationRow]:
     """
-    Replaces each answer, turn by turn, with the target's greedy continuation of the conversation so far (earlier
-    answers already regenerated). Batched with left padding; rows without an image are batched separately. With a
-    `draft` of the target (`SpecVLMDraftModel`), rows are decoded one at a time by `generate(assistant_model=draft)`
-    instead: the target's own greedy answers (lossless), several times faster on CPU than padded batches.
+    Replaces each answer, turn by turn, with the target's continuation of the conversation so far (earlier answers
+    already regenerated): greedy at `temperature` 0, else sampled from the target's whole distribution at that
+    temperature (no top-k or top-p), each batch drawn from torch's generator seeded with `seed` and the batch's
+    index, so a run regenerates the same answers. Batched with left padding; rows without an image are batched
+    separately. With a `draft` of the target (`SpecVLMDraftModel`), rows are decoded one at a time by
+    `generate(assistant_model=draft)` instead: the target's own answers (lossless at any temperature), several
+    times faster on CPU than padded batches.
     """
+    if temperature < 0:
+        raise ValueError(f"temperature must be 0 (greedy) or positive, got {temperature}")
+    sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature else {}
     if draft is not None:
         batch_size = 1
     tokenizer = processor.tokenizer
@@ -36,6 +45,7 @@ def regenerate_answers(
     new_turns = [[] for _ in rows]
     todo = [(i, t) for t in range(max(len(r.turns) for r in rows)) for i, r in enumerate(rows) if t < len(r.turns)]
     bar = tqdm(total=len(todo), desc="self-distillation answers", disable=not progress)
+    batch_index = 0
     try:
         for turn in range(max(len(r.turns) for r in rows)):
             for with_image in (True, False):
@@ -53,7 +63,12 @@ def regenerate_answers(
                     inputs = processor(text=texts, images=images or None, return_tensors="pt", padding=True)
                     inputs = inputs.to(target.device)
                     extra = {} if draft is None else {"assistant_model": draft}
-                    out = target.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, **extra)
+                    if sampling:
+                        torch.manual_seed(seed * 1_000_003 + batch_index)
+                    batch_index += 1
+                    out = target.generate(
+                        **inputs, max_new_tokens=max_new_tokens, **(sampling or {"do_sample": False}), **extra
+                    )
                     answers = tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
                     for i, answer in zip(chunk, answers):
                         new_turns[i].append((rows[i].turns[turn][0], answer.strip()))
