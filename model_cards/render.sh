@@ -21,6 +21,6 @@ cp model_cards/testbed-qwen2-vl-draft/README.md specvlm_hf/testbed/assets/draft-
 
 specvlm-hf card --draft specvlm_hf/testbed/assets/eagle3-draft --target-name "specvlm_hf testbed" \
   --repo-id specvlm-hf/testbed-eagle3-draft --benchmark results/testbed-cpu-eagle3/benchmark.json \
-  --training-command "specvlm-hf train --target testbed --data testbed --num-samples 1600 --self-distill --self-distill-draft draft --epochs 4 --family eagle3 --ttt-steps 3 --output runs/eagle3-draft" \
+  --training-command "specvlm-hf train --target testbed --data testbed --num-samples 1600 --self-distill --self-distill-draft draft --epochs 4 --family eagle3 --ttt-steps 3 --output runs/eagle3-greedy && specvlm-hf train --target testbed --data testbed --num-samples 1600 --self-distill --self-distill-temperature 1 --epochs 2 --family eagle3 --ttt-steps 3 --init-draft runs/eagle3-greedy --no-eval-at-start --output runs/eagle3-draft" \
   --usage model_cards/testbed-eagle3-draft/usage.py --output model_cards/testbed-eagle3-draft/README.md
 cp model_cards/testbed-eagle3-draft/README.md specvlm_hf/testbed/assets/eagle3-draft/README.md
