@@ -331,8 +331,11 @@ def test_self_distillation_samples_the_targets_answers_from_a_seed(tiny_testbed)
         processor.apply_chat_template(messages_for([(r.turns[0][0], None)], True), add_generation_prompt=True)
         for r in data
     ]
-    processor.tokenizer.padding_side = "left"
-    inputs = processor(text=texts, images=[r.image for r in data], return_tensors="pt", padding=True)
+    side, processor.tokenizer.padding_side = processor.tokenizer.padding_side, "left"  # the shared fixture's
+    try:
+        inputs = processor(text=texts, images=[r.image for r in data], return_tensors="pt", padding=True)
+    finally:
+        processor.tokenizer.padding_side = side
     torch.manual_seed(4 * 1_000_003)  # the first batch's generator
     out = target.generate(**inputs, max_new_tokens=8, do_sample=True, temperature=1.0, top_k=0, top_p=1.0)
     expected = processor.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)

@@ -37,7 +37,9 @@ def regenerate_answers(
     """
     if temperature < 0:
         raise ValueError(f"temperature must be 0 (greedy) or positive, got {temperature}")
-    sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature else {}
+    decoding = (
+        dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature else {"do_sample": False}
+    )
     if draft is not None:
         batch_size = 1
     tokenizer = processor.tokenizer
@@ -63,12 +65,10 @@ def regenerate_answers(
                     inputs = processor(text=texts, images=images or None, return_tensors="pt", padding=True)
                     inputs = inputs.to(target.device)
                     extra = {} if draft is None else {"assistant_model": draft}
-                    if sampling:
+                    if temperature:
                         torch.manual_seed(seed * 1_000_003 + batch_index)
                     batch_index += 1
-                    out = target.generate(
-                        **inputs, max_new_tokens=max_new_tokens, **(sampling or {"do_sample": False}), **extra
-                    )
+                    out = target.generate(**inputs, max_new_tokens=max_new_tokens, **decoding, **extra)
                     answers = tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
                     for i, answer in zip(chunk, answers):
                         new_turns[i].append((rows[i].turns[turn][0], answer.strip()))
