@@ -323,7 +323,9 @@ def run(args) -> int:
             print(f"unparsable data rows: {dict(problems)}")
         if args.self_distill:
             temperature = args.self_distill_temperature
-            cached = output / "self_distill" / ("data.jsonl" if not temperature else f"data-t{temperature:g}.jsonl")
+            # sampled answers depend on the seed too: another --seed samples afresh instead of reading these
+            name = "data.jsonl" if not temperature else f"data-t{temperature:g}-seed{args.seed}.jsonl"
+            cached = output / "self_distill" / name
             if not cached.exists():
                 helper = _self_distill_draft(args.self_distill_draft, target)
                 rows = regenerate_answers(
