@@ -214,20 +214,27 @@ class LlavaAdapter:
         Returns:
             `torch.FloatTensor` of shape `(rows, seq_len, hidden_size)`.
         """
+        self.check_visual_features(input_ids, image_features)
         embeds = self.embed_tokens(input_ids)
+        if image_features is None:
+            return embeds
         image_slots = self.visual_mask(input_ids)
-        n_slots = int(image_slots.sum())
+        image_features = image_features.to(embeds.device, embeds.dtype)
+        return embeds.masked_scatter(image_slots[..., None].expand_as(embeds), image_features)
+
+    def check_visual_features(self, input_ids: torch.Tensor, image_features: torch.Tensor | None) -> None:
+        """Raises a `ValueError` unless `image_features` (`(num_image_tokens, hidden_size)` or `None`) fill the
+        `<image>` slots of `input_ids` (`(rows, seq_len)`) exactly, as `embed` needs."""
+        n_slots = int(self.visual_mask(input_ids).sum())
         if image_features is None:
             if n_slots:
                 raise ValueError(f"The prompt has {n_slots} image tokens but no image (pixel_values) was given.")
-            return embeds
+            return
         if n_slots != image_features.shape[0]:
             raise ValueError(
                 f"The prompt has {n_slots} image tokens but the image gives {image_features.shape[0]} features; "
                 "build the prompt with the target's processor."
             )
-        image_features = image_features.to(embeds.device, embeds.dtype)
-        return embeds.masked_scatter(image_slots[..., None].expand_as(embeds), image_features)
 
     def forward(
         self,

@@ -223,7 +223,7 @@ def tree_decoding(
     # The prompt is checked before the call's way is chosen, so that either way refuses the same inputs; the visual
     # features are generate()'s own (`mm_encoder_outputs`), which plain decoding reuses too.
     layout = adapter.layout(input_ids, model_kwargs)
-    embeds = adapter.embed(input_ids, layout.visual_features)
+    adapter.check_visual_features(input_ids, layout.visual_features)
     visual = bool(layout.visual_mask.any())
     from .integration import route_error  # integration imports this module
 
@@ -231,6 +231,7 @@ def tree_decoding(
     if route_error() is None and not drafter.drafts_call(adapter, do_sample, prompt_len, rows, visual):
         generation = (logits_processor, stopping_criteria, generation_config, streamer)
         return _plain_call(target, drafter, input_ids, generation, model_kwargs)
+    embeds = adapter.embed(input_ids, layout.visual_features)
     clock = _Clock(draft_source.speculative_config.profile, input_ids.device)
     batched = is_history_free(logits_processor)
     stats = SpeculativeStats()
@@ -586,7 +587,7 @@ def speculative_generate(
             `depth`, `top_k`, `total_tokens`); the draft's own `speculative_config` otherwise.
         profile (`bool`, *optional*): also time target and draft forwards apart.
         draft_numerics (`str`, *optional*): the draft's kernels for this call (`SpeculativeConfig.draft_numerics`:
-            `"auto"`, `"reference"`, `"onednn"`, `"onednn-bf16"`); they change what the draft proposes and its speed,
+            `"auto"`, `"reference"`, `"onednn"`, `"onednn-bf16"`, `"int8"`); they change what the draft proposes and its speed,
             never the output.
         generate_kwargs: the processor's outputs (`input_ids`, `attention_mask`, `pixel_values`) and any generation
             argument `generate()` takes, with the same meaning (`max_new_tokens`, `do_sample`, `temperature`,

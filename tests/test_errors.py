@@ -90,7 +90,12 @@ def test_output_attentions_is_refused(target, draft):
         )
 
 
-def test_image_tokens_without_an_image(target, draft):
+@pytest.mark.parametrize("drafted", [True, False], ids=["drafted", "plain-call"])
+def test_image_tokens_without_an_image(target, draft, monkeypatch, drafted):
+    """Refused whichever way the auto tree takes the call: the prompt is checked before the choice."""
+    from specvlm_hf.tuning import CallChooser
+
+    monkeypatch.setattr(CallChooser, "draft", lambda self: drafted)
     inputs = make_inputs(0, 4)
     del inputs["pixel_values"]
     with pytest.raises(ValueError, match="16 image tokens but no image"):
