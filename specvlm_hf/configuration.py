@@ -171,7 +171,7 @@ def eagle3_layer_ids(num_layers: int) -> list[int]:
 
 # EAGLE-2's tree, used for any knob left unset when others are set.
 EAGLE2_TREE = {"depth": 5, "top_k": 8, "total_tokens": 32}
-DRAFT_NUMERICS = ("auto", "reference", "onednn", "onednn-bf16")  # `draft_step.NUMERICS` and auto
+DRAFT_NUMERICS = ("auto", "reference", "onednn", "onednn-bf16", "int8")  # `draft_step.NUMERICS` and auto
 
 
 @dataclass(frozen=True)
@@ -195,7 +195,8 @@ class SpeculativeConfig:
             synchronises CUDA around each phase, so leave it off outside benchmarks.
         draft_numerics (`str`, defaults to `"auto"`): the kernels of the draft's linear maps (`draft_step.NUMERICS`):
             `"reference"` (its modules' own float arithmetic), `"onednn"` (weights prepacked for oneDNN, CPU) or
-            `"onednn-bf16"` (the same in bfloat16, on CPUs with bf16 instructions); `"auto"` takes the fastest
+            `"onednn-bf16"` (the same in bfloat16, on CPUs with bf16 instructions) or `"int8"` (weight-only int8 for a
+            tree level's few rows, on CPUs with bf16 instructions); `"auto"` takes the fastest
             measured on this device (`tuning.device_costs`). The target's verification alone decides the output, so
             the numerics change the speed and what the draft proposes, never the output.
     """
@@ -207,7 +208,7 @@ class SpeculativeConfig:
     )
     profile: bool = field(default=False, metadata={"help": "Time target and draft forwards apart (syncs CUDA)."})
     draft_numerics: str = field(
-        default="auto", metadata={"help": "The draft's kernels: auto, reference, onednn or onednn-bf16."}
+        default="auto", metadata={"help": "The draft's kernels: auto, reference, onednn, onednn-bf16 or int8."}
     )
 
     def __post_init__(self):

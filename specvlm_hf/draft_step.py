@@ -15,15 +15,17 @@ and on CPU a level costs more in framework overhead than in arithmetic, so this 
 - runs its linear maps (and its logits head) through one of the draft **numerics** (`DraftKernels`): `reference`, the
   modules' own `F.linear`; on a CPU with oneDNN, `onednn` (the weights reordered once into oneDNN's blocked layout,
   q/k/v and gate/up each fused into one matmul) and `onednn-bf16` (the same in bfloat16 where the CPU has bf16
-  instructions, but for the logits head). For the few rows of a tree level, float32 `F.linear` takes a slow
-  small-GEMM path; the packed kernels cost 1.5-3.5x less there.
+  instructions, but for the logits head), and `int8` (`Int8Linear`: weight-only int8 for a tree level's few rows,
+  a quarter of the bytes to read, where the CPU has bf16 instructions). For the few rows of a tree level, float32
+  `F.linear` takes a slow small-GEMM path and reads every weight once per level; the packed kernels cost 1.5-3.5x
+  less there on some CPUs, int8 on others (chosen by measurement).
 
 Invariant: with `reference` numerics, given the same inputs and mask, `LeanDraftForward` returns bit for bit what
 the draft's `forward` (`SpecVLMDraftModel`'s or `SpecVLMEagle3DraftModel`'s) returns with a `DynamicCache` holding the
 same entries (float32; `tests/test_draft_step.py`). Every value goes through the same arithmetic; only where the keys,
 values and rotary angles live, and how the attention kernel reaches a shared key/value head, differ. The other
 numerics round differently (`onednn` sums in another order, `onednn-bf16` keeps 8 bits of mantissa in the layer's
-matmuls):
+matmuls, `int8` also rounds each weight to 1/254 of its row's largest):
 they change what the draft proposes, never what the target emits, which its verification alone decides. What they
 may cost in acceptance is tested on the testbed's held-out prompts (`tests/test_draft_numerics.py`).
 """
@@ -121,13 +123,15 @@ PACK_ROWS = 8  # the row count oneDNN's weight layout is chosen for: a tree leve
 def available_numerics(device: torch.device, dtype: torch.dtype) -> tuple[str, ...]:
     """The numerics a draft with weights of `dtype` on `device` can run with: `reference` everywhere; on a CPU with
     oneDNN, for a float32 or bfloat16 draft, `onednn` (in the draft's dtype), and for a float32 draft on a CPU with
-    bf16 kernels, `onednn-bf16`."""
+    bf16 kernels, `onednn-bf16` and `int8`."""
     if torch.device(device).type != "cpu" or not torch.backends.mkldnn.is_available():
         return ("reference",)
     if dtype not in (torch.float32, torch.bfloat16):
         return ("reference",)
     bf16 = dtype == torch.float32 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    return ("reference", "onednn", "onednn-bf16") if bf16 else ("reference", "onednn")
+    if not bf16:
+        return ("reference", "onednn")
+    return ("reference", "onednn", "onednn-bf16", "int8")
 
 
 class PackedLinear:
@@ -245,6 +249,76 @@ class PackedKernels(DraftKernels):
         return query, key, value.transpose(1, 2)
 
 
+# The most rows (tokens x sequences) `Int8Linear` multiplies in int8: a tree level's nodes and a step's committed
+# positions. Above, the int8 kernel is slower than float32's GEMM (2-2.5x at a 600-token prompt on a 2-core Xeon), so
+# larger inputs (the draft's pass over the prompt) run the modules' own float weights.
+INT8_ROWS = 8
+INT8_BLOCK = 16  # `torch._weight_int8pack_mm`'s block of the inner dimension
+
+
+class Int8Linear:
+    """
+    Linear maps sharing an input (`F.linear(x, W_i, b_i)` for each i) with their weights concatenated and quantized
+    once to int8, symmetrically per output row (`scale = max |w| / 127`), for `torch._weight_int8pack_mm` (weight-only
+    int8, bfloat16 input, the product scaled per row). A tree level reads its draft's weights once and multiplies a
+    few rows by them, so on CPU its cost is reading the weights: int8 reads a quarter of float32's bytes, and a
+    testbed-sized draft's int8 weights stay in the cores' L2 caches across levels. Inputs of more than `INT8_ROWS`
+    rows run the modules' own `F.linear` instead. Returns each map's output in the input's dtype, as a tuple when
+    there are several.
+    """
+
+    def __init__(self, *linears):
+        self.linears = linears
+        self.sizes = [linear.weight.shape[0] for linear in linears]
+        weight = torch.cat([linear.weight for linear in linears]).float()
+        scale = weight.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) * (1 / 127)
+        # The kernel reads the inner dimension in blocks of 16 (other sizes crash it): zero columns pad it, and the
+        # input is padded with zeros to match, which adds nothing to any product.
+        self.pad = -weight.shape[1] % INT8_BLOCK
+        weight = F.pad(weight, (0, self.pad))
+        self.weight = torch.round(weight / scale[:, None]).to(torch.int8)  # (out_features, padded in_features)
+        self.scale = scale.to(torch.bfloat16)
+        biases = [linear.bias for linear in linears]
+        self.bias = (
+            None
+            if all(b is None for b in biases)
+            else torch.cat([weight.new_zeros(n) if b is None else b.float() for b, n in zip(biases, self.sizes)])
+        )
+
+    def __call__(self, hidden: torch.Tensor):
+        """`hidden` (`(..., in_features)`) -> `(..., out_features_i)` for each map."""
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        if flat.shape[0] > INT8_ROWS:
+            outs = tuple(F.linear(hidden, linear.weight, linear.bias) for linear in self.linears)
+            return outs if len(outs) > 1 else outs[0]
+        if self.pad:
+            flat = F.pad(flat, (0, self.pad))
+        out = torch._weight_int8pack_mm(flat.to(torch.bfloat16), self.weight, self.scale).to(hidden.dtype)
+        if self.bias is not None:
+            out = out + self.bias.to(hidden.dtype)
+        out = out.reshape(*hidden.shape[:-1], out.shape[-1])
+        return out.split(self.sizes, dim=-1) if len(self.sizes) > 1 else out
+
+
+class Int8Kernels(DraftKernels):
+    """
+    The `int8` numerics: every linear map of the layers and the `fc` an `Int8Linear`, q/k/v fused into one matmul and
+    gate/up into another; RoPE and attention as the reference's; the logits head the `lm_head`'s own float32 (in lower
+    precision the ranking of close candidates flips, which costs acceptance).
+    """
+
+    def __init__(self, draft, numerics: str = "int8"):
+        self.numerics = numerics
+        self.fc = Int8Linear(draft.fc)
+        self.layers = [
+            (Int8Linear(layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj),
+             Int8Linear(layer.self_attn.o_proj), Int8Linear(layer.mlp.gate_proj, layer.mlp.up_proj),
+             Int8Linear(layer.mlp.down_proj))
+            for layer in draft.layers
+        ]  # fmt: skip
+        self.head = None
+
+
 def _pair_rows(weight: torch.Tensor, head_dim: int) -> torch.Tensor:
     """A q or k projection's weight (`(heads * head_dim, in_features)`) or bias with each head's rows reordered
     `0, d/2, 1, d/2 + 1, ...`: RoPE's pairs side by side."""
@@ -282,8 +356,9 @@ def draft_kernels(draft, numerics: str) -> DraftKernels:
     identity = _weights_identity([draft.lm_head.weight, *(p for p in draft.parameters())])
     kept = _KERNELS.setdefault(draft, {}).get(numerics)
     if kept is None or kept[0] != identity:
+        kernels = Int8Kernels if numerics == "int8" else PackedKernels
         with torch.no_grad():
-            kept = _KERNELS[draft][numerics] = (identity, PackedKernels(draft, numerics))
+            kept = _KERNELS[draft][numerics] = (identity, kernels(draft, numerics))
     return kept[1]
 
 

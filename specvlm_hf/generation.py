@@ -587,8 +587,8 @@ def speculative_generate(
             `depth`, `top_k`, `total_tokens`); the draft's own `speculative_config` otherwise.
         profile (`bool`, *optional*): also time target and draft forwards apart.
         draft_numerics (`str`, *optional*): the draft's kernels for this call (`SpeculativeConfig.draft_numerics`:
-            `"auto"`, `"reference"`, `"onednn"`, `"onednn-bf16"`, `"int8"`); they change what the draft proposes and its speed,
-            never the output.
+            `"auto"`, `"reference"`, `"onednn"`, `"onednn-bf16"`, `"int8"`); they change what the draft proposes and
+            its speed, never the output.
         generate_kwargs: the processor's outputs (`input_ids`, `attention_mask`, `pixel_values`) and any generation
             argument `generate()` takes, with the same meaning (`max_new_tokens`, `do_sample`, `temperature`,
             `top_k`, `top_p`, `eos_token_id`, `generation_config`, `logits_processor`, `stopping_criteria`,

@@ -8,7 +8,7 @@ from tiny import make_inputs, make_target
 
 from specvlm_hf import SpeculativeConfig, SpecVLMDraftModel, SpecVLMEagle3DraftModel, speculative_generate
 from specvlm_hf.adapters import get_adapter
-from specvlm_hf.draft_step import LeanDraftForward, available_numerics, draft_kernels
+from specvlm_hf.draft_step import INT8_ROWS, LeanDraftForward, available_numerics, draft_kernels
 from specvlm_hf.drafter import TreeDrafter
 from specvlm_hf.testbed import heldout_prompts, load_testbed_draft, store
 from specvlm_hf.tree import causal_attention_mask
@@ -17,8 +17,8 @@ from specvlm_hf.tuning import choose_numerics, device_costs
 FAST = [name for name in available_numerics(torch.device("cpu"), torch.float32) if name != "reference"]
 needs_fast = pytest.mark.skipif(not FAST, reason="this CPU runs the reference numerics only (no oneDNN)")
 # Worst relative error of a forward's output against the reference: float32 sums in another order; bfloat16 keeps 8
-# bits of mantissa in the layer's matmuls.
-TOLERANCE = {"onednn": 1e-5, "onednn-bf16": 3e-2}
+# bits of mantissa in the layer's matmuls, and int8 also rounds the weights (to 1/254 of their row's largest).
+TOLERANCE = {"onednn": 1e-5, "onednn-bf16": 3e-2, "int8": 3e-2}
 
 
 def _forward_pair(draft, numerics: str, prompt_len: int = 12, level: int = 3):
@@ -113,7 +113,7 @@ def test_packed_weights_follow_the_draft_weights():
 
 
 def test_numerics_that_do_not_run_here_are_refused_by_name(target):
-    with pytest.raises(ValueError, match="draft_numerics must be one of auto, reference, onednn, onednn-bf16"):
+    with pytest.raises(ValueError, match="draft_numerics must be one of auto, reference, onednn, onednn-bf16, int8"):
         SpeculativeConfig(draft_numerics="int4")
     torch.manual_seed(1)
     draft = SpecVLMDraftModel.from_target(target).to(torch.bfloat16)  # bf16 weights: onednn is already bf16
@@ -196,3 +196,36 @@ def test_fast_numerics_keep_the_acceptance_on_held_out_prompts(tree):
     for numerics in FAST:
         assert abs(accepted[numerics] / accepted["reference"] - 1) <= 0.01, accepted
         assert all(torch.equal(a, b) for a, b in zip(sequences[numerics], sequences["reference"]))
+
+
+@pytest.mark.skipif("int8" not in FAST, reason="this CPU has no int8 numerics (no bf16 instructions)")
+def test_int8_runs_only_a_few_rows_in_int8():
+    """`int8` multiplies at most `INT8_ROWS` rows in int8 (a tree level, a step's committed positions); the prompt
+    pass runs the modules' own float weights, bit for bit the reference's, and a level differs from it by rounding."""
+    target = make_target(seed=3, layers=4)
+    torch.manual_seed(1)
+    draft = SpecVLMDraftModel.from_target(target)
+    (prompt, reference_prompt), (level, reference_level), _ = [
+        (fast, reference) for reference, fast in _forward_pair(draft, "int8", prompt_len=INT8_ROWS + 4)
+    ]
+    assert torch.equal(prompt, reference_prompt)
+    assert not torch.equal(level, reference_level)
+    assert _relative_error(level, reference_level) < TOLERANCE["int8"]
+
+
+@pytest.mark.skipif("int8" not in FAST, reason="this CPU has no int8 numerics (no bf16 instructions)")
+@pytest.mark.parametrize("in_features", [16, 37, 100])
+def test_int8_linear_takes_any_inner_size(in_features):
+    """The int8 kernel reads the inner dimension in blocks of 16: other sizes are padded with zeros (which add
+    nothing), so a draft of any hidden size runs, and every output stays within int8's rounding of `F.linear`."""
+    from torch import nn
+
+    from specvlm_hf.draft_step import Int8Linear
+
+    torch.manual_seed(0)
+    first, second = nn.Linear(in_features, 24), nn.Linear(in_features, 8, bias=False)
+    hidden = torch.randn(3, 2, in_features)
+    with torch.no_grad():
+        outs = Int8Linear(first, second)(hidden)
+        for out, linear in zip(outs, (first, second)):
+            assert _relative_error(out, linear(hidden)) < TOLERANCE["int8"]

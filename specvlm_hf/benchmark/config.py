@@ -168,7 +168,7 @@ class BenchmarkConfig:
         default="auto",
         metadata={
             "help": "The drafts' kernels (SpeculativeConfig.draft_numerics): auto (the fastest measured here), "
-            "reference, onednn or onednn-bf16."
+            "reference, onednn, onednn-bf16 or int8."
         },
     )
     calibration_samples: int = field(default=2, metadata={"help": "Prompts the tree choice is calibrated on."})
