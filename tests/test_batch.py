@@ -181,31 +181,46 @@ def test_real_draft_on_fixed_trees_and_the_auto_tree(target, draft, tree):
 
 
 @pytest.mark.parametrize("family", ["eagle", "eagle3"])
-def test_each_row_drafts_the_trees_it_drafts_alone(target, draft, deep_target, eagle3_draft, family, monkeypatch):
-    """The draft sees each row of a batch as that row alone (its padding masked, its own positions): step for step,
-    the real draft's tree for a row is the tree it drafts for the row decoded alone. (Output equality cannot tell:
-    a worse draft only costs speed.)"""
-    target, draft = (deep_target, eagle3_draft) if family == "eagle3" else (target, draft)
-    trees = []
-    propose = TreeDrafter.propose_rows
+def test_each_row_drafts_as_it_drafts_alone(target, draft, deep_target, eagle3_draft, family, monkeypatch):
+    """The draft sees each row of a batch as that row alone (its padding masked, its own positions): at every root
+    position where a row drafted in the batch and alone, the draft's log-probabilities for the root's children are the
+    same within float rounding. (Output equality cannot tell: a worse draft only costs speed. Trees themselves are
+    not compared: the batch's larger matmuls may round differently, which flips the random draft's near-ties.)"""
+    from specvlm_hf.draft_step import LeanDraftForward
 
-    def recording(self, states):
+    target, draft = (deep_target, eagle3_draft) if family == "eagle3" else (target, draft)
+    steps, roots = [], []  # per drafted step: [(root position, root log-probabilities)] per row
+    propose, logits = TreeDrafter.propose_rows, LeanDraftForward.logits
+
+    def recording_propose(self, states):
+        roots.clear()
         proposed = propose(self, states)
-        trees.append([(tree.token_list, tree.parents) for tree in proposed])
+        steps.append([(state.input_ids.shape[1] - 1, roots[0][i]) for i, state in enumerate(states)])
         return proposed
 
-    monkeypatch.setattr(TreeDrafter, "propose_rows", recording)
+    def recording_logits(self, hidden):
+        out = logits(self, hidden)
+        if not roots:  # a step's first logits are the roots' (rows, vocab_size)
+            roots.append(torch.log_softmax(out.float(), dim=-1))
+        return out
+
+    monkeypatch.setattr(TreeDrafter, "propose_rows", recording_propose)
+    monkeypatch.setattr(LeanDraftForward, "logits", recording_logits)
     # One numerics for both (`auto` may choose per batch size, by measured costs).
     assistant = draft.with_tree(depth=4, tree_top_k=3, total_tokens=12, draft_numerics="reference")
     kwargs = dict(max_new_tokens=10, do_sample=False, eos_token_id=EOS, assistant_model=assistant)
     target.generate(**llava_batch(ROWS), **kwargs)
-    batched = [step for step in trees if len(step) == len(ROWS)]  # the steps before a row left
+    batched = [step for step in steps if len(step) == len(ROWS)]  # the steps before a row left
     assert len(batched) >= 3
     for row, spec in enumerate(ROWS):
-        trees.clear()
+        steps.clear()
         target.generate(**make_inputs(*spec), **kwargs)
-        steps = min(len(trees), len(batched))
-        assert [step[row] for step in batched[:steps]] == [step[0] for step in trees[:steps]], f"row {row}"
+        alone = dict(step[0] for step in steps)
+        compared = [position for position, _ in (step[row] for step in batched) if position in alone]
+        assert len(compared) >= 2 and compared[0] == batched[0][row][0], f"row {row}: positions {compared}"
+        for position, scores in (step[row] for step in batched):
+            if position in alone:
+                torch.testing.assert_close(scores, alone[position], atol=1e-4, rtol=0, msg=f"row {row} at {position}")
 
 
 def test_eagle3_draft(deep_target, eagle3_draft):
@@ -467,7 +482,11 @@ def test_qwen_rows_of_an_image_a_video_and_text(kind):
     for kwargs in ({}, {"eos_token_id": eos}):
         expected = target.generate(**batch, max_new_tokens=NEW, do_sample=False, return_dict_in_generate=True,
                                    **kwargs)  # fmt: skip
-        for source in (oracle(batch, expected.sequences), draft.with_tree(depth=3, tree_top_k=3, total_tokens=8), draft):
+        for source in (
+            oracle(batch, expected.sequences),
+            draft.with_tree(depth=3, tree_top_k=3, total_tokens=8),
+            draft,
+        ):
             out = target.generate(**batch, max_new_tokens=NEW, do_sample=False, return_dict_in_generate=True,
                                   assistant_model=source, **kwargs)  # fmt: skip
             assert_same_rows(out.sequences, expected.sequences, f"{kind} {kwargs}")
