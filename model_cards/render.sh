@@ -3,13 +3,13 @@
 set -euo pipefail
 specvlm-hf card --draft specvlm_hf/testbed/assets/draft --target-name "specvlm_hf testbed" \
   --repo-id specvlm-hf/testbed-draft --benchmark results/testbed-cpu/benchmark.json \
-  --training-command "specvlm-hf train --target testbed --data testbed --num-samples 1600 --self-distill --epochs 4 --output runs/draft" \
+  --training-command "specvlm-hf train --target testbed --data testbed --num-samples 1600 --self-distill --epochs 4 --output runs/draft-greedy && specvlm-hf train --target testbed --data testbed --num-samples 1600 --self-distill --self-distill-temperature 1 --epochs 2 --init-draft runs/draft-greedy --no-eval-at-start --output runs/draft" \
   --usage model_cards/testbed-draft/usage.py --output model_cards/testbed-draft/README.md
 cp model_cards/testbed-draft/README.md specvlm_hf/testbed/assets/draft/README.md
 
 specvlm-hf card --draft specvlm_hf/testbed/assets/specvlm-draft --target-name "specvlm_hf testbed" \
   --repo-id specvlm-hf/testbed-specvlm-draft --benchmark results/testbed-cpu/benchmark.json \
-  --training-command "specvlm-hf train --target testbed --data testbed --num-samples 1600 --self-distill --epochs 4 --compressor elastic --output runs/specvlm-draft" \
+  --training-command "specvlm-hf train --target testbed --data testbed --num-samples 1600 --self-distill --epochs 4 --compressor elastic --output runs/specvlm-greedy && specvlm-hf train --target testbed --data testbed --num-samples 1600 --self-distill --self-distill-temperature 1 --epochs 2 --init-draft runs/specvlm-greedy --no-eval-at-start --output runs/specvlm-draft" \
   --usage model_cards/testbed-specvlm-draft/usage.py --output model_cards/testbed-specvlm-draft/README.md
 cp model_cards/testbed-specvlm-draft/README.md specvlm_hf/testbed/assets/specvlm-draft/README.md
 
