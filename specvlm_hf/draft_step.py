@@ -250,8 +250,9 @@ class PackedKernels(DraftKernels):
 
 
 # The most rows (tokens x sequences) `Int8Linear` multiplies in int8: a tree level's nodes and a step's committed
-# positions. Above, the int8 kernel is slower than float32's GEMM (2-2.5x at a 600-token prompt on a 2-core Xeon), so
-# larger inputs (the draft's pass over the prompt) run the modules' own float weights.
+# positions. Above, the int8 kernel is slower than float32's GEMM (2-2.5x at a 600-token prompt on a 2-core Xeon),
+# and bfloat16's is faster than both (about 0.4x float32's time at 100-600 rows there), so larger inputs (the
+# draft's pass over the prompt) run in bfloat16.
 INT8_ROWS = 8
 INT8_BLOCK = 16  # `torch._weight_int8pack_mm`'s block of the inner dimension
 
@@ -263,14 +264,14 @@ class Int8Linear:
     int8, bfloat16 input, the product scaled per row). A tree level reads its draft's weights once and multiplies a
     few rows by them, so on CPU its cost is reading the weights: int8 reads a quarter of float32's bytes, and a
     testbed-sized draft's int8 weights stay in the cores' L2 caches across levels. Inputs of more than `INT8_ROWS`
-    rows run the modules' own `F.linear` instead. Returns each map's output in the input's dtype, as a tuple when
-    there are several.
+    rows (the prompt pass) are compute-bound instead, and multiply a bfloat16 copy of the weights. Returns each map's
+    output in the input's dtype, as a tuple when there are several.
     """
 
     def __init__(self, *linears):
-        self.linears = linears
         self.sizes = [linear.weight.shape[0] for linear in linears]
         weight = torch.cat([linear.weight for linear in linears]).float()
+        self.wide = weight.to(torch.bfloat16)  # (out_features, in_features), for more than INT8_ROWS rows
         scale = weight.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) * (1 / 127)
         # The kernel reads the inner dimension in blocks of 16 (other sizes crash it): zero columns pad it, and the
         # input is padded with zeros to match, which adds nothing to any product.
@@ -287,13 +288,12 @@ class Int8Linear:
 
     def __call__(self, hidden: torch.Tensor):
         """`hidden` (`(..., in_features)`) -> `(..., out_features_i)` for each map."""
-        flat = hidden.reshape(-1, hidden.shape[-1])
+        flat = hidden.reshape(-1, hidden.shape[-1]).to(torch.bfloat16)
         if flat.shape[0] > INT8_ROWS:
-            outs = tuple(F.linear(hidden, linear.weight, linear.bias) for linear in self.linears)
-            return outs if len(outs) > 1 else outs[0]
-        if self.pad:
-            flat = F.pad(flat, (0, self.pad))
-        out = torch._weight_int8pack_mm(flat.to(torch.bfloat16), self.weight, self.scale).to(hidden.dtype)
+            out = F.linear(flat, self.wide)
+        else:
+            out = torch._weight_int8pack_mm(F.pad(flat, (0, self.pad)) if self.pad else flat, self.weight, self.scale)
+        out = out.to(hidden.dtype)
         if self.bias is not None:
             out = out + self.bias.to(hidden.dtype)
         out = out.reshape(*hidden.shape[:-1], out.shape[-1])
@@ -303,8 +303,9 @@ class Int8Linear:
 class Int8Kernels(DraftKernels):
     """
     The `int8` numerics: every linear map of the layers and the `fc` an `Int8Linear`, q/k/v fused into one matmul and
-    gate/up into another; RoPE and attention as the reference's; the logits head the `lm_head`'s own float32 (in lower
-    precision the ranking of close candidates flips, which costs acceptance).
+    gate/up into another (the prompt pass through their bfloat16 copies); RoPE and attention as the reference's; the
+    logits head the `lm_head`'s own float32 (in lower precision the ranking of close candidates flips, which costs
+    acceptance).
     """
 
     def __init__(self, draft, numerics: str = "int8"):

@@ -4,6 +4,7 @@ and on the shipped testbed the same mean accepted length as the reference draft 
 
 import pytest
 import torch
+import torch.nn.functional as F
 from tiny import make_inputs, make_target
 
 from specvlm_hf import SpeculativeConfig, SpecVLMDraftModel, SpecVLMEagle3DraftModel, speculative_generate
@@ -200,17 +201,23 @@ def test_fast_numerics_keep_the_acceptance_on_held_out_prompts(tree):
 
 @pytest.mark.skipif("int8" not in FAST, reason="this CPU has no int8 numerics (no bf16 instructions)")
 def test_int8_runs_only_a_few_rows_in_int8():
-    """`int8` multiplies at most `INT8_ROWS` rows in int8 (a tree level, a step's committed positions); the prompt
-    pass runs the modules' own float weights, bit for bit the reference's, and a level differs from it by rounding."""
-    target = make_target(seed=3, layers=4)
-    torch.manual_seed(1)
-    draft = SpecVLMDraftModel.from_target(target)
-    (prompt, reference_prompt), (level, reference_level), _ = [
-        (fast, reference) for reference, fast in _forward_pair(draft, "int8", prompt_len=INT8_ROWS + 4)
-    ]
-    assert torch.equal(prompt, reference_prompt)
-    assert not torch.equal(level, reference_level)
-    assert _relative_error(level, reference_level) < TOLERANCE["int8"]
+    """`Int8Linear` multiplies at most `INT8_ROWS` rows (a tree level, a step's committed positions) by its int8
+    weights and more rows (the prompt pass) by a bfloat16 copy, exactly `F.linear` in bfloat16; both within int8's
+    rounding of the float32 map."""
+    from torch import nn
+
+    from specvlm_hf.draft_step import Int8Linear
+
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 48)
+    int8 = Int8Linear(linear)
+    with torch.no_grad():
+        for rows in (INT8_ROWS, INT8_ROWS + 1):
+            hidden = torch.randn(rows, 64)
+            bf16 = F.linear(hidden.bfloat16(), linear.weight.bfloat16()).float() + linear.bias
+            out = int8(hidden)
+            assert torch.equal(out, bf16) == (rows > INT8_ROWS), rows
+            assert _relative_error(out, linear(hidden)) < TOLERANCE["int8"]
 
 
 @pytest.mark.skipif("int8" not in FAST, reason="this CPU has no int8 numerics (no bf16 instructions)")
