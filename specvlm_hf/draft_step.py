@@ -250,9 +250,9 @@ class PackedKernels(DraftKernels):
 
 
 # The most rows (tokens x sequences) `Int8Linear` multiplies in int8: a tree level's nodes and a step's committed
-# positions. Above, the int8 kernel is slower than float32's GEMM (2-2.5x at a 600-token prompt on a 2-core Xeon),
-# and bfloat16's is faster than both (about 0.4x float32's time at 100-600 rows there), so larger inputs (the
-# draft's pass over the prompt) run in bfloat16.
+# positions. With more rows the product is compute-bound: the int8 kernel is then slower than float32's GEMM and
+# bfloat16's faster than both (measured on a 2-core Xeon with AMX), so larger inputs (the draft's pass over the
+# prompt) run in bfloat16.
 INT8_ROWS = 8
 INT8_BLOCK = 16  # `torch._weight_int8pack_mm`'s block of the inner dimension
 
