@@ -173,16 +173,22 @@ class DraftKernels:
     - `head`: what `compute_logits(hidden, head=...)` runs in place of the `lm_head` (`None`: the `lm_head` itself).
 
     This class is the `reference` numerics: each module's own `F.linear` and `apply_rotary_pos_emb`, the draft's forward
-    op for op. `PackedKernels` is the other numerics.
+    op for op. `Int8Kernels` changes only the linear maps (`linear`); `PackedKernels` also RoPE's arithmetic.
     """
+
+    @staticmethod
+    def linear(*linears):
+        """The maps of `linears` (`nn.Linear`s) over one shared input, a tuple when there are several: here their own
+        `F.linear`."""
+        return _reference_linear(*linears)
 
     def __init__(self, draft, numerics: str = "reference"):
         self.numerics = numerics
-        self.fc = _reference_linear(draft.fc)
+        self.fc = self.linear(draft.fc)
         self.layers = [
-            (_reference_linear(layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj),
-             _reference_linear(layer.self_attn.o_proj), _reference_linear(layer.mlp.gate_proj, layer.mlp.up_proj),
-             _reference_linear(layer.mlp.down_proj))
+            (self.linear(layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj),
+             self.linear(layer.self_attn.o_proj), self.linear(layer.mlp.gate_proj, layer.mlp.up_proj),
+             self.linear(layer.mlp.down_proj))
             for layer in draft.layers
         ]  # fmt: skip
         self.head = None
@@ -308,16 +314,7 @@ class Int8Kernels(DraftKernels):
     acceptance).
     """
 
-    def __init__(self, draft, numerics: str = "int8"):
-        self.numerics = numerics
-        self.fc = Int8Linear(draft.fc)
-        self.layers = [
-            (Int8Linear(layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj),
-             Int8Linear(layer.self_attn.o_proj), Int8Linear(layer.mlp.gate_proj, layer.mlp.up_proj),
-             Int8Linear(layer.mlp.down_proj))
-            for layer in draft.layers
-        ]  # fmt: skip
-        self.head = None
+    linear = Int8Linear
 
 
 def _pair_rows(weight: torch.Tensor, head_dim: int) -> torch.Tensor:
