@@ -185,7 +185,9 @@ class TreeDrafter(Drafter):
     live slots only. With one row every slot is live and the masks are those of a single sequence.
 
     When the tuner picks a plain step, `propose_rows` returns the roots alone (the target's forward is then plain
-    decoding's) and keeps the committed positions to feed at the next step that drafts (the prompt's included).
+    decoding's) and keeps the committed positions to feed at the next step that drafts (the prompt's included). So a
+    call starts drafting at the step the tuner says the draft's pass over the prompt pays from
+    (`TreeTuner.starts_drafting`), and a call where no step would is left to plain decoding (`drafts_call`).
 
     A drafted end token (`eos_token_id`) is never expanded: if the target accepts it, generation stops there, and if
     it does not, the path leaves the tree there, so its children could never be emitted. The tree stops growing when
@@ -198,17 +200,21 @@ class TreeDrafter(Drafter):
     def __init__(self, draft, config: SpeculativeConfig):
         self.draft = draft
         self.config = config if config.is_auto else config.fixed()
-        self.forward: LeanDraftForward | None = None  # made by `begin` (or the first `propose_rows` without it)
+        self.forward: LeanDraftForward | None = None  # made at the first drafted step (`_draft_forward`)
+        self._forward_args = None  # (adapter, prompt_len, rows, numerics) it is made with, set by `begin`
         self.feature_layers = draft.feature_layers
         self.tuner = None
         self.shape = self.config
         self._started = self._drafted = 0.0
         self._prompt_step = False  # the step whose drafting included the draft's pass over the prompt
+        self._prompt_tokens = 0  # the prompt tokens (over all rows) that pass caught up on
+        self._undrafted = 0  # plain steps before the draft read the prompt: tokens per row after the prefill's
         self._end_tokens = None  # LongTensor of end-token ids, or None
         self._levels = 0  # draft levels the last step ran
         self.live: torch.Tensor | None = None  # (rows, cache length) bool: slots holding a row's committed position
-        # per row, not yet fed: [(embeds, features, position_ids)], each (1, n, ...)
-        self._pending: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = []
+        # per row, not yet fed: [(embeds, features, position_ids)], each (1, n, ...), or the prompt's `DraftState`
+        # first (the draft's view of the prompt, compressed, is made when the draft first reads it)
+        self._pending: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | DraftState]] = []
         self._described: dict = {}
         self._calls = None  # the auto tree's `CallChooser` for this call's prompt class
 
@@ -229,7 +235,7 @@ class TreeDrafter(Drafter):
             self.tuner = self.draft.tree_tuner(adapter, do_sample, prompt_len, rows, numerics)
             self.tuner.start_call(visual)
             numerics = self.tuner.costs.numerics
-        self._make_forward(adapter, prompt_len, rows, numerics)
+        self._forward_args = (adapter, prompt_len, rows, numerics)
         if end_tokens:
             self._end_tokens = torch.tensor(end_tokens, device=device)
 
@@ -237,25 +243,32 @@ class TreeDrafter(Drafter):
         if not self.config.is_auto:
             return True
         self.tuner = self.draft.tree_tuner(adapter, do_sample, prompt_len, rows, self.config.draft_numerics)
+        self.tuner.start_call(visual)  # `begin` starts it again: nothing is observed in between
         self._calls = self.tuner.calls[visual]
-        return self._calls.draft()
+        return self._calls.draft() and self.tuner.may_start(rows * prompt_len)
 
     def observe_call(self, drafted: bool, tokens: float, seconds: float) -> None:
         if self._calls is not None:
             self._calls.observe(drafted, tokens, seconds)
 
-    def _make_forward(self, adapter, prompt_len: int, rows: int, numerics: str) -> None:
-        """The lean forward of `rows` rows in `numerics` (`auto`: the one the device's costs chose)."""
-        if numerics == "auto":
-            numerics = self.draft.auto_numerics(adapter, prompt_len, rows)
-        self.forward = LeanDraftForward(self.draft, rows=rows, numerics=numerics)
+    def _draft_forward(self) -> LeanDraftForward:
+        """The call's lean forward, made at its first drafted step (a call that never drafts makes none), for the
+        rows still decoding, in the numerics `begin` was told (`auto`: the one the device's costs chose for the
+        call's batch size)."""
+        if self.forward is None:
+            adapter, prompt_len, rows, numerics = self._forward_args
+            if numerics == "auto":
+                numerics = self.draft.auto_numerics(adapter, prompt_len, rows)
+            self.forward = LeanDraftForward(self.draft, rows=self.live.shape[0], numerics=numerics)
+        return self.forward
 
     def describe(self) -> dict:
         return dict(self._described)
 
     def keep_rows(self, rows: list[int]) -> None:
         index = torch.tensor(rows, device=self.draft.fc.weight.device)
-        self.forward.cache.keep_rows(index)
+        if self.forward is not None:
+            self.forward.cache.keep_rows(index)
         self.live = self.live[index]
         self._pending = [self._pending[row] for row in rows]
 
@@ -274,7 +287,7 @@ class TreeDrafter(Drafter):
             [tree.children[tree.parents[node]].index(node) for node in path[1:]] for tree, path in zip(trees, paths)
         ]
         shape = replace(self.shape, depth=self._levels)  # as drafted: a chain stops at an end token
-        self.tuner.observe(shape, ranks, drafted, total, finished, timed=not self._prompt_step)
+        self.tuner.observe(shape, ranks, drafted, total, finished, self._prompt_tokens if self._prompt_step else 0)
 
     def propose(self, state: DraftState) -> DraftTree:
         return self.propose_rows([state])[0]
@@ -285,23 +298,29 @@ class TreeDrafter(Drafter):
         if self.live is None:  # driven without `begin` (a fixed tree, as the benchmark's replay drives it)
             self.live = torch.zeros(len(states), 0, dtype=torch.bool, device=self.draft.fc.weight.device)
             self._pending = [[] for _ in states]
-            if self.forward is None:
+            if self._forward_args is None:
                 adapter = get_adapter(self.draft.target)
-                self._make_forward(adapter, states[0].input_ids.shape[1], len(states), self.config.draft_numerics)
+                self._forward_args = (adapter, states[0].input_ids.shape[1], len(states), self.config.draft_numerics)
         for row, state in enumerate(states):
-            embeds, features, position_ids = state.inputs_embeds, state.features, state.position_ids
-            if state.image_mask is not None:
-                embeds, features, position_ids = self.draft.prompt_input(state)
-                if row == 0:
-                    self._described = self.draft.describe_prompt(state, embeds)
-            self._pending[row].append((embeds, features, position_ids))
+            prompt = state.image_mask is not None
+            self._pending[row].append(state if prompt else (state.inputs_embeds, state.features, state.position_ids))
         roots = [state.input_ids[0, -1:] for state in states]
+        unread = self.forward is None or self.forward.cache.length == 0  # the draft has not read the prompt yet
         if self.tuner is not None:
             self.shape = self.tuner.choose()
+            if self.shape is not None and unread:
+                self._prompt_tokens = sum(state.input_ids.shape[1] for state in states)
+                if not self.tuner.starts_drafting(self._undrafted, self._prompt_tokens):
+                    self.shape = None
             if self.shape is None:  # a plain step: verify the roots alone, feed the draft later
+                self._undrafted += unread
                 return [build_tree(root, [-1]) for root in roots]
-        cache = self.forward.cache
-        self._prompt_step = cache.length == 0  # this step's drafting includes the prompt
+        self._prompt_step = unread  # this step's drafting includes the prompt
+        if unread:
+            self._pending = [
+                [self._read_prompt(part, row) for part in parts] for row, parts in enumerate(self._pending)
+            ]
+        cache = self._draft_forward().cache
         embeds, features, position_ids, lengths = _pad_rows(self._pending)
         self._pending = [[] for _ in states]
         rows, k, depth = len(states), self.shape.top_k, self.shape.depth
@@ -385,6 +404,16 @@ class TreeDrafter(Drafter):
             trees.append(build_tree(tree_tokens, [-1] + tree_parents.tolist()))  # tolist() waits for the device
         self._drafted = time.perf_counter()
         return trees
+
+    def _read_prompt(self, part, row: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A pending entry as the draft's inputs: a prompt's `DraftState` becomes the draft's view of the prompt
+        (`prompt_input`: its visual tokens compressed), described for the statistics for row 0."""
+        if not isinstance(part, DraftState):
+            return part
+        embeds, features, position_ids = self.draft.prompt_input(part)
+        if row == 0:
+            self._described = self.draft.describe_prompt(part, embeds)
+        return embeds, features, position_ids
 
     def _parallel_marginals(self, live: torch.Tensor, root_positions: torch.Tensor, entries: int) -> torch.Tensor:
         """

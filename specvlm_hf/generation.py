@@ -658,8 +658,8 @@ def _return_the_stats(generate_kwargs: dict) -> None:
     it, scores and logits are not kept either, so that stopping criteria still get `scores=None`, as in plain
     decoding."""
     config = generate_kwargs.get("generation_config")
-    if config is not None:
-        config = generate_kwargs["generation_config"] = copy.deepcopy(config)
+    if config is not None:  # only top-level flags are set below, so a shallow copy keeps the caller's config intact
+        config = generate_kwargs["generation_config"] = copy.copy(config)
     asked = generate_kwargs.get("return_dict_in_generate", getattr(config, "return_dict_in_generate", False))
     overrides = {"return_dict_in_generate": True}
     if not asked:

@@ -14,7 +14,10 @@ that picks depth and width every step from measured costs and the running accept
 - **Prompt classes**: a draft trained on image questions predicts answers to text-only prompts far worse, so calls
   on prompts without visual tokens keep acceptance counts of their own (`start_call(visual=False)`): after one such
   call the next starts from what text-only prompts got, instead of paying two or three rejected steps to learn it
-  again. Costs and in-loop scales are shared.
+  again. They keep in-loop scales of their own too: the costs were measured over a prefix as long as the first
+  prompt, and a target step over a short text prompt can take half the time of one over an image prompt (the
+  testbed's 20 against 700 tokens), so one class's scales would misprice the other's steps. The measured costs are
+  shared.
 - **This call**: prompts differ (a text-only question the draft cannot predict, a described image it predicts well),
   so within a `generate()` call every alpha is scaled down by how this call's drafts fall short of the running
   estimate (accepted over expected, with `call_strength` pseudo-drafts on each side, at most 1): two or three
@@ -27,6 +30,13 @@ that picks depth and width every step from measured costs and the running accept
   `generate()` does (the draft catches up on those tokens when it drafts again); after `probe_every` plain steps in
   a row one step drafts again, to notice when acceptance comes back. A probe that has none of its drafts accepted
   doubles the gap to the next one (up to `max_probe_every`); one that does resets it.
+
+- **When to start** (`starts_drafting`): the draft's pass over the prompt is paid once, at the first drafted step,
+  and only tokens after it can repay it: an answer of one or two tokens loses to plain decoding whatever is drafted.
+  Each class keeps the lengths of its recent answers and the price of that pass per prompt token (from earlier calls'
+  first drafted steps), so a call starts drafting at the step from which the answers that went on past it would,
+  on average, repay the pass (optimal stopping over those lengths); until then its steps are plain. Where no start
+  can pay (every recent answer short), the whole call is left to plain decoding.
 
 - **Whole calls** (`CallChooser`): where even the loop's plain steps lose to plain `generate()` (its per-row work
   at large batch sizes, prompts the draft cannot predict), the call is left to plain `generate()` decoding: the
@@ -46,6 +56,7 @@ import json
 import logging
 import os
 import time
+from collections import deque
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -340,9 +351,11 @@ def device_costs(adapter, draft, prefix_len: int, rows: int = 1) -> DeviceCosts:
 
 
 # Calls draft without trying plain decoding while drafted calls reach (or, before any, are predicted to reach) at least
-# this times plain decoding's rate as the costs predict it (1 / T(1) tokens per row and second); below it the
-# measured rates decide.
+# this times plain decoding's rate as the costs predict it (1 / `CallChooser.plain_step` tokens per row and second);
+# below it the measured rates decide.
 PLAIN_PROBE_BELOW = 1.5
+# The answer lengths each prompt class keeps (its most recent calls') for the choice of when to start drafting.
+LENGTHS_KEPT = 32
 
 
 @dataclass
@@ -355,14 +368,14 @@ class CallChooser:
 
     Drafting's rate is `predicted` until drafted calls have decoded `evidence` tokens per row, and measured from then
     on. Calls draft while that rate is at least `PLAIN_PROBE_BELOW` times the plain rate the costs predict
-    (1 / T(1)). Below it plain decoding runs, and once both ways have run, the better measured way; after `gap`
+    (1 / `plain_step`). Below it plain decoding runs, and once both ways have run, the better measured way; after `gap`
     calls the other runs once (a probe): `gap` doubles (up to `max_gap`) while the probe loses, and returns to
     `min_gap` when it wins. So a batch size whose costs predict no clear win (large batches, where verifying a
     tree per row costs nearly as many target forwards as plain steps would) starts with plain decoding, and
     drafting is measured at the first probe.
     """
 
-    plain_step: float  # T(1), seconds
+    plain_step: float  # seconds of a step of plain decoding: T(1), as its class prices it (`TreeTuner`)
     predicted: float = float("inf")  # drafted tokens per row and second the costs predict before any evidence
     evidence: float = 64.0
     decay: float = 0.75
@@ -374,6 +387,7 @@ class CallChooser:
     since: int = 0  # calls since the other way last ran
     _probe: bool = False  # the last choice was a probe
     _drafted_tokens: float = 0.0  # tokens per row drafted calls decoded, undecayed
+    lengths: deque = field(default_factory=lambda: deque(maxlen=LENGTHS_KEPT))  # recent calls' tokens per row
 
     def rate(self, drafted: bool) -> float | None:
         """Tokens per row and second of the calls run that way, or `None` before any."""
@@ -399,6 +413,7 @@ class CallChooser:
         `seconds`."""
         for sums, value in ((self.tokens, tokens), (self.seconds, seconds)):
             sums[drafted] = self.decay * sums[drafted] + value
+        self.lengths.append(tokens)
         if drafted:
             self._drafted_tokens += tokens
         if self._probe:
@@ -450,15 +465,16 @@ class TreeTuner:
         self.accepted = {k: np.zeros(max_depth) for k in self.widths}
         self.call_reached = {k: np.zeros(max_depth) for k in self.widths}  # the same counts, this call only
         self.call_accepted = {k: np.zeros(max_depth) for k in self.widths}
-        self.visual = True  # the prompt class the counts above (and `mass`) belong to; `start_call` switches
-        self._other_class = None  # the other class's (reached, accepted, mass, mass_steps), once it was seen
+        self.visual = True  # the prompt class the counts, `mass` and scales belong to; `start_call` switches
+        self._other_class = None  # the other class's `_class_state()`, once it was seen
         self.plain_streak = 0  # plain steps in a row, this call
         self.probe_gap = probe_every  # plain steps in a row before the next probe, this call
         self._probing = False  # the last chosen shape is a probe
         self._best = None  # (width, depth, tokens per second) of the best shape, until an observation changes it
         self.mass = {k: 0.0 for k in self.widths}  # sum over steps of the draft's top-k probability at level 1
         self.mass_steps = 0
-        self.verify_scale = self.draft_scale = self.plain_scale = 1.0
+        self.verify_scale = self.draft_scale = self.plain_scale = 1.0  # in-loop over isolated seconds
+        self.prompt_price: float | None = None  # seconds of the draft's pass over the prompt per prompt token
         self.steps = 0
         self._pending_mass = None
         # Isolated seconds per width k for d = 1..max_depth: verification of d*k + 1 tokens, and drafting.
@@ -486,15 +502,22 @@ class TreeTuner:
             prior = out[j]
         return out
 
+    def _class_state(self) -> tuple:
+        """What belongs to the current prompt class: the acceptance counts, the top-k mass, the in-loop scales and
+        the price of the draft's pass over the prompt."""
+        scales = (self.verify_scale, self.draft_scale, self.plain_scale, self.prompt_price)
+        return self.reached, self.accepted, self.mass, self.mass_steps, *scales
+
     def start_call(self, visual: bool = True) -> None:
-        """A new `generate()` call, on a prompt with visual tokens (`visual`) or without: the running counts become
-        that class's, and the call's own counts start empty."""
+        """A new `generate()` call, on a prompt with visual tokens (`visual`) or without: the running counts and
+        scales become that class's, and the call's own counts start empty."""
         if visual != self.visual:
-            held = (self.reached, self.accepted, self.mass, self.mass_steps)
+            held = self._class_state()
             if self._other_class is None:
                 fresh = ({k: np.zeros(self.max_depth) for k in self.widths} for _ in range(2))
-                self._other_class = (*fresh, {k: 0.0 for k in self.widths}, 0)
-            self.reached, self.accepted, self.mass, self.mass_steps = self._other_class
+                self._other_class = (*fresh, {k: 0.0 for k in self.widths}, 0, 1.0, 1.0, 1.0, None)
+            (self.reached, self.accepted, self.mass, self.mass_steps, self.verify_scale, self.draft_scale,
+             self.plain_scale, self.prompt_price) = self._other_class  # fmt: skip
             self._other_class, self.visual = held, visual
         for counts in (self.call_reached, self.call_accepted):
             for array in counts.values():
@@ -555,13 +578,62 @@ class TreeTuner:
         if self._best is None:  # plain steps observe nothing, so a streak of them reuses one computation
             self._best = self.best_shape()
         k, depth, rate = self._best
-        plain_rate = 1.0 / (self.costs.curve.at(1) * self.plain_scale)
+        plain_rate = 1.0 / self.plain_seconds()
         self._probing = plain_rate > rate
         if self._probing and self.plain_streak < self.probe_gap:
             self.plain_streak += 1
             return None
         self.plain_streak = 0
         return SpeculativeConfig(depth=depth, top_k=k, total_tokens=depth * k + 1)
+
+    def _start_values(self, emitted: int, tokens: int) -> tuple[float, float] | None:
+        """
+        `(start, wait)`: the seconds a call whose draft has not read its prompt expects to save over plain decoding
+        if it starts drafting now, `emitted` tokens per row after the prefill's, and if it takes a plain step and
+        then does what is best; `None` where that is unknown (no price or no recent answer yet) or the call has
+        outlasted every recent answer.
+
+        Starting costs c = `prompt_price` x `tokens` (the prompt tokens the draft catches up on) once, and then R
+        tokens left take R plain steps of t (`plain_seconds`) plainly, and drafted about max(R / E, 1) steps of s,
+        for the best shape's E expected tokens per step of s seconds (the last step emits what is left, and no step
+        emits less than one token). Of this class's recent answers (`CallChooser.lengths`), those of L > m tokens
+        say what is left at m: start(m) = mean(R t - max(R / E, 1) s) - c over them, R = L - m, and wait(m) = (the
+        share of them with L > m + 1) x V(m + 1), with V = max(start, wait), and V = 0 past the longest (a call
+        that has not started by then never does).
+        """
+        lengths = self.calls[self.visual].lengths
+        if self.prompt_price is None or not lengths:
+            return None
+        known = np.sort(np.asarray(lengths, dtype=float))
+        if known[-1] <= emitted:
+            return None
+        k, depth, rate = self._best or self.best_shape()
+        step = self.step_seconds(k)[depth - 1]
+        per_step, plain, cost = rate * step, self.plain_seconds(), self.prompt_price * tokens
+        steps = np.arange(emitted, int(np.ceil(known[-1])))  # m with some answer longer than m
+        outlast = known[None, :] > steps[:, None]  # (m, answers)
+        count = outlast.sum(axis=1)
+        left = known[None, :] - steps[:, None]
+        saved = left * plain - np.maximum(left / per_step, 1.0) * step
+        start = np.where(outlast, saved, 0.0).sum(axis=1) / count - cost
+        value, wait = 0.0, 0.0
+        for m in range(len(steps) - 1, -1, -1):
+            wait = value * (count[m + 1] / count[m] if m + 1 < len(steps) else 0.0)
+            value = max(start[m], wait)
+        return float(start[0]), wait
+
+    def starts_drafting(self, emitted: int, tokens: int) -> bool:
+        """Whether a call whose draft has not read its prompt (`tokens` prompt tokens, over all rows) starts
+        drafting at this step, `emitted` tokens per row after the prefill's, or takes a plain step (`_start_values`).
+        It starts where that is unknown."""
+        values = self._start_values(emitted, tokens)
+        return values is None or values[0] >= values[1]
+
+    def may_start(self, tokens: int) -> bool:
+        """Whether a call of this class over `tokens` prompt tokens (over all rows) could gain by starting to draft
+        at any step (`_start_values`): False where every recent answer is too short to repay the draft's pass."""
+        values = self._start_values(0, tokens)
+        return values is None or max(values) > 0
 
     def observe_mass(self, top_probs: torch.Tensor) -> None:
         """Records the draft's level-1 probabilities, sorted descending, shape `(>= max width,)`. They are read on
@@ -577,6 +649,18 @@ class TreeTuner:
             self.mass[k] += cumulative[min(k, len(cumulative)) - 1]
         self.mass_steps += 1
 
+    def plain_seconds(self) -> float:
+        """Predicted in-loop seconds of a plain step of the current prompt class: T(1) times its plain steps'
+        in-loop scale."""
+        return self.costs.curve.at(1) * self.plain_scale
+
+    def _price_plain_calls(self) -> None:
+        """The current class's `CallChooser` prices a step of plain decoding at T(1), or at T(1) times the class's
+        verification scale where that is below 1: its prompts are shorter than the prefix the costs were measured
+        over (a step of plain decoding is a verification of one token). Above 1 it is the loop's own cost (drafting
+        evicts the target's weights from the CPU caches), which plain decoding does not pay."""
+        self.calls[self.visual].plain_step = self.costs.curve.at(1) * min(self.verify_scale, 1.0)
+
     def observe_plain(self, step_seconds: float) -> None:
         """Learns from one plain step that took `step_seconds` in all (its time in the loop against T(1))."""
         self.plain_scale += 0.2 * (step_seconds / self.costs.curve.at(1) - self.plain_scale)
@@ -588,7 +672,7 @@ class TreeTuner:
         draft_seconds: float,
         step_seconds: float,
         finished: bool | list[bool],
-        timed: bool = True,
+        prompt_tokens: int = 0,
     ) -> None:
         """
         Learns from one step of `shape`, whose accepted drafts were at `ranks` among their siblings (0 = the draft's
@@ -599,9 +683,10 @@ class TreeTuner:
         recursive rejection in that order), so a tree of width w < `shape.top_k` would have accepted exactly the
         leading drafts of rank < w: one step teaches every width up to its own. A row whose output stopped inside
         its accepted drafts (`finished`; `ranks` then end with the draft it stopped on) says nothing past the cut:
-        its drafts count as accepted up to there, with no rejection after them unless a narrower width's. `timed=
-        False` (the first step of a call, whose drafting includes the draft's pass over the prompt) keeps its times
-        out of the scales.
+        its drafts count as accepted up to there, with no rejection after them unless a narrower width's.
+        `prompt_tokens` > 0: the step's drafting included the draft's pass over that many prompt tokens (the first
+        drafted step of a call); what it took beyond the levels' predicted time prices that pass (`prompt_price`),
+        and its times stay out of the scales.
         """
         self._take_mass()
         self._best = None
@@ -611,11 +696,17 @@ class TreeTuner:
             accepted_any = any(row for row, done in zip(ranks, finished) if not done)
             self.probe_gap = min(2 * self.probe_gap, self.max_probe_every) if not accepted_any else self.probe_every
         k, depth = shape.top_k, shape.depth
-        if timed and draft_seconds > 0 and step_seconds > draft_seconds:
-            predicted_draft, predicted_verify = self._draft[k][depth - 1], self._verify[k][depth - 1]
-            rate = 0.2  # exponential moving average of in-loop over isolated time
+        predicted_draft, predicted_verify = self._draft[k][depth - 1], self._verify[k][depth - 1]
+        rate = 0.2  # exponential moving average of in-loop over isolated time, and of the prompt's price
+        if prompt_tokens:
+            price = max(draft_seconds - predicted_draft * self.draft_scale, 0.0) / prompt_tokens
+            self.prompt_price = (
+                price if self.prompt_price is None else self.prompt_price + rate * (price - self.prompt_price)
+            )
+        elif draft_seconds > 0 and step_seconds > draft_seconds:
             self.draft_scale += rate * (draft_seconds / predicted_draft - self.draft_scale)
             self.verify_scale += rate * ((step_seconds - draft_seconds) / predicted_verify - self.verify_scale)
+            self._price_plain_calls()
         self.steps += 1
         for row_ranks, cut in zip(ranks, finished):
             for width in self.widths:

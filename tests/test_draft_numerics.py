@@ -146,10 +146,10 @@ def test_auto_numerics_are_the_measured_choice(target, monkeypatch, tmp_path):
     for config in (SpeculativeConfig(), SpeculativeConfig(depth=3, top_k=2, total_tokens=6)):
         drafter = TreeDrafter(draft, config)
         drafter.begin(adapter, False, 16)
-        assert drafter.forward.kernels.numerics == costs.numerics
+        assert drafter._draft_forward().kernels.numerics == costs.numerics
     drafter = TreeDrafter(draft, SpeculativeConfig(draft_numerics="reference"))
     drafter.begin(adapter, False, 16)
-    assert drafter.forward.kernels.numerics == "reference"
+    assert drafter._draft_forward().kernels.numerics == "reference"
     assert drafter.tuner.costs.draft_level == costs.levels["reference"]
 
 

@@ -110,7 +110,28 @@ def test_prompts_without_visual_tokens_keep_counts_of_their_own():
     tuner.start_call(visual=False)
     # three rejections at depth 1 against the prior's pseudo-steps (this call has no steps of its own yet)
     assert tuner.alphas(1)[0] == pytest.approx(tuner.strength * tuner.prior / (3 + tuner.strength))
-    assert tuner.mass_steps == 0 and tuner.steps == 4  # costs, scales and step counts are shared
+    assert tuner.mass_steps == 0 and tuner.steps == 4  # costs and step counts are shared
+
+
+def test_each_prompt_class_prices_its_steps_at_its_own_scales():
+    """The costs were measured over one prefix; a class whose target steps run slower (long image prompts) or faster
+    (short text prompts) in the loop keeps its own scales. Its `CallChooser` prices a step of plain decoding at T(1)
+    times its verification scale where that is below 1 (prompts shorter than the measured prefix), and at T(1)
+    where it is above (drafting evicts the target's weights from the caches, which plain decoding does not)."""
+    tuner, chain = TreeTuner(_costs(0.2)), SpeculativeConfig(depth=3, top_k=1, total_tokens=4)
+    t1, drafting, verifying = tuner.costs.curve.at(1), tuner._draft[1][2], tuner._verify[1][2]
+    tuner.start_call(visual=True)
+    for _ in range(40):  # image prompts: verification twice as slow as measured
+        tuner.observe(chain, [0, 0], drafting, drafting + 2.0 * verifying, finished=False)
+    assert tuner.verify_scale == pytest.approx(2.0, rel=1e-3) and tuner.calls[True].plain_step == t1
+    tuner.observe_plain(1.5 * t1)
+    tuner.start_call(visual=False)  # text prompts start from the isolated costs, not the image prompts' scales
+    assert tuner.verify_scale == tuner.plain_scale == 1.0
+    for _ in range(40):  # text prompts: verification at half the measured time
+        tuner.observe(chain, [], drafting, drafting + 0.5 * verifying, finished=False)
+    assert tuner.calls[False].plain_step == pytest.approx(0.5 * t1, rel=1e-3) and tuner.calls[True].plain_step == t1
+    tuner.start_call(visual=True)
+    assert tuner.verify_scale == pytest.approx(2.0, rel=1e-3) and tuner.plain_scale == pytest.approx(1.1)
 
 
 def test_a_row_that_ends_on_the_targets_own_token_is_not_cut():
@@ -278,6 +299,27 @@ def test_plain_steps_and_the_drafts_catch_up_keep_the_output(target, monkeypatch
     assert fed == roots[-1] and len(roots) == out.stats.target_forwards - 1
 
 
+def test_a_class_whose_answers_are_too_short_to_repay_the_prompt_pass_decodes_plainly(target):
+    """Through generate(): a call of a class whose recent answers are all one token is left to plain decoding (with
+    its output); its own answer, twenty tokens, goes into the class's lengths, and the next call drafts again."""
+    from specvlm_hf import SpecVLMDraftModel, speculative_generate
+
+    torch.manual_seed(0)
+    draft = SpecVLMDraftModel.from_target(target)
+    inputs = make_inputs(seed=7)
+    prompt_len = inputs["input_ids"].shape[1]
+    tuner = draft.tree_tuner(get_adapter(target), False, prompt_len)  # acceptance at the prior: drafting pays
+    tuner.start_call(visual=True)
+    plain = target.generate(**inputs, max_new_tokens=20, do_sample=False)
+    tuner.prompt_price = 2.0 * tuner.plain_seconds() / prompt_len  # the draft's pass costs two plain steps
+    tuner.calls[True].lengths.extend([1] * 16)  # recent answers: one token each
+    out = speculative_generate(target, draft, **inputs, max_new_tokens=20)
+    assert not out.stats.drafted and torch.equal(out.sequences, plain)
+    assert list(tuner.calls[True].lengths)[-1] == 19  # tokens after the prefill's
+    out = speculative_generate(target, draft, **inputs, max_new_tokens=20)
+    assert out.stats.drafted and torch.equal(out.sequences, plain)
+
+
 def test_a_plain_step_is_priced_at_its_own_time_in_the_loop():
     """Plain steps are timed against T(1): when they run slower in the loop than T(1), drafting wins where it would
     not at T(1), and when they run at T(1) the drafted steps' in-loop scale does not make them look dearer."""
@@ -425,3 +467,47 @@ def test_a_call_left_to_plain_decoding_returns_what_plain_generate_returns(targe
     stats = out.speculative_stats
     assert stats.row_new_tokens == [12] * rows and stats.mean_accepted_length == 1.0
     assert tuner.calls[True].rate(False) is not None
+
+
+def _answers(tuner: TreeTuner, lengths: list[int]) -> None:
+    """Calls of the current prompt class that answered in `lengths` tokens after the prefill's."""
+    for n in lengths:
+        tuner.calls[tuner.visual].observe(True, float(n), 0.01 * n)
+
+
+def _price_prompt(tuner: TreeTuner, seconds: float, tokens: int) -> None:
+    """A first drafted step whose drafting took `seconds` beyond its levels' predicted time over `tokens` tokens."""
+    chain = SpeculativeConfig(depth=2, top_k=1, total_tokens=3)
+    drafting = tuner._draft[1][1] + seconds
+    tuner.observe(chain, [0], drafting, drafting + tuner._verify[1][1], finished=False, prompt_tokens=tokens)
+
+
+def test_the_draft_s_pass_over_the_prompt_is_priced_by_the_first_drafted_steps():
+    tuner = TreeTuner(_costs(0.2))
+    scales = (tuner.verify_scale, tuner.draft_scale)
+    _price_prompt(tuner, 2.0, 100)
+    assert tuner.prompt_price == pytest.approx(0.02) and (tuner.verify_scale, tuner.draft_scale) == scales
+    _price_prompt(tuner, 4.0, 100)  # a moving average, as the scales
+    assert tuner.prompt_price == pytest.approx(0.02 + 0.2 * 0.02)
+    tuner.start_call(visual=False)  # another class prices its own prompts
+    assert tuner.prompt_price is None
+
+
+def test_a_call_starts_drafting_where_the_answers_that_go_on_repay_the_prompt_pass():
+    """The draft's pass over the prompt costs three plain steps here. Where every recent answer is one or two tokens no
+    start repays it: the call is left to plain decoding. Where half the answers are two tokens and half sixty, the
+    call takes plain steps until the short answers would have ended, then drafts. A call that outlasts every recent
+    answer drafts, and so does one before anything is known."""
+    tuner = TreeTuner(_costs(0.02))  # flat verification: drafting wins on long answers
+    tuner.start_call()
+    assert tuner.starts_drafting(0, 100) and tuner.may_start(100)  # no price, no lengths yet
+    _price_prompt(tuner, 3.0 * tuner.plain_seconds(), 100)
+    assert tuner.starts_drafting(0, 100)  # a price, but no lengths yet
+    _answers(tuner, [1, 2] * 8)
+    assert not tuner.may_start(100) and not tuner.starts_drafting(0, 100)
+    assert tuner.starts_drafting(2, 100)  # longer than every recent answer: a long one, drafting pays
+    _answers(tuner, [2, 60] * 16)  # the last 32 answers: half 2 tokens, half 60
+    assert tuner.may_start(100)
+    assert not tuner.starts_drafting(0, 100) and not tuner.starts_drafting(1, 100) and tuner.starts_drafting(2, 100)
+    _answers(tuner, [60] * 32)
+    assert tuner.starts_drafting(0, 100)

@@ -119,7 +119,7 @@ def tuner_state(draft) -> list[dict]:
     states = []
     for key, tuner in getattr(draft, "_tuners", {}).items():
         counts = [tuner.reached, tuner.accepted, tuner.call_reached, tuner.call_accepted]
-        if tuner._other_class is not None:  # (reached, accepted, mass, mass_steps) of the other prompt class
+        if tuner._other_class is not None:  # the other prompt class's state: (reached, accepted, ...)
             counts += tuner._other_class[:2]
         arrays = [array for count in counts for array in count.values()]
         states.append(
