@@ -34,8 +34,9 @@ that picks depth and width every step from measured costs and the running accept
 - **When to start** (`starts_drafting`): the draft's pass over the prompt is paid once, at the first drafted step,
   and only tokens after it can repay it: an answer of one or two tokens loses to plain decoding whatever is drafted.
   Each class keeps the lengths of its recent answers and the price of that pass per prompt token (from earlier calls'
-  first drafted steps), so a call starts drafting at the step from which the answers that went on past it would,
-  on average, repay the pass (optimal stopping over those lengths); until then its steps are plain. Where no start
+  first drafted steps), so, once it has seen a few answers, a call starts drafting at the step from which the
+  answers that went on past it would, on average, repay the pass (optimal stopping over those lengths); until then
+  its steps are plain. Where no start
   can pay (every recent answer short), the whole call is left to plain decoding.
 
 - **Whole calls** (`CallChooser`): where even the loop's plain steps lose to plain `generate()` (its per-row work
@@ -354,8 +355,11 @@ def device_costs(adapter, draft, prefix_len: int, rows: int = 1) -> DeviceCosts:
 # this times plain decoding's rate as the costs predict it (1 / `CallChooser.plain_step` tokens per row and second);
 # below it the measured rates decide.
 PLAIN_PROBE_BELOW = 1.5
-# The answer lengths each prompt class keeps (its most recent calls') for the choice of when to start drafting.
+# The answer lengths each prompt class keeps (its most recent calls') for the choice of when to start drafting, and
+# how many it needs before they may hold a call back from drafting at once: a few short answers say little about the
+# next one, and holding back a long answer costs most of its speedup.
 LENGTHS_KEPT = 32
+LENGTHS_NEEDED = 8
 
 
 @dataclass
@@ -590,8 +594,8 @@ class TreeTuner:
         """
         `(start, wait)`: the seconds a call whose draft has not read its prompt expects to save over plain decoding
         if it starts drafting now, `emitted` tokens per row after the prefill's, and if it takes a plain step and
-        then does what is best; `None` where that is unknown (no price or no recent answer yet) or the call has
-        outlasted every recent answer.
+        then does what is best; `None` where that is unknown (no price yet, fewer than `LENGTHS_NEEDED` recent
+        answers) or the call has outlasted every recent answer.
 
         Starting costs c = `prompt_price` x `tokens` (the prompt tokens the draft catches up on) once, and then R
         tokens left take R plain steps of t (`plain_seconds`) plainly, and drafted about max(R / E, 1) steps of s,
@@ -602,7 +606,7 @@ class TreeTuner:
         that has not started by then never does).
         """
         lengths = self.calls[self.visual].lengths
-        if self.prompt_price is None or not lengths:
+        if self.prompt_price is None or len(lengths) < LENGTHS_NEEDED:
             return None
         known = np.sort(np.asarray(lengths, dtype=float))
         if known[-1] <= emitted:

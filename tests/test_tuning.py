@@ -497,13 +497,15 @@ def test_a_call_starts_drafting_where_the_answers_that_go_on_repay_the_prompt_pa
     """The draft's pass over the prompt costs three plain steps here. Where every recent answer is one or two tokens no
     start repays it: the call is left to plain decoding. Where half the answers are two tokens and half sixty, the
     call takes plain steps until the short answers would have ended, then drafts. A call that outlasts every recent
-    answer drafts, and so does one before anything is known."""
+    answer drafts, and so does one before anything is known or while fewer than eight answers are."""
     tuner = TreeTuner(_costs(0.02))  # flat verification: drafting wins on long answers
     tuner.start_call()
     assert tuner.starts_drafting(0, 100) and tuner.may_start(100)  # no price, no lengths yet
     _price_prompt(tuner, 3.0 * tuner.plain_seconds(), 100)
     assert tuner.starts_drafting(0, 100)  # a price, but no lengths yet
-    _answers(tuner, [1, 2] * 8)
+    _answers(tuner, [1] * 7)
+    assert tuner.may_start(100) and tuner.starts_drafting(0, 100)  # too few answers to hold a call back
+    _answers(tuner, [1] + [1, 2] * 8)
     assert not tuner.may_start(100) and not tuner.starts_drafting(0, 100)
     assert tuner.starts_drafting(2, 100)  # longer than every recent answer: a long one, drafting pays
     _answers(tuner, [2, 60] * 16)  # the last 32 answers: half 2 tokens, half 60
