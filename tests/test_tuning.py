@@ -320,6 +320,28 @@ def test_a_class_whose_answers_are_too_short_to_repay_the_prompt_pass_decodes_pl
     assert out.stats.drafted and torch.equal(out.sequences, plain)
 
 
+def test_a_call_that_never_starts_drafting_makes_no_draft_forward(target, monkeypatch):
+    """Plain steps until the end (the start rule never says start): the output is plain generate()'s, and the call
+    neither built the draft's lean forward nor compressed the prompt for it."""
+    from specvlm_hf import SpecVLMDraftModel, speculative_generate
+    from specvlm_hf.drafter import TreeDrafter
+
+    torch.manual_seed(0)
+    draft = SpecVLMDraftModel.from_target(target)
+    inputs = make_inputs(seed=7)
+    monkeypatch.setattr(TreeTuner, "may_start", lambda self, tokens: True)
+    monkeypatch.setattr(TreeTuner, "starts_drafting", lambda self, emitted, tokens: False)
+    monkeypatch.setattr(type(draft), "prompt_input", lambda *args: pytest.fail("the prompt was compressed"))
+    made = []
+    original = draft.new_drafter
+    draft.new_drafter = lambda t, c=None: made.append(original(t, c)) or made[-1]
+    out = speculative_generate(target, draft, **inputs, max_new_tokens=12)
+    assert torch.equal(out.sequences, target.generate(**inputs, max_new_tokens=12, do_sample=False))
+    assert out.stats.drafted and out.stats.target_forwards == out.stats.new_tokens  # one token per forward
+    (drafter,) = made
+    assert isinstance(drafter, TreeDrafter) and drafter.forward is None and out.stats.compressor_branch is None
+
+
 def test_a_plain_step_is_priced_at_its_own_time_in_the_loop():
     """Plain steps are timed against T(1): when they run slower in the loop than T(1), drafting wins where it would
     not at T(1), and when they run at T(1) the drafted steps' in-loop scale does not make them look dearer."""
