@@ -316,11 +316,15 @@ class TreeDrafter(Drafter):
                 self._undrafted += unread
                 return [build_tree(root, [-1]) for root in roots]
         self._prompt_step = unread  # this step's drafting includes the prompt
+        if self.forward is None:  # made once a call (packing weights at a draft's first use), not the prompt's price
+            built = time.perf_counter()
+            self._draft_forward()
+            self._started += time.perf_counter() - built
         if unread:
             self._pending = [
                 [self._read_prompt(part, row) for part in parts] for row, parts in enumerate(self._pending)
             ]
-        cache = self._draft_forward().cache
+        cache = self.forward.cache
         embeds, features, position_ids, lengths = _pad_rows(self._pending)
         self._pending = [[] for _ in states]
         rows, k, depth = len(states), self.shape.top_k, self.shape.depth
