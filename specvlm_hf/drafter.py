@@ -232,8 +232,9 @@ class TreeDrafter(Drafter):
         self._pending = [[] for _ in range(rows)]
         numerics = self.config.draft_numerics
         if self.config.is_auto:
-            self.tuner = self.draft.tree_tuner(adapter, do_sample, prompt_len, rows, numerics)
-            self.tuner.start_call(visual)
+            if self._calls is None:  # `drafts_call` did not start the call (the custom_generate route skips it)
+                self.tuner = self.draft.tree_tuner(adapter, do_sample, prompt_len, rows, numerics)
+                self.tuner.start_call(visual)
             numerics = self.tuner.costs.numerics
         self._forward_args = (adapter, prompt_len, rows, numerics)
         if end_tokens:
@@ -243,7 +244,7 @@ class TreeDrafter(Drafter):
         if not self.config.is_auto:
             return True
         self.tuner = self.draft.tree_tuner(adapter, do_sample, prompt_len, rows, self.config.draft_numerics)
-        self.tuner.start_call(visual)  # `begin` starts it again: nothing is observed in between
+        self.tuner.start_call(visual)
         self._calls = self.tuner.calls[visual]
         return self._calls.draft() and self.tuner.may_start(rows * prompt_len)
 

@@ -15,9 +15,8 @@ that picks depth and width every step from measured costs and the running accept
   on prompts without visual tokens keep acceptance counts of their own (`start_call(visual=False)`): after one such
   call the next starts from what text-only prompts got, instead of paying two or three rejected steps to learn it
   again. They keep in-loop scales of their own too: the costs were measured over a prefix as long as the first
-  prompt, and a target step over a short text prompt can take half the time of one over an image prompt (the
-  testbed's 20 against 700 tokens), so one class's scales would misprice the other's steps. The measured costs are
-  shared.
+  prompt, and a target step over a short text prompt can cost much less than one over a long image prompt, so one
+  class's scales would misprice the other's steps. The measured costs are shared.
 - **This call**: prompts differ (a text-only question the draft cannot predict, a described image it predicts well),
   so within a `generate()` call every alpha is scaled down by how this call's drafts fall short of the running
   estimate (accepted over expected, with `call_strength` pseudo-drafts on each side, at most 1): two or three
@@ -36,8 +35,7 @@ that picks depth and width every step from measured costs and the running accept
   Each class keeps the lengths of its recent answers and the price of that pass per prompt token (from earlier calls'
   first drafted steps), so, once it has seen a few answers, a call starts drafting at the step from which the
   answers that went on past it would, on average, repay the pass (optimal stopping over those lengths); until then
-  its steps are plain. Where no start
-  can pay (every recent answer short), the whole call is left to plain decoding.
+  its steps are plain. Where no start can pay (every recent answer short), the whole call is left to plain decoding.
 
 - **Whole calls** (`CallChooser`): where even the loop's plain steps lose to plain `generate()` (its per-row work
   at large batch sizes, prompts the draft cannot predict), the call is left to plain `generate()` decoding: the
