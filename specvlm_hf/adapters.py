@@ -3,6 +3,7 @@ images, how to run the text model with a tree mask, and where its features are. 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -77,10 +78,20 @@ class LlavaAdapter:
     def __init__(self, target: nn.Module):
         self.target = target
         self.language_model = target.model.language_model
-        self.embed_tokens = target.get_input_embeddings()
-        self.lm_head = target.get_output_embeddings()
-        self.text_config = target.config.get_text_config()
         self.image_token_id = target.config.image_token_id
+
+    # Looked up on first use: a call that the auto tree leaves to plain decoding needs none of them.
+    @functools.cached_property
+    def embed_tokens(self) -> nn.Embedding:
+        return self.target.get_input_embeddings()
+
+    @functools.cached_property
+    def lm_head(self) -> nn.Linear:
+        return self.target.get_output_embeddings()
+
+    @functools.cached_property
+    def text_config(self):
+        return self.target.config.get_text_config()
 
     def decoder_shape(self) -> dict:
         """Llama config fields that give a decoder layer the shape of the target's text model's layers, and the

@@ -216,9 +216,6 @@ def tree_decoding(
         raise ValueError("A streamer streams one sequence; decode a batch without `streamer` (as plain generate()).")
     if rows > 1:
         _check_row_processors(logits_processor)
-        row_processors = [without_inspection(_row_processors(logits_processor, row, rows)) for row in range(rows)]
-    else:
-        row_processors = [without_inspection(logits_processor)]
     do_sample = bool(generation_config.do_sample)
     # The prompt is checked before the call's way is chosen, so that either way refuses the same inputs; the visual
     # features are generate()'s own (`mm_encoder_outputs`), which plain decoding reuses too.
@@ -231,6 +228,10 @@ def tree_decoding(
     if route_error() is None and not drafter.drafts_call(adapter, do_sample, prompt_len, rows, visual):
         generation = (logits_processor, stopping_criteria, generation_config, streamer)
         return _plain_call(target, drafter, input_ids, generation, model_kwargs)
+    if rows > 1:
+        row_processors = [without_inspection(_row_processors(logits_processor, row, rows)) for row in range(rows)]
+    else:
+        row_processors = [without_inspection(logits_processor)]
     embeds = adapter.embed(input_ids, layout.visual_features)
     clock = _Clock(draft_source.speculative_config.profile, input_ids.device)
     batched = is_history_free(logits_processor)

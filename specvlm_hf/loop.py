@@ -8,6 +8,7 @@ Draft position t pairs the target's input embedding at t+1 with its feature at t
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -169,9 +170,23 @@ class Processors(LogitsProcessorList):
 def without_inspection(logits_processor: LogitsProcessorList) -> LogitsProcessorList:
     """`logits_processor` as `Processors`, unless one of them takes more than `(input_ids, scores)`: the list then
     stays as it is, and raises as it does."""
-    if any(len(inspect.signature(processor.__call__).parameters) > 2 for processor in logits_processor):
+    if any(_takes_more(processor) for processor in logits_processor):
         return logits_processor
     return Processors(logits_processor)
+
+
+def _takes_more(processor) -> bool:
+    """Whether `processor.__call__` takes more than `(input_ids, scores)`, as `LogitsProcessorList` inspects it. A
+    class's own `__call__` is inspected once per class (`generate()` makes new processor instances every call)."""
+    call = getattr(type(processor), "__call__", None)
+    if inspect.isfunction(call) and "__call__" not in getattr(processor, "__dict__", {}):
+        return _class_takes_more(type(processor))
+    return len(inspect.signature(processor.__call__).parameters) > 2
+
+
+@functools.lru_cache(maxsize=256)
+def _class_takes_more(cls: type) -> bool:
+    return len(inspect.signature(cls.__call__).parameters) > 3  # `self` is the first
 
 
 class Emitter:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from drafters import OracleDraft
 from tiny import VOCAB, make_inputs, make_target
-from transformers import LogitsProcessor
+from transformers import LogitsProcessor, LogitsProcessorList
 from transformers.generation.stopping_criteria import (
     EosTokenCriteria,
     MaxLengthCriteria,
@@ -208,6 +208,30 @@ def test_stateful_user_processor_is_called_once_per_token(target, inputs, oracle
     )
     assert torch.equal(ours, plain)
     assert our_proc.calls == plain_proc.calls == 16
+
+
+class NeedsExtra(LogitsProcessor):
+    """Takes an argument beyond `(input_ids, scores)`, which `generate()` never passes."""
+
+    def __call__(self, input_ids, scores, extra):
+        return scores
+
+
+def test_processors_are_inspected_as_plain_decoding_inspects_them(target, inputs, draft):
+    """A processor taking more than `(input_ids, scores)` raises as in plain decoding, every call (the inspection is
+    kept per class); one that does not is applied without `LogitsProcessorList`'s inspection."""
+    fixed = draft.with_tree(depth=3, tree_top_k=2, total_tokens=6)  # a fixed tree: the loop itself runs
+    kwargs = dict(max_new_tokens=6, do_sample=False)
+    with pytest.raises(ValueError, match="NeedsExtra") as plain:
+        target.generate(**inputs, **kwargs, logits_processor=[NeedsExtra()])
+    for _ in range(2):
+        with pytest.raises(ValueError, match="NeedsExtra") as ours:
+            target.generate(**inputs, **kwargs, logits_processor=[NeedsExtra()], assistant_model=fixed)
+        assert str(ours.value) == str(plain.value)
+    counting = LogitsProcessorList([CountingPenalty()])
+    assert isinstance(specvlm_hf.loop.without_inspection(counting), specvlm_hf.loop.Processors)
+    extra = LogitsProcessorList([CountingPenalty(), NeedsExtra()])
+    assert specvlm_hf.loop.without_inspection(extra) is extra
 
 
 class SiblingsDraft(DraftSource):
