@@ -178,7 +178,7 @@ def without_inspection(logits_processor: LogitsProcessorList) -> LogitsProcessor
 def _takes_more(processor) -> bool:
     """Whether `processor.__call__` takes more than `(input_ids, scores)`, as `LogitsProcessorList` inspects it. A
     class's own `__call__` is inspected once per class (`generate()` makes new processor instances every call)."""
-    call = getattr(type(processor), "__call__", None)
+    call = inspect.getattr_static(type(processor), "__call__", None)
     if inspect.isfunction(call) and "__call__" not in getattr(processor, "__dict__", {}):
         return _class_takes_more(type(processor))
     return len(inspect.signature(processor.__call__).parameters) > 2
